@@ -1,0 +1,1 @@
+"""spiralkit: make trained PyTorch models smaller and faster."""

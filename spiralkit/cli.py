@@ -1,0 +1,86 @@
+"""The ``spiral`` command."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from spiralkit.errors import SpiralError
+from spiralkit.recipe import load_recipe, parse_recipe
+from spiralkit.report import Report, print_report
+from spiralkit.runner import Spiral, build_report, load_run_state
+
+app = typer.Typer(
+    name="spiral",
+    help="Make trained PyTorch models smaller and faster: prune, distil, quantize.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(exc: SpiralError) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    fresh: Annotated[bool, typer.Option(help="Delete an earlier demo run in OUT first.")] = False,
+) -> None:
+    """Run the whole spiral on a bundled default: LeNet-300-100 on the MNIST sample, logit distillation."""
+    text = resources.files("spiralkit").joinpath("demo.yaml").read_text(encoding="utf-8")
+    try:
+        recipe = parse_recipe(text, source="spiralkit/demo.yaml")
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        resume = (out / "state.json").exists()
+        Spiral(recipe).run(out, resume=resume)
+    except SpiralError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def run(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML file.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the killed run in this directory.")] = None,
+) -> None:
+    """Run a recipe, or resume a run that was interrupted."""
+    try:
+        if resume is not None:
+            loaded = load_recipe(resume / "recipe.yaml")
+            Spiral(loaded).run(resume, resume=True)
+            return
+        if recipe is None:
+            raise SpiralError("give a RECIPE file, or --resume RUN_DIR")
+        loaded = load_recipe(recipe)
+        Spiral(loaded).run(out or Path("runs") / loaded.name)
+    except SpiralError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Print the report of a run (finished or not)."""
+    try:
+        path = run_dir / "report.json"
+        if path.exists():
+            print_report(Report.from_json(path.read_text(encoding="utf-8")))
+        elif (run_dir / "recipe.yaml").exists():
+            print_report(build_report(load_recipe(run_dir / "recipe.yaml"), load_run_state(run_dir)))
+        else:
+            raise SpiralError(f"{run_dir} is not a run directory: it has no report.json or recipe.yaml")
+    except SpiralError as exc:
+        raise _fail(exc) from None
+
+
+def main() -> None:
+    """Entry point of the ``spiral`` console script."""
+    app()

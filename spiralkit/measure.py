@@ -1,0 +1,236 @@
+"""What a model costs: parameters and non-zeros, MACs, latency, and size on disk."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from spiralkit.export.weights import save_sparse, save_weights
+
+__all__ = [
+    "Latency",
+    "ParamCount",
+    "SizeInfo",
+    "count_macs",
+    "count_params",
+    "measure_latency",
+    "size_on_disk",
+]
+
+DENSE_FILENAME = "weights.safetensors"
+SPARSE_FILENAME = "weights.sparse.safetensors"
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Number of parameters and how many of them are non-zero.
+
+    Attributes:
+        total: All parameter elements (weights and biases; shared parameters once).
+        nonzero: Elements that are not zero (after any pruning mask is applied).
+    """
+
+    total: int
+    nonzero: int
+
+    @property
+    def sparsity(self) -> float:
+        """``1 - nonzero / total``; 0 for a model without parameters."""
+        return 1.0 - self.nonzero / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall-clock time of one forward pass.
+
+    Attributes:
+        median_ms: Median over the timed repeats, in milliseconds.
+        p90_ms: 90th percentile (linear interpolation), in milliseconds.
+        batch_size: First dimension of the example input.
+        threads: Intra-op CPU threads used.
+        repeats: Number of timed calls.
+    """
+
+    median_ms: float
+    p90_ms: float
+    batch_size: int
+    threads: int
+    repeats: int
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    """Bytes on disk of a model's weights.
+
+    Attributes:
+        dense_bytes: Size of the dense safetensors file.
+        sparse_bytes: Size of the sparse encoding (see `spiralkit.export.save_sparse`).
+    """
+
+    dense_bytes: int
+    sparse_bytes: int
+
+    @property
+    def best_bytes(self) -> int:
+        """The smaller of the two sizes."""
+        return min(self.dense_bytes, self.sparse_bytes)
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    """Count parameter elements and non-zeros; shared parameters are counted once.
+
+    For parameters reparametrised by ``torch.nn.utils.prune`` (``weight_orig`` plus a
+    ``weight_mask`` buffer), the non-zeros are counted in the masked weight the model uses.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        Total and non-zero counts.
+    """
+    seen: set[int] = set()
+    total = nonzero = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            nonzero += int(torch.count_nonzero(_effective(module, name, param)))
+    return ParamCount(total=total, nonzero=nonzero)
+
+
+def _effective(module: nn.Module, name: str, param: Tensor) -> Tensor:
+    """The tensor the forward pass sees: ``orig * mask`` for torch-pruned parameters."""
+    base = name.removesuffix("_orig")
+    if base != name and hasattr(module, f"{base}_mask"):
+        return getattr(module, base).detach()
+    return param.detach()
+
+
+def count_macs(model: nn.Module, example: Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example``.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix
+    multiplications and convolutions (not biases, norms, activations or pooling);
+    ``MACs = FLOPs // 2``. E.g. ``Linear(10, 5)`` on a batch of 1 is 50 MACs. Zeros in
+    the weights are counted like any other value.
+
+    Args:
+        model: The model; run in eval mode under ``no_grad``, its modes restored after.
+        example: An input batch (the MACs scale with its batch size).
+
+    Returns:
+        MACs for the whole batch.
+    """
+    counter = FlopCounterMode(display=False)
+    with _eval_mode(model), torch.no_grad(), counter:
+        model(example)
+    return counter.get_total_flops() // 2
+
+
+def measure_latency(
+    model: nn.Module, example: Tensor, *, threads: int = 1, warmup: int = 10, repeats: int = 50
+) -> Latency:
+    """Time forward passes of ``model(example)`` in eval and inference mode.
+
+    Each call is timed with ``time.perf_counter`` (CUDA is synchronised after each call).
+    The global torch thread count and the model's train/eval modes are restored afterwards.
+
+    Args:
+        model: The model.
+        example: An input batch.
+        threads: Intra-op CPU threads (``torch.set_num_threads``) while timing.
+        warmup: Untimed calls first (allocator, caches, lazy init).
+        repeats: Timed calls.
+
+    Returns:
+        Median and 90th percentile in milliseconds, with the settings used.
+
+    Raises:
+        ValueError: ``threads`` or ``repeats`` below 1, or ``warmup`` below 0.
+    """
+    if threads < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need threads >= 1, repeats >= 1, warmup >= 0; got {threads=}, {repeats=}, {warmup=}")
+    call = _synchronised_call(model, example)
+    with _num_threads(threads), _eval_mode(model), torch.inference_mode():
+        for _ in range(warmup):
+            call()
+        times_ms = [_time_ms(call) for _ in range(repeats)]
+    return Latency(
+        median_ms=statistics.median(times_ms),
+        p90_ms=float(np.percentile(times_ms, 90)),
+        batch_size=int(example.shape[0]) if example.dim() else 1,
+        threads=threads,
+        repeats=repeats,
+    )
+
+
+def size_on_disk(model: nn.Module | Mapping[str, Tensor], directory: Path) -> SizeInfo:
+    """Write the dense and the sparse weights files and report their real sizes.
+
+    Args:
+        model: A module or a state dict.
+        directory: Where ``weights.safetensors`` and ``weights.sparse.safetensors`` are
+            written (created if missing; existing files are replaced).
+
+    Returns:
+        The two file sizes in bytes.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dense, sparse = directory / DENSE_FILENAME, directory / SPARSE_FILENAME
+    save_weights(model, dense)
+    save_sparse(model, sparse)
+    return SizeInfo(dense_bytes=os.path.getsize(dense), sparse_bytes=os.path.getsize(sparse))
+
+
+def _synchronised_call(model: nn.Module, example: Tensor) -> Callable[[], None]:
+    """A call of ``model(example)`` that returns only when the device has finished."""
+
+    def call() -> None:
+        model(example)
+        if example.is_cuda:
+            torch.cuda.synchronize(example.device)
+
+    return call
+
+
+def _time_ms(call: Callable[[], None]) -> float:
+    """Wall-clock milliseconds of one call."""
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1000.0
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own mode afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    """Set torch's intra-op thread count; restore the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

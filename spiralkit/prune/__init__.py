@@ -1,0 +1,59 @@
+"""Pruning: importance criteria, masks, schedules and selectors."""
+
+from spiralkit.prune.config import UnstructuredPrune, prune, prune_to
+from spiralkit.prune.importance import (
+    Criterion,
+    Magnitude,
+    Random,
+    Taylor,
+    magnitude_scores,
+    random_scores,
+    score_weights,
+    taylor_scores,
+)
+from spiralkit.prune.schedules import AGP, Iterative, OneShot, Schedule, agp_sparsity, next_sparsity
+from spiralkit.prune.selectors import Selector, selected_weights
+from spiralkit.prune.unstructured import (
+    Masks,
+    MaskEnforcer,
+    Scope,
+    apply_masks,
+    enforce_masks,
+    finalize,
+    mask_sparsity,
+    masks_for_sparsity,
+    masks_for_threshold,
+    masks_from_zeros,
+)
+
+__all__ = [
+    "AGP",
+    "Criterion",
+    "Iterative",
+    "Magnitude",
+    "MaskEnforcer",
+    "Masks",
+    "OneShot",
+    "Random",
+    "Schedule",
+    "Scope",
+    "Selector",
+    "Taylor",
+    "UnstructuredPrune",
+    "agp_sparsity",
+    "apply_masks",
+    "enforce_masks",
+    "finalize",
+    "magnitude_scores",
+    "mask_sparsity",
+    "masks_for_sparsity",
+    "masks_for_threshold",
+    "masks_from_zeros",
+    "next_sparsity",
+    "prune",
+    "prune_to",
+    "random_scores",
+    "score_weights",
+    "selected_weights",
+    "taylor_scores",
+]

@@ -1,0 +1,91 @@
+"""Sparsity schedules: which sparsity the next round prunes to.
+
+* ``OneShot`` — straight to the target in one round.
+* ``Iterative`` — a fixed step of sparsity per round.
+* ``AGP`` — gradual polynomial pruning (Zhu & Gupta 2017, "To prune, or not to prune"):
+  ``s_k = s_f + (s_i − s_f)·(1 − k/n)³`` for rounds ``k = 1..n``, pruning fast while
+  many redundant weights remain and slowly near the target.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+class OneShot(BaseModel):
+    """Prune to the target in one round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["one-shot"] = "one-shot"
+
+
+class Iterative(BaseModel):
+    """Add ``step`` sparsity each round (``0.1`` = ten more percent of the weights)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["iterative"] = "iterative"
+    step: float = Field(gt=0, lt=1)
+
+
+class AGP(BaseModel):
+    """Gradual polynomial schedule over ``rounds`` rounds starting at ``initial`` sparsity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["agp"] = "agp"
+    rounds: int = Field(gt=0)
+    initial: float = Field(default=0.0, ge=0, lt=1)
+    exponent: float = Field(default=3.0, gt=0)
+
+
+def _kind_from_string(value: Any) -> Any:
+    return {"kind": value} if isinstance(value, str) else value
+
+
+Schedule = Annotated[
+    OneShot | Iterative | AGP, Field(discriminator="kind"), BeforeValidator(_kind_from_string)
+]
+
+
+def agp_sparsity(k: int, *, rounds: int, initial: float, final: float, exponent: float = 3.0) -> float:
+    """Sparsity after round ``k`` of ``rounds`` (``k=0`` gives ``initial``, ``k≥rounds`` gives ``final``)."""
+    progress = min(max(k, 0), rounds) / rounds
+    return final + (initial - final) * (1.0 - progress) ** exponent
+
+
+@singledispatch
+def next_sparsity(schedule: object, *, current: float, target: float, rounds_done: int) -> float:
+    """The sparsity the next round should reach, before any rollback halving.
+
+    Args:
+        schedule: a ``OneShot``, ``Iterative`` or ``AGP`` config.
+        current: the model's sparsity now.
+        target: the final sparsity.
+        rounds_done: accepted rounds so far.
+    """
+    raise TypeError(f"unknown schedule {type(schedule).__name__}")
+
+
+@next_sparsity.register
+def _(schedule: OneShot, *, current: float, target: float, rounds_done: int) -> float:
+    return target
+
+
+@next_sparsity.register
+def _(schedule: Iterative, *, current: float, target: float, rounds_done: int) -> float:
+    return min(target, current + schedule.step)
+
+
+@next_sparsity.register
+def _(schedule: AGP, *, current: float, target: float, rounds_done: int) -> float:
+    # After a rolled-back, halved step the model lags the curve: take the first point of
+    # the curve (from this round on) that is still ahead of the current sparsity.
+    for k in range(rounds_done + 1, schedule.rounds + 1):
+        proposal = agp_sparsity(
+            k, rounds=schedule.rounds, initial=schedule.initial, final=target, exponent=schedule.exponent
+        )
+        if proposal > current + 1e-9:
+            return proposal
+    return target

@@ -1,0 +1,190 @@
+"""Recipes: the whole spiral as one typed, validated config, loaded from YAML.
+
+YAML is read with a safe loader; every section is a pydantic model that forbids unknown
+keys, so a typo is an error that names the key, its path and its line in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spiralkit.data import DataSpec
+from spiralkit.distill.recovery import Distill, Recovery
+from spiralkit.errors import RecipeError
+from spiralkit.models import ModelSpec
+from spiralkit.prune.config import UnstructuredPrune
+from spiralkit.tasks import Classification, Task
+from spiralkit.train import TrainConfig
+
+
+class Targets(BaseModel):
+    """When a round is kept and when the spiral stops.
+
+    Attributes:
+        max_metric_drop: a round whose validation metric is worse than the baseline's by
+            more than this (in the metric's units, e.g. accuracy points) is rolled back
+            and the step halved.
+        min_step: stop when the next step of sparsity would be smaller than this.
+        max_rounds: stop after this many rounds, kept or rolled back.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_metric_drop: float = Field(default=0.5, ge=0)
+    min_step: float = Field(default=0.005, gt=0, lt=1)
+    max_rounds: int = Field(default=30, gt=0)
+
+
+class MeasureConfig(BaseModel):
+    """How latency is measured: batch size, threads, warm-up and repeats (median reported)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batch_size: int = Field(default=1, gt=0)
+    threads: int = Field(default=1, gt=0)
+    warmup: int = Field(default=10, ge=0)
+    repeats: int = Field(default=50, gt=0)
+
+
+class Recipe(BaseModel):
+    """Everything a spiral run needs.
+
+    Attributes:
+        name: a label for the run and its report.
+        seed: seeds baseline training and every round.
+        threads: torch's intra-op threads for training (``None``: torch's default).
+        model: which model, and its trained weights when it has them.
+        data: which data and batch sizes.
+        task: what is measured (classification accuracy).
+        train: trains the baseline when the model has no checkpoint.
+        prune: the pruning step and its target.
+        recover: distillation from the unpruned model, or fine-tuning.
+        targets: tolerance and stopping rules.
+        measure: latency measurement settings.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = "run"
+    seed: int = 0
+    threads: int | None = Field(default=None, gt=0)
+    model: ModelSpec
+    data: DataSpec
+    task: Task = Classification()
+    train: TrainConfig | None = None
+    prune: UnstructuredPrune
+    recover: Recovery = Distill()
+    targets: Targets = Targets()
+    measure: MeasureConfig = MeasureConfig()
+
+
+def _locate(root: yaml.Node | None, loc: Sequence[str | int]) -> tuple[list[str | int], int | None]:
+    """The YAML path of a pydantic error location, and the 1-based line where it is.
+
+    Discriminated unions put their tag (e.g. ``distill``) into the location; such parts
+    are not keys of the YAML document and are dropped. The line is that of the deepest
+    key that exists in the document.
+    """
+    path: list[str | int] = []
+    node = root
+    line = root.start_mark.line + 1 if root is not None else None
+    for index, part in enumerate(loc):
+        last = index == len(loc) - 1
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            child = next(((k, v) for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = (node.value[part], node.value[part])
+        if child is None:
+            if last or not isinstance(node, yaml.MappingNode):
+                path.append(part)
+            continue
+        path.append(part)
+        line = child[0].start_mark.line + 1
+        node = child[1]
+    return path, line
+
+
+def _known_keys(path: Sequence[str | int]) -> list[str]:
+    """Field names of the config at ``path``'s parent, for "did you mean" hints."""
+    model: Any = Recipe
+    for part in path[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = next(
+            (a for a in (annotation, *getattr(annotation, "__args__", ())) if hasattr(a, "model_fields")),
+            None,
+        )
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(error: Any, root: yaml.Node | None, source: str) -> str:
+    path, line = _locate(root, error["loc"])
+    dotted = ".".join(str(p) for p in path) or "(top level)"
+    where = f"{source}, line {line}" if line else source
+    if error["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(path[-1]), _known_keys(path), n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{where}: unknown key {dotted!r}{suggestion}"
+    if error["type"] == "missing":
+        return f"{where}: missing required key {dotted!r}"
+    return f"{where}: key {dotted!r}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _check_duplicates(node: yaml.Node | None, source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise RecipeError(f"{source}, line {line}: duplicate key {key.value!r} (first on line {seen[key.value]})")
+            seen[key.value] = line
+            _check_duplicates(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicates(item, source)
+
+
+def parse_recipe(text: str, *, source: str = "<recipe>") -> Recipe:
+    """Validate a YAML recipe.
+
+    Raises:
+        RecipeError: bad YAML, a duplicate, unknown or missing key, or a bad value; the
+            message names the key and its line in ``source``.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+    _check_duplicates(root, source)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        messages = [_describe(error, root, source) for error in exc.errors()]
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(messages)) from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate the recipe file at ``path``.
+
+    Raises:
+        RecipeError: the file is missing or the recipe is invalid (see :func:`parse_recipe`).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    return parse_recipe(text, source=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML (defaults included) — what a run directory keeps to resume from."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

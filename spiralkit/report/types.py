@@ -1,0 +1,85 @@
+"""The run report: baseline, one entry per round, final — as typed data."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA = "spiralkit.report/1"
+
+
+class Metrics(BaseModel):
+    """What one model measured.
+
+    Attributes:
+        metric: the task metric on held-out test data (validation when there is none).
+        val_metric: the task metric on the validation split used for keep/rollback.
+        params: all parameters.
+        nonzero_params: parameters that are not zero.
+        sparsity: ``1 − nonzero_params / params``.
+        size_bytes: the saved artefact on disk (sparse encoding when that is smaller).
+        dense_size_bytes: the dense safetensors file on disk.
+        macs: multiply-accumulates of one forward pass at the latency batch size.
+        latency_ms: median latency of one forward pass (see the report's ``measurement``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    metric: float
+    val_metric: float
+    params: int
+    nonzero_params: int
+    sparsity: float
+    size_bytes: int
+    dense_size_bytes: int
+    macs: int
+    latency_ms: float
+
+
+class RoundRecord(Metrics):
+    """One spiral round: what it tried, what it measured, whether it was kept."""
+
+    index: int
+    accepted: bool
+    seconds: float
+    target_sparsity: float
+    reason: str
+
+
+class TaskInfo(BaseModel):
+    """The task's metric name and direction."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: str
+    higher_is_better: bool
+
+
+class Measurement(BaseModel):
+    """How latency was measured."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int
+    threads: int
+    warmup: int
+    repeats: int
+
+
+class Report(BaseModel):
+    """A spiral run's report; ``final`` is ``None`` until the run ends."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_: str = Field(default=SCHEMA, alias="schema")
+    name: str
+    task: TaskInfo
+    measurement: Measurement
+    baseline: Metrics
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    final: Metrics | None = None
+    stopped: str | None = None
+
+    def to_json(self) -> str:
+        """The report as JSON, with ``schema`` as its first key."""
+        return self.model_dump_json(by_alias=True, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        """Parse a report written by :meth:`to_json`."""
+        return cls.model_validate_json(text)

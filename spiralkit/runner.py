@@ -1,0 +1,328 @@
+"""The spiral: baseline → [prune a step → recover → evaluate → keep or roll back]* → final.
+
+Everything a run needs is passed explicitly; everything it has done is in its run
+directory, so a killed run resumes where it stopped:
+
+```
+RUN_DIR/recipe.yaml            the validated recipe (resume reads it from here)
+RUN_DIR/state.json             progress: baseline, rounds, current sparsity and step scale
+RUN_DIR/baseline.safetensors   the trained dense model (the frozen teacher)
+RUN_DIR/rounds/NNN/            weights and masks of each kept round
+RUN_DIR/model.safetensors      the final pruned model (dense layout)
+RUN_DIR/model.sparse.safetensors  the same, in the compact sparse encoding
+RUN_DIR/report.json, report.md
+```
+
+Every file is written atomically and ``state.json`` last, so a kill at any moment leaves
+the previous consistent state; an interrupted round is simply run again, with the same
+seed, and gives the same result.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from torch import Tensor, nn
+
+from spiralkit.data import DataSplits, load_data
+from spiralkit.distill.recovery import freeze, recovery_objective
+from spiralkit.errors import RecipeError, SpiralError
+from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
+from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
+from spiralkit.models import load_model
+from spiralkit.prune import Masks, mask_sparsity, next_sparsity, prune_to
+from spiralkit.recipe import Recipe, dump_recipe
+from spiralkit.report import Measurement, Metrics, Report, RoundRecord, TaskInfo, print_report, write_report
+from spiralkit.tasks import evaluate, metric_drop
+from spiralkit.train import NonFiniteLoss, supervised, train
+
+STATE_SCHEMA = "spiralkit.state/1"
+
+
+class RunState(BaseModel):
+    """What a run has done so far; saved as ``state.json`` after every step."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_: str = Field(default=STATE_SCHEMA, alias="schema")
+    baseline: Metrics | None = None
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    accepted: int = 0
+    sparsity: float = 0.0
+    scale: float = 1.0
+    checkpoint: str | None = None
+    stopped: str | None = None
+    final: Metrics | None = None
+
+
+@dataclass
+class RunContext:
+    """What every stage of a run works with, passed explicitly."""
+
+    recipe: Recipe
+    data: DataSplits
+    teacher: nn.Module
+    example: Tensor
+    run_dir: Path
+    console: Console
+
+
+def save_run_state(run_dir: Path, state: RunState) -> None:
+    """Write ``state.json`` atomically: the commit point of every step."""
+    atomic_write_text(run_dir / "state.json", state.model_dump_json(by_alias=True, indent=2) + "\n")
+
+
+def load_run_state(run_dir: Path) -> RunState:
+    """The state of the run in ``run_dir`` (empty for a new run)."""
+    path = run_dir / "state.json"
+    if not path.exists():
+        return RunState()
+    return RunState.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _example_input(data: DataSplits, batch_size: int) -> Tensor:
+    """A fixed input of ``batch_size`` real examples, for MACs and latency."""
+    x, _ = next(iter(data.val))
+    repeats = -(-batch_size // x.shape[0])
+    return x.repeat(repeats, *([1] * (x.dim() - 1)))[:batch_size].clone()
+
+
+def measure_model(model: nn.Module, ctx: RunContext) -> Metrics:
+    """Evaluate and measure ``model``: metric, parameters, size on disk, MACs, latency."""
+    recipe = ctx.recipe
+    held_out = ctx.data.test if ctx.data.test is not None else ctx.data.val
+    params = count_params(model)
+    with tempfile.TemporaryDirectory() as scratch:
+        size = size_on_disk(model, Path(scratch))
+    latency = measure_latency(
+        model, ctx.example, threads=recipe.measure.threads, warmup=recipe.measure.warmup, repeats=recipe.measure.repeats
+    )
+    return Metrics(
+        metric=evaluate(recipe.task, model, held_out).metric,
+        val_metric=evaluate(recipe.task, model, ctx.data.val).metric,
+        params=params.total,
+        nonzero_params=params.nonzero,
+        sparsity=params.sparsity,
+        size_bytes=size.best_bytes,
+        dense_size_bytes=size.dense_bytes,
+        macs=count_macs(model, ctx.example),
+        latency_ms=latency.median_ms,
+    )
+
+
+def _baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console) -> None:
+    """Train the dense model when needed and save it as ``baseline.safetensors``."""
+    path = run_dir / "baseline.safetensors"
+    if path.exists():
+        model.load_state_dict(load_state(path))
+        return
+    if recipe.train is not None and recipe.model.checkpoint is None and not trained:
+        console.print(f"[bold]baseline[/]: training {recipe.model.name} for {recipe.train.epochs} epoch(s)")
+        try:
+            train(model, data.train, config=recipe.train, objective=supervised(recipe.task.loss),
+                  seed=recipe.seed, progress=True, description="baseline")
+        except NonFiniteLoss as exc:
+            raise SpiralError(f"baseline training diverged ({exc}); lower recipe key 'train.optimizer.lr'") from None
+    elif recipe.model.checkpoint is None and not trained:
+        raise RecipeError(
+            f"model {recipe.model.name!r} has no 'model.checkpoint' and the recipe has no 'train' section: "
+            "give trained weights or a training stage"
+        )
+    save_weights(model, path)
+
+
+def _round_dir(run_dir: Path, index: int) -> Path:
+    return run_dir / "rounds" / f"{index:03d}"
+
+
+def _save_round(run_dir: Path, index: int, model: nn.Module, masks: Masks) -> str:
+    directory = _round_dir(run_dir, index)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(model, directory / "model.safetensors")
+    save_weights({name: m.to(torch.uint8) for name, m in masks.items()}, directory / "masks.safetensors")
+    return str(directory.relative_to(run_dir))
+
+
+def _load_round(run_dir: Path, checkpoint: str, model: nn.Module) -> Masks:
+    model.load_state_dict(load_state(run_dir / checkpoint / "model.safetensors"))
+    return {name: m.bool() for name, m in load_state(run_dir / checkpoint / "masks.safetensors").items()}
+
+
+def _next_step(state: RunState, recipe: Recipe) -> tuple[float | None, str | None]:
+    """The sparsity of the next round, or why the spiral stops."""
+    target = recipe.prune.target_sparsity
+    if state.sparsity >= target - 1e-6:
+        return None, f"target sparsity {target:.3f} reached"
+    if len(state.rounds) >= recipe.targets.max_rounds:
+        return None, f"max_rounds {recipe.targets.max_rounds} reached"
+    proposal = next_sparsity(recipe.prune.schedule, current=state.sparsity, target=target, rounds_done=state.accepted)
+    step = (proposal - state.sparsity) * state.scale
+    final_full_step = state.scale == 1.0 and proposal >= target
+    if step < recipe.targets.min_step and not final_full_step:
+        return None, f"next step {step:.4f} below min_step {recipe.targets.min_step}"
+    return min(state.sparsity + step, target), None
+
+
+def _run_round(
+    model: nn.Module, masks: Masks | None, sparsity: float, ctx: RunContext, *, index: int, baseline_val: float
+) -> tuple[nn.Module, Masks, RoundRecord]:
+    """Prune a copy of ``model`` to ``sparsity``, recover it, evaluate it; nothing is kept yet."""
+    recipe = ctx.recipe
+    started = time.perf_counter()
+    seed = recipe.seed + 1000 * index
+    torch.manual_seed(seed)
+    candidate = copy.deepcopy(model)
+    new_masks = prune_to(candidate, recipe.prune, sparsity=sparsity, existing=masks,
+                         batches=ctx.data.train, loss_fn=recipe.task.loss)
+    objective = recovery_objective(recipe.recover, task=recipe.task, teacher=ctx.teacher)
+    reason = ""
+    try:
+        train(candidate, ctx.data.train, config=recipe.recover.train, objective=objective, seed=seed,
+              masks=new_masks, progress=True, description=f"round {index} recover")
+    except NonFiniteLoss as exc:
+        reason = f"non-finite loss ({exc})"
+    metrics = measure_model(candidate, ctx)
+    if not reason:
+        drop = metric_drop(recipe.task, baseline=baseline_val, value=metrics.val_metric)
+        if drop > recipe.targets.max_metric_drop:
+            reason = f"val drop {drop:.2f} > {recipe.targets.max_metric_drop}"
+    record = RoundRecord(
+        **metrics.model_dump(), index=index, accepted=not reason, seconds=time.perf_counter() - started,
+        target_sparsity=sparsity, reason=reason or "kept",
+    )
+    return candidate, new_masks, record
+
+
+def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[nn.Module, RunState]:
+    assert state.baseline is not None, "the baseline is measured before any round"
+    masks: Masks | None = _load_round(ctx.run_dir, state.checkpoint, model) if state.checkpoint else None
+    while True:
+        sparsity, stop = _next_step(state, ctx.recipe)
+        if sparsity is None:
+            state.stopped = stop
+            save_run_state(ctx.run_dir, state)
+            return model, state
+        index = len(state.rounds) + 1
+        candidate, new_masks, record = _run_round(
+            model, masks, sparsity, ctx, index=index, baseline_val=state.baseline.val_metric
+        )
+        state.rounds.append(record)
+        if record.accepted:
+            model, masks = candidate, new_masks
+            state.accepted += 1
+            state.sparsity = mask_sparsity(masks)
+            state.checkpoint = _save_round(ctx.run_dir, index, model, masks)
+        else:
+            state.scale /= 2
+        save_run_state(ctx.run_dir, state)
+        verdict = "[green]kept[/]" if record.accepted else f"[red]rolled back[/]: {record.reason}"
+        ctx.console.print(
+            f"round {index}: sparsity {100 * sparsity:.1f}% → val {record.val_metric:.2f}, "
+            f"{ctx.recipe.task.metric_name} {record.metric:.2f} — {verdict} ({record.seconds:.1f} s)"
+        )
+
+
+def _finish(model: nn.Module, state: RunState, ctx: RunContext) -> Metrics:
+    """Save the final model (dense and sparse layouts) and measure it."""
+    final = measure_model(model, ctx)
+    save_weights(model, ctx.run_dir / "model.safetensors")
+    sparse_bytes = save_sparse(model, ctx.run_dir / "model.sparse.safetensors")
+    dense_bytes = (ctx.run_dir / "model.safetensors").stat().st_size
+    return final.model_copy(update={"size_bytes": min(sparse_bytes, dense_bytes), "dense_size_bytes": dense_bytes})
+
+
+def build_report(recipe: Recipe, state: RunState) -> Report:
+    """The report of a run's state."""
+    if state.baseline is None:
+        raise SpiralError("the run has no baseline yet: nothing to report")
+    return Report(
+        name=recipe.name,
+        task=TaskInfo(metric=recipe.task.metric_name, higher_is_better=recipe.task.higher_is_better),
+        measurement=Measurement(**recipe.measure.model_dump()),
+        baseline=state.baseline,
+        rounds=state.rounds,
+        final=state.final,
+        stopped=state.stopped,
+    )
+
+
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool) -> None:
+    if resume:
+        if not (run_dir / "recipe.yaml").exists():
+            raise SpiralError(f"cannot resume {run_dir}: it holds no recipe.yaml (not a run directory)")
+        return
+    if (run_dir / "state.json").exists():
+        raise SpiralError(f"{run_dir} already holds a run; resume it with --resume or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+
+
+class Spiral:
+    """Runs a recipe: ``Spiral(recipe).run(run_dir)``.
+
+    Args:
+        recipe: the validated recipe.
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+
+    def run(
+        self,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        model: nn.Module | None = None,
+        data: DataSplits | None = None,
+        console: Console | None = None,
+    ) -> Report:
+        """Run (or resume) the spiral in ``run_dir`` and return its report.
+
+        Args:
+            run_dir: where checkpoints, state and the report go.
+            resume: continue the run already in ``run_dir``.
+            model: a trained model to compress instead of ``recipe.model`` (used as is).
+            data: data splits to use instead of ``recipe.data``.
+            console: where progress is printed.
+        """
+        recipe, run_dir = self.recipe, Path(run_dir)
+        console = console or Console()
+        _prepare_run_dir(recipe, run_dir, resume=resume)
+        with _threads(recipe.threads):
+            data = data or load_data(recipe.data, seed=recipe.seed)
+            trained = model is not None
+            model = model if model is not None else load_model(recipe.model)
+            _baseline(model, recipe, data, run_dir, trained=trained, console=console)
+            ctx = RunContext(recipe=recipe, data=data, teacher=freeze(copy.deepcopy(model)),
+                             example=_example_input(data, recipe.measure.batch_size), run_dir=run_dir, console=console)
+            state = load_run_state(run_dir)
+            if state.baseline is None:
+                state.baseline = measure_model(model, ctx)
+                save_run_state(run_dir, state)
+            if state.final is None:
+                model, state = _spiral(model, state, ctx)
+                state.final = _finish(model, state, ctx)
+                save_run_state(run_dir, state)
+        report = build_report(recipe, state)
+        write_report(report, run_dir)
+        print_report(report, console)
+        return report

@@ -1,0 +1,166 @@
+"""Training, fine-tuning and recovery loops.
+
+One loop serves baseline training, fine-tuning and distillation: what is minimised is an
+*objective* ``objective(model, x, y) -> loss``, so distillation is just an objective that
+also runs the frozen teacher. Pruning masks, when given, are enforced on the optimizer
+this loop builds, so pruned weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from spiralkit.errors import SpiralError
+from spiralkit.prune.unstructured import enforce_masks
+
+Objective = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+class NonFiniteLoss(SpiralError):
+    """The training loss became NaN or infinite."""
+
+
+class OptimizerConfig(BaseModel):
+    """Optimizer and its hyper-parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    nesterov: bool = False
+
+
+class TrainConfig(BaseModel):
+    """How long and how to train.
+
+    Attributes:
+        epochs: passes over the training data (0 skips training).
+        optimizer: optimizer and learning rate.
+        lr_schedule: ``constant``, or ``cosine`` annealing to zero over all steps.
+        max_batches: stop each epoch after this many batches (quick runs and tests).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epochs: int = Field(default=1, ge=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    max_batches: int | None = Field(default=None, gt=0)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What a training call did."""
+
+    epochs: int
+    steps: int
+    last_loss: float
+
+
+class _Sized(Protocol):
+    def __iter__(self) -> Iterable[tuple[Tensor, Tensor]]: ...
+    def __len__(self) -> int: ...
+
+
+def build_optimizer(params: Iterable[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``params``."""
+    params = [p for p in params if p.requires_grad]
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov and config.momentum > 0,
+        )
+    adam = torch.optim.Adam if config.name == "adam" else torch.optim.AdamW
+    return adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.lr_schedule == "cosine" and steps > 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def supervised(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Objective:
+    """The objective ``loss_fn(model(x), y)``: plain training or fine-tuning."""
+
+    def objective(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(model(x), y)
+
+    return objective
+
+
+def _batches_per_epoch(loader: _Sized, config: TrainConfig) -> int:
+    return min(len(loader), config.max_batches) if config.max_batches else len(loader)
+
+
+def train(
+    model: nn.Module,
+    loader: _Sized,
+    *,
+    config: TrainConfig,
+    objective: Objective,
+    seed: int,
+    masks: Mapping[str, Tensor] | None = None,
+    progress: bool = False,
+    description: str = "train",
+) -> TrainStats:
+    """Train ``model`` in place by minimising ``objective`` over ``loader``.
+
+    Args:
+        model: the model to train.
+        loader: ``(x, y)`` batches; a loader with ``set_epoch`` is reshuffled per epoch.
+        config: epochs, optimizer and schedule.
+        objective: ``objective(model, x, y) -> scalar loss``.
+        seed: seeds torch's RNG so that a run (or a resumed run) repeats exactly.
+        masks: pruning keep-masks to enforce while training.
+        progress: show a progress bar.
+        description: the progress bar's label.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or infinite; the model is left as it was at
+            that step, so callers roll back to their checkpoint.
+    """
+    torch.manual_seed(seed)
+    per_epoch = _batches_per_epoch(loader, config)
+    optimizer = build_optimizer(model.parameters(), config.optimizer)
+    scheduler = _scheduler(optimizer, config, per_epoch * config.epochs)
+    enforcer = enforce_masks(model, masks, optimizer) if masks else nullcontext()
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True,
+        disable=not progress,
+    )
+    steps, loss_value = 0, math.nan
+    model.train()
+    with enforcer, bar:
+        job = bar.add_task(description, total=per_epoch * config.epochs, loss=math.nan)
+        for epoch in range(config.epochs):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for batch_index, (x, y) in enumerate(loader):
+                if batch_index >= per_epoch:
+                    break
+                loss = objective(model, x, y)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(f"{description}: loss became {loss_value} at epoch {epoch}, batch {batch_index}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                steps += 1
+                bar.update(job, advance=1, loss=loss_value)
+    model.eval()
+    return TrainStats(epochs=config.epochs, steps=steps, last_loss=loss_value)

@@ -1,0 +1,80 @@
+"""Recipes: valid ones load; every mistake names the key and its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spiralkit.distill import Distill, Finetune
+from spiralkit.errors import RecipeError
+from spiralkit.prune import AGP, Taylor
+from spiralkit.recipe import dump_recipe, load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+name: t
+model:
+  name: mlp
+  kwargs: {in_features: 64, widths: [32]}
+data:
+  name: digits
+prune:
+  target_sparsity: 0.5
+  criterion: taylor
+recover:
+  kind: finetune
+  train:
+    epochs: 2
+"""
+
+
+def test_good_recipe_loads_with_types() -> None:
+    recipe = parse_recipe(GOOD)
+    assert isinstance(recipe.prune.criterion, Taylor)
+    assert isinstance(recipe.prune.schedule, AGP)
+    assert isinstance(recipe.recover, Finetune) and recipe.recover.train.epochs == 2
+    assert parse_recipe(dump_recipe(recipe)) == recipe, "a dumped recipe loads back identical"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path: Path) -> None:
+    load_recipe(path)
+
+
+def test_demo_recipe_is_distillation() -> None:
+    assert isinstance(load_recipe(ROOT / "recipes" / "demo.yaml").recover, Distill)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace("  target_sparsity: 0.5", "  target_sparsty: 0.5"),
+         r"line 8: unknown key 'prune.target_sparsty' \(did you mean 'target_sparsity'\?\)"),
+        (GOOD.replace("    epochs: 2", "    epochz: 2"),
+         r"line 13: unknown key 'recover.train.epochz' \(did you mean 'epochs'\?\)"),
+        (GOOD.replace("  target_sparsity: 0.5", "  target_sparsity: 1.5"),
+         r"line 8: key 'prune.target_sparsity': Input should be less than 1"),
+        (GOOD.replace("    epochs: 2", "    epochs: two"), r"line 13: key 'recover.train.epochs'"),
+        (GOOD.replace("  criterion: taylor", "  criterion: tailor"), r"line 9: key 'prune.criterion'"),
+        (GOOD.replace("data:\n  name: digits\n", ""), r"missing required key 'data'"),
+        (GOOD + "model: {name: x}\n", r"line 14: duplicate key 'model' \(first on line 2\)"),
+        ("- a\n- b\n", "a recipe must be a mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+    ids=["typo", "nested-typo", "range", "type", "union-tag", "missing", "duplicate", "list", "yaml"],
+)
+def test_recipe_errors_name_the_key_and_line(text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(text, source="r.yaml")
+
+
+def test_missing_recipe_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_yaml_tags_are_not_executed() -> None:
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        parse_recipe("name: !!python/object/apply:os.system ['true']\n")

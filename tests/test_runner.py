@@ -1,0 +1,149 @@
+"""The spiral on real (tiny) data: rounds, rollback on a metric drop and on NaN, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from spiralkit.errors import RecipeError, SpiralError
+from spiralkit.export import load_state
+from spiralkit.recipe import Recipe, parse_recipe
+from spiralkit.report import SCHEMA, Report
+from spiralkit.runner import Spiral, load_run_state
+
+BASE = """\
+name: tiny
+seed: 1
+threads: 1
+model: {name: mlp, kwargs: {in_features: 64, widths: [64]}}
+data: {name: digits, batch_size: 64, val_fraction: 0.2}
+train: {epochs: 8, optimizer: {name: adam, lr: 0.01}}
+prune: {target_sparsity: 0.8, schedule: {kind: agp, rounds: 2}}
+recover: {kind: distill, train: {epochs: 3, optimizer: {name: sgd, lr: 0.05}}}
+targets: {max_metric_drop: 3.0, min_step: 0.05, max_rounds: 6}
+measure: {repeats: 3, warmup: 1}
+"""
+
+
+def recipe(**sections: str) -> Recipe:
+    text = BASE
+    for key, value in sections.items():
+        lines = [line for line in text.splitlines() if not line.startswith(f"{key}:")]
+        text = "\n".join(lines) + f"\n{key}: {value}\n"
+    return parse_recipe(text)
+
+
+def quiet() -> Console:
+    return Console(quiet=True)
+
+
+def test_spiral_reaches_target_and_writes_report(tmp_path: Path) -> None:
+    report = Spiral(recipe()).run(tmp_path / "run", console=quiet())
+    data = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert data["schema"] == SCHEMA
+    assert data["task"] == {"metric": "accuracy", "higher_is_better": True}
+    metric_keys = {"metric", "params", "nonzero_params", "sparsity", "size_bytes", "macs", "latency_ms"}
+    for m in (data["baseline"], data["final"], *data["rounds"]):
+        assert metric_keys <= set(m)
+    for r in data["rounds"]:
+        assert {"index", "accepted", "seconds"} <= set(r)
+    assert report.final is not None and report.stopped and "target sparsity" in report.stopped
+    assert [r.accepted for r in report.rounds] == [True, True]
+    # 80% of the weights pruned; biases stay, so the model as a whole is a little less sparse.
+    assert 0.75 < report.final.sparsity < 0.8
+    assert report.final.nonzero_params < report.baseline.nonzero_params / 4
+    assert report.final.size_bytes < report.baseline.size_bytes
+    assert report.baseline.metric - report.final.metric <= 5.0
+    weights = load_state(tmp_path / "run" / "model.safetensors")
+    assert (weights["fc1.weight"] == 0).float().mean() > 0.5
+    assert "| final |" in (tmp_path / "run" / "report.md").read_text()
+    assert Report.from_json((tmp_path / "run" / "report.json").read_text()) == report
+
+
+def test_forced_metric_drop_rolls_back_and_halves_the_step(tmp_path: Path) -> None:
+    # No recovery and no tolerance: pruning 95% at once must lose accuracy and be rolled back.
+    r = recipe(
+        prune="{target_sparsity: 0.95, schedule: one-shot}",
+        recover="{kind: finetune, train: {epochs: 0}}",
+        targets="{max_metric_drop: 0.0, min_step: 0.2, max_rounds: 5}",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    first = report.rounds[0]
+    assert not first.accepted and first.reason.startswith("val drop")
+    assert report.rounds[1].target_sparsity == pytest.approx(0.95 / 2)
+    assert report.final is not None
+    rejected = [x for x in report.rounds if not x.accepted]
+    assert rejected, "at least one round must have been rolled back"
+    if not any(x.accepted for x in report.rounds):
+        assert report.final.nonzero_params == report.baseline.nonzero_params
+        assert report.final.metric == report.baseline.metric
+
+
+def test_nan_loss_rolls_back(tmp_path: Path) -> None:
+    r = recipe(
+        recover="{kind: finetune, train: {epochs: 1, optimizer: {name: sgd, lr: 1.0e+30}}}",
+        targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 2}",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert [x.accepted for x in report.rounds] == [False, False]
+    assert all(x.reason.startswith("non-finite loss") for x in report.rounds)
+    assert report.final is not None and report.final.nonzero_params == report.baseline.nonzero_params
+    state = load_run_state(tmp_path / "run")
+    assert state.scale == 0.25 and state.checkpoint is None
+
+
+def test_resume_after_interruption_gives_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = Spiral(recipe()).run(tmp_path / "ref", console=quiet())
+
+    import spiralkit.runner as runner
+
+    real_train = runner.train
+    calls = {"n": 0}
+
+    def dying_train(*args, **kwargs):  # baseline, round 1, then dies inside round 2
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", dying_train)
+    with pytest.raises(KeyboardInterrupt):
+        Spiral(recipe()).run(tmp_path / "run", console=quiet())
+    state = load_run_state(tmp_path / "run")
+    assert len(state.rounds) == 1 and state.final is None
+    monkeypatch.setattr(runner, "train", real_train)
+    resumed = Spiral(recipe()).run(tmp_path / "run", resume=True, console=quiet())
+    assert [r.accepted for r in resumed.rounds] == [r.accepted for r in reference.rounds]
+    assert resumed.final is not None and reference.final is not None
+    assert resumed.final.metric == pytest.approx(reference.final.metric, abs=0.1)
+    assert resumed.final.nonzero_params == reference.final.nonzero_params
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path: Path) -> None:
+    r = recipe(targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}")
+    Spiral(r).run(tmp_path / "run", console=quiet())
+    before = (tmp_path / "run" / "state.json").read_text()
+    with pytest.raises(SpiralError, match="already holds a run; resume it with --resume"):
+        Spiral(r).run(tmp_path / "run", console=quiet())
+    assert (tmp_path / "run" / "state.json").read_text() == before
+
+
+def test_resume_of_a_non_run_dir(tmp_path: Path) -> None:
+    with pytest.raises(SpiralError, match="holds no recipe.yaml"):
+        Spiral(recipe()).run(tmp_path, resume=True, console=quiet())
+
+
+def test_untrained_model_without_training_stage_is_an_error(tmp_path: Path) -> None:
+    text = "\n".join(line for line in BASE.splitlines() if not line.startswith("train:"))
+    with pytest.raises(RecipeError, match="has no 'model.checkpoint' and the recipe has no 'train' section"):
+        Spiral(parse_recipe(text)).run(tmp_path / "run", console=quiet())
+
+
+def test_threads_are_restored(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    Spiral(recipe(targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}")).run(tmp_path / "r", console=quiet())
+    assert torch.get_num_threads() == before
