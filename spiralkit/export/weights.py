@@ -10,8 +10,9 @@ Two formats, both plain safetensors files that never unpickle Python objects:
   ``"{i}.mask"`` / ``"{i}.values"`` (bitmask); the ``"spiralkit.tensors"`` metadata entry
   (JSON) maps them back to names, shapes and dtypes, so no tensor name can collide with a key.
 
-"Non-zero" in the sparse format means *any bit set*, so ``-0.0`` is kept as a value and the
-round trip is bit-exact for every element (NaN payloads and signed zeros included).
+"Non-zero" in the sparse format means ``x != 0``: the round trip is bit-exact for every
+stored element (NaN and infinities included), and ``-0.0`` — which pruning by a mask
+multiplication leaves behind — is a zero like any other and loads back as ``+0.0``.
 
 Tied tensors (two names for one tensor, e.g. shared embeddings) are stored once; the other
 names are recorded in the ``"spiralkit.aliases"`` metadata entry and restored on load.
@@ -216,9 +217,13 @@ def _encode_entry(index: int, name: str, tensor: Tensor, stored: dict[str, Tenso
 
 
 def _nonzero_bits(flat: Tensor) -> Tensor:
-    """Which elements of a contiguous 1-D tensor have any bit set (so ``-0.0`` counts)."""
-    as_bytes = flat.view(torch.uint8).reshape(flat.numel(), flat.element_size())
-    return as_bytes.ne(0).any(dim=1)
+    """Which elements of a 1-D tensor are stored: those that are not zero (NaN included).
+
+    ``-0.0`` counts as zero and loads back as ``+0.0``: the two are equal in every
+    computation, and pruning by multiplying with a mask leaves ``-0.0`` wherever the
+    pruned weight was negative.
+    """
+    return flat != 0
 
 
 def _decode_sparse(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> dict[str, Tensor]:

@@ -124,7 +124,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Zero the masked-out weights in place."""
     with torch.no_grad():
         for name, param in _parameters(model, masks).items():
-            param.mul_(masks[name].to(param.dtype))
+            # masked_fill, not multiply: w·0 leaves -0.0 where w was negative.
+            param.masked_fill_(~masks[name], 0.0)
 
 
 @dataclass

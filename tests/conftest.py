@@ -1,0 +1,27 @@
+"""Suite-wide fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree() -> set[Path]:
+    ignored = {".venv", ".git", ".pytest_cache", "runs"}
+    return {
+        p for p in ROOT.rglob("*")
+        if not any(part in ignored or part == "__pycache__" or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)
+    }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_files_left_behind() -> Iterator[None]:
+    """Fail the run when a test leaves files in the source tree (tests write under tmp_path)."""
+    before = _tree()
+    yield
+    left = sorted(str(p.relative_to(ROOT)) for p in _tree() - before)
+    assert not left, f"tests left files behind: {left[:10]}"
