@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import os
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The offline data sets beside the project (see the README); `make test` sets the same.
+os.environ.setdefault("SPIRALKIT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 
 def _tree() -> set[Path]:
