@@ -1,0 +1,1 @@
+"""Quantization: affine maths, calibration, weight-only, post-training static/dynamic int8."""
