@@ -199,7 +199,8 @@ def _run_round(
         train(candidate, ctx.data.train, config=recipe.recover.train, objective=objective, seed=seed,
               masks=new_masks, progress=True, description=f"round {index} recover")
     except NonFiniteLoss as exc:
-        reason = f"non-finite loss ({exc})"
+        ctx.console.print(f"round {index}: {exc}")
+        reason = "non-finite loss"
     metrics = measure_model(candidate, ctx)
     if not reason:
         drop = metric_drop(recipe.task, baseline=baseline_val, value=metrics.val_metric)
@@ -310,6 +311,7 @@ class Spiral:
         with _threads(recipe.threads):
             data = data or load_data(recipe.data, seed=recipe.seed)
             trained = model is not None
+            torch.manual_seed(recipe.seed)  # the model's random init is part of the run
             model = model if model is not None else load_model(recipe.model)
             _baseline(model, recipe, data, run_dir, trained=trained, console=console)
             ctx = RunContext(recipe=recipe, data=data, teacher=freeze(copy.deepcopy(model)),

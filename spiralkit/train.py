@@ -148,7 +148,7 @@ def train(
         job = bar.add_task(description, total=per_epoch * config.epochs, loss=math.nan)
         for epoch in range(config.epochs):
             if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
+                loader.set_epoch(seed + epoch)  # each round sees its own, reproducible order
             for batch_index, (x, y) in enumerate(loader):
                 if batch_index >= per_epoch:
                     break

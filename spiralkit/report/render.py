@@ -4,21 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from spiralkit.export import atomic_write_text
 from spiralkit.report.types import Metrics, Report
 
-_COLUMNS = ("stage", "metric", "val", "sparsity", "nonzero", "size", "MACs", "latency ms", "kept", "s")
+_COLUMNS = ("stage", "metric", "val", "sparsity", "nonzero", "size", "MACs", "ms", "kept", "s")
+_SHORT = {"sparsity": "sparse", "nonzero": "nnz"}
 
 
-def _size(num_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if num_bytes < 1000:
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.3g} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.3g} GB"
+
+
+def _count(value: float) -> str:
+    for unit in ("", "k", "M"):
+        if abs(value) < 1000:
+            return f"{value:.0f}" if unit == "" else f"{value:.3g}{unit}"
+        value /= 1000
+    return f"{value:.3g}G"
 
 
 def _cells(stage: str, m: Metrics, *, kept: str = "", seconds: str = "") -> list[str]:
@@ -27,9 +37,9 @@ def _cells(stage: str, m: Metrics, *, kept: str = "", seconds: str = "") -> list
         f"{m.metric:.2f}",
         f"{m.val_metric:.2f}",
         f"{100 * m.sparsity:.1f}%",
-        f"{m.nonzero_params:,}",
+        _count(m.nonzero_params),
         _size(m.size_bytes),
-        f"{m.macs:,}",
+        _count(m.macs),
         f"{m.latency_ms:.3f}",
         kept,
         seconds,
@@ -41,8 +51,7 @@ def report_rows(report: Report) -> list[list[str]]:
     rows = [_cells("baseline", report.baseline)]
     for r in report.rounds:
         rows.append(
-            _cells(f"round {r.index} → {100 * r.target_sparsity:.1f}%", r,
-                   kept="yes" if r.accepted else f"no: {r.reason}", seconds=f"{r.seconds:.1f}")
+            _cells(f"round {r.index}", r, kept="yes" if r.accepted else f"no: {r.reason}", seconds=f"{r.seconds:.1f}")
         )
     if report.final is not None:
         rows.append(_cells("final", report.final))
@@ -63,16 +72,24 @@ def _summary(report: Report) -> str:
 
 
 def console_table(report: Report) -> Table:
-    """The report as a rich table for the terminal."""
+    """The report as a rich table for the terminal (fits 80 columns; rollback reasons below it)."""
     m = report.measurement
+    notes = [f"round {r.index} rolled back: {r.reason}" for r in report.rounds if not r.accepted]
     table = Table(
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
         title=f"spiralkit — {report.name}",
-        caption=f"{_summary(report)}\nlatency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)",
+        caption="\n".join([*notes, _summary(report),
+                           f"latency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)"]),
     )
-    for column in _COLUMNS:
-        table.add_column(column, justify="left" if column in ("stage", "kept") else "right")
+    columns = [c for c in _COLUMNS if c != "kept"]
+    for column in columns:
+        table.add_column(_SHORT.get(column, column), justify="left" if column == "stage" else "right", no_wrap=True)
+    kept_at = _COLUMNS.index("kept")
     for row in report_rows(report):
-        table.add_row(*row)
+        stage = row[0] + ("" if not row[kept_at] else " ✓" if row[kept_at] == "yes" else " ✗")
+        table.add_row(stage, *row[1:kept_at], *row[kept_at + 1 :])
     return table
 
 

@@ -1,0 +1,130 @@
+"""The `spiral` command: in-process for the quick paths, real processes for demo and SIGKILL/resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from spiralkit.cli import app
+
+TINY = """\
+name: tiny
+seed: 3
+threads: 1
+model: {name: mlp, kwargs: {in_features: 64, widths: [64]}}
+data: {name: digits, batch_size: 32, val_fraction: 0.2}
+train: {epochs: 6, optimizer: {name: adam, lr: 0.01}}
+prune: {target_sparsity: 0.8, schedule: {kind: agp, rounds: 3}}
+recover: {kind: distill, train: {epochs: EPOCHS, optimizer: {name: sgd, lr: 0.02}}}
+targets: {max_metric_drop: 3.0, min_step: 0.05, max_rounds: 6}
+measure: {repeats: 3, warmup: 1}
+"""
+
+
+def tiny_recipe(tmp_path: Path, *, epochs: int = 2) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("EPOCHS", str(epochs)))
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["report"]])
+def test_help(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_run_then_report(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(tiny_recipe(tmp_path)), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "spiralkit — tiny" in result.output and "final" in result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["final"]["sparsity"] > 0.7
+    again = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert again.exit_code == 0 and "final" in again.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.yaml"], "recipe file not found: missing.yaml"),
+        (["run"], "give a RECIPE file, or --resume RUN_DIR"),
+        (["report", "nowhere"], "nowhere is not a run directory"),
+        (["run", "--resume", "nowhere"], "recipe file not found: nowhere/recipe.yaml"),
+    ],
+)
+def test_errors_are_one_clear_line(args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_recipe_typo_names_key_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(TINY.replace("EPOCHS", "1").replace("max_rounds", "max_round"))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "line 9: unknown key 'targets.max_round' (did you mean 'max_rounds'?)" in " ".join(result.output.split())
+
+
+def _spiral(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "spiralkit", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _rounds(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "state.json").read_text())["rounds"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, epochs=40)
+    reference = _spiral("run", str(recipe), "--out", str(tmp_path / "ref"), cwd=tmp_path)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode() if reference.stderr else ""
+
+    victim = _spiral("run", str(recipe), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while _rounds(tmp_path / "run") < 1 and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside round 2's recovery
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["final"] is None and len(state["rounds"]) >= 1
+
+    resumed = _spiral("run", "--resume", str(tmp_path / "run"), cwd=tmp_path)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode() if resumed.stderr else ""
+    ref = json.loads((tmp_path / "ref" / "report.json").read_text())
+    got = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [r["accepted"] for r in got["rounds"]] == [r["accepted"] for r in ref["rounds"]]
+    assert abs(got["final"]["metric"] - ref["final"]["metric"]) <= 0.1
+    assert got["final"]["nonzero_params"] == ref["final"]["nonzero_params"]
+
+
+@pytest.mark.slow
+def test_demo_meets_its_promise(tmp_path: Path) -> None:
+    """The README's demo: ≥ 90% sparsity with accuracy at most 0.5 points below the dense model."""
+    result = subprocess.run(
+        [sys.executable, "-m", "spiralkit", "demo", "--out", str(tmp_path / "demo")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["final"]["sparsity"] >= 0.90
+    assert report["baseline"]["nonzero_params"] / report["final"]["nonzero_params"] >= 10
+    assert report["final"]["metric"] >= report["baseline"]["metric"] - 0.5
