@@ -1,0 +1,52 @@
+"""Report schema, Markdown and the terminal table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from spiralkit.report import Measurement, Metrics, Report, RoundRecord, TaskInfo, console_table, markdown, write_report
+
+
+def metrics(**overrides: float) -> Metrics:
+    values = dict(metric=98.4, val_metric=98.1, params=266_610, nonzero_params=266_610, sparsity=0.0,
+                  size_bytes=1_066_968, dense_size_bytes=1_066_968, macs=266_200, latency_ms=0.09)
+    return Metrics(**{**values, **overrides})
+
+
+def sample() -> Report:
+    kept = RoundRecord(**metrics(nonzero_params=20_000, sparsity=0.925, size_bytes=120_000).model_dump(),
+                       index=1, accepted=True, seconds=12.5, target_sparsity=0.93, reason="kept")
+    dropped = RoundRecord(**metrics(metric=90.0, val_metric=89.0).model_dump(),
+                          index=2, accepted=False, seconds=3.0, target_sparsity=0.97, reason="val drop 9.10 > 0.1")
+    return Report(name="t", task=TaskInfo(metric="accuracy", higher_is_better=True),
+                  measurement=Measurement(batch_size=1, threads=1, warmup=10, repeats=50),
+                  baseline=metrics(), rounds=[kept, dropped],
+                  final=metrics(nonzero_params=20_000, sparsity=0.925, size_bytes=120_000), stopped="target reached")
+
+
+def test_json_schema_and_round_trip(tmp_path: Path) -> None:
+    report = sample()
+    write_report(report, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert list(data)[0] == "schema" and data["schema"] == "spiralkit.report/1"
+    assert data["rounds"][1]["accepted"] is False
+    assert Report.from_json((tmp_path / "report.json").read_text()) == report
+
+
+def test_markdown_lists_every_round_and_the_summary() -> None:
+    text = markdown(sample())
+    assert "| round 1 |" in text and "| round 2 |" in text and "| final |" in text
+    assert "no: val drop 9.10 > 0.1" in text
+    assert "non-zero weights 13.3x fewer" in text
+
+
+def test_console_table_fits_80_columns_untruncated() -> None:
+    console = Console(width=80, record=True)
+    console.print(console_table(sample()))
+    text = console.export_text()
+    assert "…" not in text
+    assert "round 2 ✗" in text and "round 2 rolled back: val drop 9.10 > 0.1" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
