@@ -1,5 +1,6 @@
-"""Saving and loading model weights: dense and sparse safetensors files, atomic writes."""
+"""Saving and loading models: dense and sparse safetensors files, the compact artefact, atomic writes."""
 
+from spiralkit.export.compact import compressed_size, load_compressed, quantize_nonzero_, save_compressed
 from spiralkit.export.weights import (
     atomic_write_bytes,
     atomic_write_text,
@@ -10,6 +11,10 @@ from spiralkit.export.weights import (
 )
 
 __all__ = [
+    "compressed_size",
+    "load_compressed",
+    "quantize_nonzero_",
+    "save_compressed",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_sparse",

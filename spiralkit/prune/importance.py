@@ -11,6 +11,7 @@ from functools import singledispatch
 from itertools import islice
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
@@ -64,9 +65,14 @@ def magnitude_scores(weights: Mapping[str, Tensor], *, norm: int = 1) -> Scores:
 
 
 def random_scores(weights: Mapping[str, Tensor], *, seed: int) -> Scores:
-    """Score each weight uniformly at random (deterministic for a seed)."""
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.rand(w.shape, generator=generator) for name, w in weights.items()}
+    """Score each weight uniformly at random (deterministic for a seed).
+
+    Drawn from numpy's PCG64, not torch's generator: a model initialised after
+    ``torch.manual_seed(s)`` took its weights from torch's stream for ``s``, and random
+    scores from the same stream would then rank exactly like the weights themselves.
+    """
+    rng = np.random.default_rng(seed)
+    return {name: torch.from_numpy(rng.random(tuple(w.shape), dtype=np.float32)) for name, w in weights.items()}
 
 
 def taylor_scores(
