@@ -19,6 +19,7 @@ from spiralkit.distill.recovery import Distill, Recovery
 from spiralkit.errors import RecipeError
 from spiralkit.models import ModelSpec
 from spiralkit.prune.config import UnstructuredPrune
+from spiralkit.quant.stage import QuantizeStage
 from spiralkit.tasks import Classification, Task
 from spiralkit.train import TrainConfig
 
@@ -63,6 +64,7 @@ class Recipe(BaseModel):
         train: trains the baseline when the model has no checkpoint.
         prune: the pruning step and its target.
         recover: distillation from the unpruned model, or fine-tuning.
+        quantize: the final quantization stage (none by default).
         targets: tolerance and stopping rules.
         measure: latency measurement settings.
     """
@@ -77,6 +79,7 @@ class Recipe(BaseModel):
     train: TrainConfig | None = None
     prune: UnstructuredPrune
     recover: Recovery = Distill()
+    quantize: QuantizeStage | None = None
     targets: Targets = Targets()
     measure: MeasureConfig = MeasureConfig()
 

@@ -40,8 +40,9 @@ from spiralkit.export import atomic_write_text, load_state, save_sparse, save_we
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.models import load_model
 from spiralkit.prune import Masks, mask_sparsity, next_sparsity, prune_to
+from spiralkit.quant.stage import StageInputs, quantize_stage
 from spiralkit.recipe import Recipe, dump_recipe
-from spiralkit.report import Measurement, Metrics, Report, RoundRecord, TaskInfo, print_report, write_report
+from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.tasks import evaluate, metric_drop
 from spiralkit.train import NonFiniteLoss, supervised, train
 
@@ -60,6 +61,8 @@ class RunState(BaseModel):
     scale: float = 1.0
     checkpoint: str | None = None
     stopped: str | None = None
+    pruned: Metrics | None = None
+    quantization: QuantInfo | None = None
     final: Metrics | None = None
 
 
@@ -213,7 +216,7 @@ def _run_round(
     return candidate, new_masks, record
 
 
-def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[nn.Module, RunState]:
+def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[nn.Module, Masks | None, RunState]:
     assert state.baseline is not None, "the baseline is measured before any round"
     masks: Masks | None = _load_round(ctx.run_dir, state.checkpoint, model) if state.checkpoint else None
     while True:
@@ -221,7 +224,7 @@ def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[nn.Modu
         if sparsity is None:
             state.stopped = stop
             save_run_state(ctx.run_dir, state)
-            return model, state
+            return model, masks, state
         index = len(state.rounds) + 1
         candidate, new_masks, record = _run_round(
             model, masks, sparsity, ctx, index=index, baseline_val=state.baseline.val_metric
@@ -242,13 +245,34 @@ def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[nn.Modu
         )
 
 
-def _finish(model: nn.Module, state: RunState, ctx: RunContext) -> Metrics:
-    """Save the final model (dense and sparse layouts) and measure it."""
-    final = measure_model(model, ctx)
-    save_weights(model, ctx.run_dir / "model.safetensors")
+def _finish(model: nn.Module, masks: Masks | None, state: RunState, ctx: RunContext) -> None:
+    """Save the pruned model (dense and sparse layouts), quantize it if asked, measure both."""
+    pruned = measure_model(model, ctx)
+    dense_bytes = save_weights(model, ctx.run_dir / "model.safetensors")
     sparse_bytes = save_sparse(model, ctx.run_dir / "model.sparse.safetensors")
-    dense_bytes = (ctx.run_dir / "model.safetensors").stat().st_size
-    return final.model_copy(update={"size_bytes": min(sparse_bytes, dense_bytes), "dense_size_bytes": dense_bytes})
+    pruned = pruned.model_copy(update={"size_bytes": min(sparse_bytes, dense_bytes), "dense_size_bytes": dense_bytes})
+    recipe = ctx.recipe
+    if recipe.quantize is None:
+        state.final = pruned
+        return
+    baseline_val = state.baseline.val_metric if state.baseline else pruned.val_metric
+    inputs = StageInputs(
+        spec=recipe.model, teacher=ctx.teacher, task=recipe.task, train_loader=ctx.data.train, masks=masks,
+        evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val).metric,
+        acceptable=lambda value: metric_drop(recipe.task, baseline=baseline_val, value=value)
+        <= recipe.targets.max_metric_drop,
+        seed=recipe.seed + 999_999, directory=ctx.run_dir,
+    )
+    quantized = quantize_stage(recipe.quantize, model, inputs)
+    final = measure_model(quantized.model, ctx)
+    state.pruned = pruned
+    state.final = final.model_copy(update={"size_bytes": quantized.size_bytes, "dense_size_bytes": dense_bytes})
+    state.quantization = QuantInfo(
+        kind=recipe.quantize.kind, method=quantized.method, bits=quantized.bits,
+        artefact=str(quantized.artefact.relative_to(ctx.run_dir)),
+    )
+    ctx.console.print(f"quantized ({quantized.method}): {recipe.task.metric_name} {final.metric:.2f}, "
+                      f"{quantized.size_bytes:,} bytes")
 
 
 def build_report(recipe: Recipe, state: RunState) -> Report:
@@ -261,6 +285,8 @@ def build_report(recipe: Recipe, state: RunState) -> Report:
         measurement=Measurement(**recipe.measure.model_dump()),
         baseline=state.baseline,
         rounds=state.rounds,
+        pruned=state.pruned,
+        quantization=state.quantization,
         final=state.final,
         stopped=state.stopped,
     )
@@ -321,8 +347,8 @@ class Spiral:
                 state.baseline = measure_model(model, ctx)
                 save_run_state(run_dir, state)
             if state.final is None:
-                model, state = _spiral(model, state, ctx)
-                state.final = _finish(model, state, ctx)
+                model, masks, state = _spiral(model, state, ctx)
+                _finish(model, masks, state, ctx)
                 save_run_state(run_dir, state)
         report = build_report(recipe, state)
         write_report(report, run_dir)

@@ -147,3 +147,32 @@ def test_threads_are_restored(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     Spiral(recipe(targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}")).run(tmp_path / "r", console=quiet())
     assert torch.get_num_threads() == before
+
+
+def test_quantize_stage_writes_compact_artefact(tmp_path: Path) -> None:
+    from spiralkit.export import load_compressed
+    from spiralkit.tasks import Classification, evaluate
+    from spiralkit.data import DataSpec, load_data
+
+    r = recipe(quantize="{kind: compact, bits: 5, qat: null}")
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.pruned is not None and report.final is not None and report.quantization is not None
+    assert report.quantization.method == "ptq" and set(report.quantization.bits.values()) == {5}
+    artefact = tmp_path / "run" / report.quantization.artefact
+    assert report.final.size_bytes == artefact.stat().st_size
+    assert report.final.size_bytes < report.pruned.size_bytes / 2
+    assert report.final.nonzero_params <= report.pruned.nonzero_params
+    # The artefact is the model the report measured.
+    splits = load_data(DataSpec(name="digits", batch_size=64, val_fraction=0.2))
+    restored = evaluate(Classification(), load_compressed(artefact), splits.test).metric
+    assert restored == pytest.approx(report.final.metric)
+    assert "| pruned |" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_quantization_aware_fallback_beats_ptq_at_two_bits(tmp_path: Path) -> None:
+    r = recipe(
+        targets="{max_metric_drop: 0.0, min_step: 0.05, max_rounds: 1}",
+        quantize="{kind: compact, bits: 2, qat: {kind: distill, train: {epochs: 3, optimizer: {name: sgd, lr: 0.01}}}}",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.quantization is not None and report.quantization.method == "qat"

@@ -92,10 +92,12 @@ __all__ = [
     "decode_gaps",
     "encode_gaps",
     "load_compressed",
+    "fake_quantize_nonzero",
     "pack_bits",
     "quantize_nonzero_",
     "save_compressed",
     "unpack_bits",
+    "weight_bits",
 ]
 
 COMPACT_FORMAT_VERSION = 1
@@ -192,7 +194,7 @@ def _check_granularity(granularity: object) -> CompactGranularity:
     raise QuantError(f"the compact format quantizes per tensor or per output channel (axis 0), got {granularity!r}")
 
 
-def _weight_bits(model: nn.Module, bits: BitsArg, exclude: Sequence[str]) -> dict[str, int | None]:
+def weight_bits(model: nn.Module, bits: BitsArg, exclude: Sequence[str]) -> dict[str, int | None]:
     """Bits (or ``None``: kept in float) per Linear/Conv weight name, e.g. ``"fc1.weight"``.
 
     Raises:
@@ -263,7 +265,7 @@ def quantize_nonzero_(
         QuantError: Bad bits, a pattern or key naming no layer, NaN/inf in a weight.
     """
     granularity = _check_granularity(granularity)
-    chosen = {name: b for name, b in _weight_bits(model, bits, exclude).items() if b is not None}
+    chosen = {name: b for name, b in weight_bits(model, bits, exclude).items() if b is not None}
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, b in chosen.items():
@@ -271,6 +273,21 @@ def quantize_nonzero_(
             codes, scale = _quantized(weight.detach(), b, granularity, name)
             weight.copy_(_restore(codes, scale, granularity, weight.dtype))
     return chosen
+
+
+def fake_quantize_nonzero(
+    weight: Tensor, bits: int, *, granularity: CompactGranularity = PerTensor(), name: str = "weight"
+) -> Tensor:
+    """``weight`` on the compact quantizer's grid, with a straight-through gradient.
+
+    The forward value is exactly what `quantize_nonzero_` would store; the backward pass is
+    the identity (Bengio et al. 2013's straight-through estimator), so training with it —
+    Deep Compression's "trained quantization" step — moves the float weights under the grid.
+    Zeros map to zero, so pruned weights stay pruned.
+    """
+    granularity = _check_granularity(granularity)
+    codes, scale = _quantized(weight.detach(), bits, granularity, name)
+    return weight + (_restore(codes, scale, granularity, weight.dtype) - weight).detach()
 
 
 # --------------------------------------------------------------------------- encoding
@@ -400,7 +417,7 @@ def _encode(
 ) -> bytes:
     """The complete file content (see the module docstring)."""
     granularity = _check_granularity(granularity)
-    weight_bits = _weight_bits(model, bits, exclude)
+    bits_by_name = weight_bits(model, bits, exclude)
     spec = spec.model_copy(update={"checkpoint": None})
     state = model.state_dict()
     _check_spec_builds(spec, state)
@@ -408,7 +425,7 @@ def _encode(
     payload = _Payload()
     for name, tensor in unique.items():
         group = [name, *(alias for alias, target in aliases.items() if target == name)]
-        tensor_bits = next((weight_bits[n] for n in group if weight_bits.get(n) is not None), None)
+        tensor_bits = next((bits_by_name[n] for n in group if bits_by_name.get(n) is not None), None)
         _encode_tensor(payload, name, tensor, tensor_bits, granularity)
     payload.records.extend({"name": alias, "alias": target} for alias, target in aliases.items())
     layout, table, frames = _finish(payload)

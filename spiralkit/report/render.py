@@ -53,6 +53,8 @@ def report_rows(report: Report) -> list[list[str]]:
         rows.append(
             _cells(f"round {r.index}", r, kept="yes" if r.accepted else f"no: {r.reason}", seconds=f"{r.seconds:.1f}")
         )
+    if report.pruned is not None:
+        rows.append(_cells("pruned", report.pruned))
     if report.final is not None:
         rows.append(_cells("final", report.final))
     return rows
@@ -64,8 +66,12 @@ def _summary(report: Report) -> str:
     base, final = report.baseline, report.final
     ratio = base.nonzero_params / max(final.nonzero_params, 1)
     size_ratio = base.size_bytes / max(final.size_bytes, 1)
+    quantized = ""
+    if report.quantization is not None:
+        q = report.quantization
+        quantized = f"quantized: {q.kind}, {'/'.join(map(str, sorted(set(q.bits.values()))))} bits ({q.method}); "
     return (
-        f"{report.task.metric}: {base.metric:.2f} → {final.metric:.2f} "
+        f"{quantized}{report.task.metric}: {base.metric:.2f} → {final.metric:.2f} "
         f"({final.metric - base.metric:+.2f}); non-zero weights {ratio:.1f}x fewer; "
         f"size {size_ratio:.1f}x smaller; stopped: {report.stopped}"
     )

@@ -44,6 +44,16 @@ class RoundRecord(Metrics):
     reason: str
 
 
+class QuantInfo(BaseModel):
+    """How the final model was quantized."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    method: str  # "ptq", or "qat" when post-training quantization lost too much
+    bits: dict[str, int]
+    artefact: str
+
+
 class TaskInfo(BaseModel):
     """The task's metric name and direction."""
 
@@ -63,7 +73,10 @@ class Measurement(BaseModel):
 
 
 class Report(BaseModel):
-    """A spiral run's report; ``final`` is ``None`` until the run ends."""
+    """A spiral run's report; ``final`` is ``None`` until the run ends.
+
+    With a quantize stage, ``pruned`` is the model before quantization and ``final`` after.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     schema_: str = Field(default=SCHEMA, alias="schema")
@@ -72,6 +85,8 @@ class Report(BaseModel):
     measurement: Measurement
     baseline: Metrics
     rounds: list[RoundRecord] = Field(default_factory=list)
+    pruned: Metrics | None = None
+    quantization: QuantInfo | None = None
     final: Metrics | None = None
     stopped: str | None = None
 
