@@ -259,8 +259,7 @@ def _finish(model: nn.Module, masks: Masks | None, state: RunState, ctx: RunCont
     inputs = StageInputs(
         spec=recipe.model, teacher=ctx.teacher, task=recipe.task, train_loader=ctx.data.train, masks=masks,
         evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val).metric,
-        acceptable=lambda value: metric_drop(recipe.task, baseline=baseline_val, value=value)
-        <= recipe.targets.max_metric_drop,
+        baseline_val=baseline_val, pruned_val=pruned.val_metric, max_metric_drop=recipe.targets.max_metric_drop,
         seed=recipe.seed + 999_999, directory=ctx.run_dir,
     )
     quantized = quantize_stage(recipe.quantize, model, inputs)

@@ -45,7 +45,8 @@ class CompactQuant(BaseModel):
         bits: one width (2..8) for every Linear/Conv layer, or layer name → bits.
         granularity: one scale per tensor or per output channel.
         exclude: layer name patterns kept in float.
-        max_metric_drop: tolerated drop versus the pruned model (``None``: the recipe's
+        max_metric_drop: validation metric drop tolerated versus the *pruned* model before
+            quantization-aware recovery is tried (``None``: the recipe's
             ``targets.max_metric_drop`` versus the dense baseline).
         qat: recovery used when post-training quantization drops too much (``None``: never).
     """
@@ -55,6 +56,7 @@ class CompactQuant(BaseModel):
     bits: int | dict[str, int] = 5
     granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
     exclude: tuple[str, ...] = ()
+    max_metric_drop: float | None = Field(default=None, ge=0)
     qat: Distill | None = Distill(
         train=TrainConfig(epochs=2, optimizer=OptimizerConfig(name="sgd", lr=0.002, momentum=0.9))
     )
@@ -73,7 +75,9 @@ class StageInputs:
     train_loader: object
     masks: Mapping[str, Tensor] | None
     evaluate: Evaluate  # validation metric of a model
-    acceptable: Callable[[float], bool]  # whether a validation metric is within tolerance
+    baseline_val: float  # validation metric of the dense model
+    pruned_val: float  # validation metric of the pruned model, before quantization
+    max_metric_drop: float  # the recipe's tolerance versus the dense model
     seed: int
     directory: Path
 
@@ -131,7 +135,12 @@ def _(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> Quantized:
     quantize_nonzero_(quantized, bits, granularity=granularity)
     method: Literal["ptq", "qat"] = "ptq"
     ptq_metric = inputs.evaluate(quantized)
-    if not inputs.acceptable(ptq_metric) and config.qat is not None:
+    if config.max_metric_drop is None:
+        drop = metric_drop(inputs.task, baseline=inputs.baseline_val, value=ptq_metric)
+        acceptable = drop <= inputs.max_metric_drop
+    else:
+        acceptable = metric_drop(inputs.task, baseline=inputs.pruned_val, value=ptq_metric) <= config.max_metric_drop
+    if not acceptable and config.qat is not None:
         trained = copy.deepcopy(model)
         objective = fake_quant_objective(
             recovery_objective(config.qat, task=inputs.task, teacher=inputs.teacher), param_bits, granularity=granularity
