@@ -62,7 +62,7 @@ class Recipe(BaseModel):
         data: which data and batch sizes.
         task: what is measured (classification accuracy).
         train: trains the baseline when the model has no checkpoint.
-        prune: the pruning step and its target.
+        prune: the pruning step and its target (none: no pruning rounds, e.g. quantization only).
         recover: distillation from the unpruned model, or fine-tuning.
         quantize: the final quantization stage (none by default).
         targets: tolerance and stopping rules.
@@ -77,7 +77,7 @@ class Recipe(BaseModel):
     data: DataSpec
     task: Task = Classification()
     train: TrainConfig | None = None
-    prune: UnstructuredPrune
+    prune: UnstructuredPrune | None = None
     recover: Recovery = Distill()
     quantize: QuantizeStage | None = None
     targets: Targets = Targets()

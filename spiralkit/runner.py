@@ -40,7 +40,7 @@ from spiralkit.export import atomic_write_text, load_state, save_sparse, save_we
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.models import load_model
 from spiralkit.prune import Masks, mask_sparsity, next_sparsity, prune_to
-from spiralkit.quant.stage import StageInputs, quantize_stage
+from spiralkit.quant.stage import Quantized, StageInputs, quantize_stage
 from spiralkit.recipe import Recipe, dump_recipe
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.tasks import evaluate, metric_drop
@@ -172,6 +172,8 @@ def _load_round(run_dir: Path, checkpoint: str, model: nn.Module) -> Masks:
 
 def _next_step(state: RunState, recipe: Recipe) -> tuple[float | None, str | None]:
     """The sparsity of the next round, or why the spiral stops."""
+    if recipe.prune is None:
+        return None, "no pruning stage"
     target = recipe.prune.target_sparsity
     if state.sparsity >= target - 1e-6:
         return None, f"target sparsity {target:.3f} reached"
@@ -194,6 +196,7 @@ def _run_round(
     seed = recipe.seed + 1000 * index
     torch.manual_seed(seed)
     candidate = copy.deepcopy(model)
+    assert recipe.prune is not None, "rounds run only with a pruning stage"
     new_masks = prune_to(candidate, recipe.prune, sparsity=sparsity, existing=masks,
                          batches=ctx.data.train, loss_fn=recipe.task.loss)
     objective = recovery_objective(recipe.recover, task=recipe.task, teacher=ctx.teacher)
@@ -260,18 +263,31 @@ def _finish(model: nn.Module, masks: Masks | None, state: RunState, ctx: RunCont
         spec=recipe.model, teacher=ctx.teacher, task=recipe.task, train_loader=ctx.data.train, masks=masks,
         evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val).metric,
         baseline_val=baseline_val, pruned_val=pruned.val_metric, max_metric_drop=recipe.targets.max_metric_drop,
-        seed=recipe.seed + 999_999, directory=ctx.run_dir,
+        seed=recipe.seed + 999_999, directory=ctx.run_dir, example=ctx.example, threads=recipe.measure.threads,
     )
     quantized = quantize_stage(recipe.quantize, model, inputs)
-    final = measure_model(quantized.model, ctx)
     state.pruned = pruned
-    state.final = final.model_copy(update={"size_bytes": quantized.size_bytes, "dense_size_bytes": dense_bytes})
+    state.final = _quantized_metrics(quantized, pruned, ctx)
     state.quantization = QuantInfo(
         kind=recipe.quantize.kind, method=quantized.method, bits=quantized.bits,
         artefact=str(quantized.artefact.relative_to(ctx.run_dir)),
     )
-    ctx.console.print(f"quantized ({quantized.method}): {recipe.task.metric_name} {final.metric:.2f}, "
+    ctx.console.print(f"quantized ({quantized.method}): {recipe.task.metric_name} {state.final.metric:.2f}, "
                       f"{quantized.size_bytes:,} bytes")
+
+
+def _quantized_metrics(quantized: Quantized, pruned: Metrics, ctx: RunContext) -> Metrics:
+    """Metrics of the quantized model, whose size is its artefact's.
+
+    An ONNX Runtime model has no torch parameters (its weights live in the file): its
+    parameter counts and MACs are the pruned model's, since the integer kernels do the
+    same multiply-accumulates.
+    """
+    final = measure_model(quantized.model, ctx)
+    update: dict[str, float | int] = {"size_bytes": quantized.size_bytes, "dense_size_bytes": pruned.dense_size_bytes}
+    if final.params == 0:
+        update |= {key: getattr(pruned, key) for key in ("params", "nonzero_params", "sparsity", "macs")}
+    return final.model_copy(update=update)
 
 
 def build_report(recipe: Recipe, state: RunState) -> Report:

@@ -176,3 +176,21 @@ def test_quantization_aware_fallback_beats_ptq_at_two_bits(tmp_path: Path) -> No
     )
     report = Spiral(r).run(tmp_path / "run", console=quiet())
     assert report.quantization is not None and report.quantization.method == "qat"
+
+
+def test_static_int8_stage_runs_on_onnx_runtime(tmp_path: Path) -> None:
+    from spiralkit.export.onnx import OrtModel
+    from spiralkit.quant.ort import integer_ops
+
+    r = recipe(
+        targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}",
+        quantize="{kind: static-int8, calibration_batches: 4}",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.quantization is not None and report.final is not None and report.pruned is not None
+    artefact = tmp_path / "run" / report.quantization.artefact
+    assert artefact.suffix == ".onnx" and report.final.size_bytes == artefact.stat().st_size
+    assert sum(integer_ops(artefact).values()) > 0, "int8 kernels must run, not float ops between Q/DQ"
+    assert report.final.params == report.pruned.params > 0
+    assert abs(report.final.metric - report.pruned.metric) < 5.0
+    assert isinstance(OrtModel(artefact), OrtModel)

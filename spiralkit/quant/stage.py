@@ -32,6 +32,7 @@ from spiralkit.export.compact import (
 )
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor
+from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.tasks import Classification, metric_drop
 from spiralkit.train import Objective, OptimizerConfig, TrainConfig, train
 
@@ -62,7 +63,7 @@ class CompactQuant(BaseModel):
     )
 
 
-QuantizeStage = Annotated[CompactQuant, Field(discriminator="kind")]
+QuantizeStage = Annotated[CompactQuant | StaticInt8 | DynamicInt8, Field(discriminator="kind")]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class StageInputs:
     max_metric_drop: float  # the recipe's tolerance versus the dense model
     seed: int
     directory: Path
+    example: Tensor  # an input batch, for ONNX export
+    threads: int  # ONNX Runtime threads of the quantized model
 
 
 @dataclass(frozen=True)
@@ -153,3 +156,12 @@ def _(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> Quantized:
     path = inputs.directory / "model.spkc"
     size = save_compressed(quantized, path, spec=inputs.spec, bits=bits, granularity=granularity)
     return Quantized(model=quantized.eval(), artefact=path, size_bytes=size, method=method, bits=bits)
+
+
+@quantize_stage.register(StaticInt8)
+@quantize_stage.register(DynamicInt8)
+def _(config: StaticInt8 | DynamicInt8, model: nn.Module, inputs: StageInputs) -> Quantized:
+    result = quantize(model, config, inputs.train_loader, example=inputs.example,  # type: ignore[arg-type]
+                      workdir=inputs.directory / "int8", threads=inputs.threads)
+    bits = {name: 8 for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM))}
+    return Quantized(model=result.model, artefact=result.path, size_bytes=result.size_bytes, method="ptq", bits=bits)
