@@ -1,6 +1,7 @@
 """Saving and loading models: dense and sparse safetensors files, the compact artefact, atomic writes."""
 
 from spiralkit.export.compact import compressed_size, load_compressed, quantize_nonzero_, save_compressed
+from spiralkit.export.onnx import ExportError, OrtModel, VerifyResult, export_onnx, verify_onnx
 from spiralkit.export.weights import (
     atomic_write_bytes,
     atomic_write_text,
@@ -11,6 +12,11 @@ from spiralkit.export.weights import (
 )
 
 __all__ = [
+    "ExportError",
+    "OrtModel",
+    "VerifyResult",
+    "export_onnx",
+    "verify_onnx",
     "compressed_size",
     "load_compressed",
     "quantize_nonzero_",

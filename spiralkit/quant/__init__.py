@@ -1,4 +1,8 @@
-"""Quantization: affine maths, calibration, weight-only, post-training static/dynamic int8."""
+"""Quantization: affine maths, calibration, weight-only, post-training static/dynamic int8.
+
+``quantize`` is the tensor-level affine quantizer; ``quantize_model`` turns a model into an
+int8 ONNX Runtime model (static or dynamic, by config type).
+"""
 
 from spiralkit.quant.affine import (
     Granularity,
@@ -15,6 +19,8 @@ from spiralkit.quant.affine import (
     qparams_from_range,
     quantize,
 )
+from spiralkit.quant.ptq import DynamicInt8, QuantizedModel, StaticInt8
+from spiralkit.quant.ptq import quantize as quantize_model
 from spiralkit.quant.calibrate import MSE, Calibration, MinMax, Observer, Percentile, calibrate
 from spiralkit.quant.weight_only import (
     WeightOnlyConfig,
@@ -26,6 +32,10 @@ from spiralkit.quant.weight_only import (
 )
 
 __all__ = [
+    "DynamicInt8",
+    "QuantizedModel",
+    "StaticInt8",
+    "quantize_model",
     "MSE",
     "Calibration",
     "Granularity",
