@@ -134,7 +134,7 @@ def count_macs(model: nn.Module, example: Tensor) -> int:
         MACs for the whole batch.
     """
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
+    with eval_mode(model), torch.no_grad(), counter:
         model(example)
     return counter.get_total_flops() // 2
 
@@ -163,7 +163,7 @@ def measure_latency(
     if threads < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need threads >= 1, repeats >= 1, warmup >= 0; got {threads=}, {repeats=}, {warmup=}")
     call = _synchronised_call(model, example)
-    with _num_threads(threads), _eval_mode(model), torch.inference_mode():
+    with _num_threads(threads), eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             call()
         times_ms = [_time_ms(call) for _ in range(repeats)]
@@ -214,7 +214,7 @@ def _time_ms(call: Callable[[], None]) -> float:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode; restore each one's own mode afterwards."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
 
+from spiralkit.configs import kind_from_string
 from spiralkit.errors import SpiralError
 
 
@@ -41,11 +42,7 @@ class Classification(BaseModel):
         return F.cross_entropy(outputs, targets)
 
 
-def _kind_from_string(value: Any) -> Any:
-    return {"kind": value} if isinstance(value, str) else value
-
-
-Task = Annotated[Classification, Field(discriminator="kind"), BeforeValidator(_kind_from_string)]
+Task = Annotated[Classification, Field(discriminator="kind"), BeforeValidator(kind_from_string)]
 
 
 @dataclass(frozen=True)

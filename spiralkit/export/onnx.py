@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import Tensor, nn
 
 from spiralkit.errors import SpiralError
 from spiralkit.export.weights import atomic_write_bytes
+from spiralkit.measure import eval_mode
 
 __all__ = [
     "INPUT_NAME",
@@ -164,7 +163,7 @@ def _export_program(model: nn.Module, example: Tensor, *, dynamic_batch: bool, o
     """Run torch's ONNX exporter in memory; wrap its failures in an `ExportError`."""
     dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     try:
-        with _eval_mode(model), warnings.catch_warnings():
+        with eval_mode(model), warnings.catch_warnings():
             # Warnings about torch internals users cannot act on: deprecations inside the
             # exporter, and nn.LSTM/GRU re-assigning their flat weights while traced.
             warnings.simplefilter("ignore", FutureWarning)
@@ -200,18 +199,6 @@ def _exporter_message(exc: BaseException, *, max_lines: int = 6) -> str:
     lines = [line for line in _ANSI.sub("", str(root)).strip().splitlines() if line.strip()]
     text = "\n".join(lines[:max_lines] + (["..."] if len(lines) > max_lines else []))
     return f"{type(root).__name__}: {text}"
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 # --------------------------------------------------------------------------- running
@@ -367,7 +354,7 @@ def verify_onnx(
             finite; the message names the file and the largest difference.
     """
     path = Path(path)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         expected = model(inputs).detach().cpu().float()
     actual = OrtModel(path, threads=threads)(inputs).float()
     if actual.shape != expected.shape:

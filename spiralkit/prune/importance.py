@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
 
+from spiralkit.configs import kind_from_string
 from spiralkit.errors import PruneError
 
 Scores = dict[str, Tensor]
@@ -49,13 +50,8 @@ class Taylor(BaseModel):
     batches: int = Field(default=8, gt=0)
 
 
-def _kind_from_string(value: Any) -> Any:
-    # Lets a recipe say `criterion: taylor` instead of `criterion: {kind: taylor}`.
-    return {"kind": value} if isinstance(value, str) else value
-
-
 Criterion = Annotated[
-    Magnitude | Random | Taylor, Field(discriminator="kind"), BeforeValidator(_kind_from_string)
+    Magnitude | Random | Taylor, Field(discriminator="kind"), BeforeValidator(kind_from_string)
 ]
 
 

@@ -13,6 +13,7 @@ from functools import singledispatch
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from spiralkit.configs import kind_from_string
 
 
 class OneShot(BaseModel):
@@ -40,12 +41,8 @@ class AGP(BaseModel):
     exponent: float = Field(default=3.0, gt=0)
 
 
-def _kind_from_string(value: Any) -> Any:
-    return {"kind": value} if isinstance(value, str) else value
-
-
 Schedule = Annotated[
-    OneShot | Iterative | AGP, Field(discriminator="kind"), BeforeValidator(_kind_from_string)
+    OneShot | Iterative | AGP, Field(discriminator="kind"), BeforeValidator(kind_from_string)
 ]
 
 

@@ -52,6 +52,7 @@ import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from spiralkit.configs import kind_from_string
 from spiralkit.errors import SpiralError
 
 __all__ = [
@@ -114,13 +115,8 @@ class PerGroup(BaseModel):
     size: int = Field(gt=0)
 
 
-def _kind_from_string(value: Any) -> Any:
-    # Lets a recipe say `granularity: per-tensor` instead of `{kind: per-tensor}`.
-    return {"kind": value} if isinstance(value, str) else value
-
-
 Granularity = Annotated[
-    PerTensor | PerChannel | PerGroup, Field(discriminator="kind"), BeforeValidator(_kind_from_string)
+    PerTensor | PerChannel | PerGroup, Field(discriminator="kind"), BeforeValidator(kind_from_string)
 ]
 
 

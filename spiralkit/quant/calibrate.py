@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor
 
+from spiralkit.configs import kind_from_string
 from spiralkit.quant.affine import (
     Granularity,
     PerChannel,
@@ -79,12 +80,7 @@ class MSE(BaseModel):
     grid: int = Field(default=100, ge=1)
 
 
-def _kind_from_string(value: Any) -> Any:
-    # Lets a recipe say `observer: mse` instead of `observer: {kind: mse}`.
-    return {"kind": value} if isinstance(value, str) else value
-
-
-Calibration = Annotated[MinMax | Percentile | MSE, Field(discriminator="kind"), BeforeValidator(_kind_from_string)]
+Calibration = Annotated[MinMax | Percentile | MSE, Field(discriminator="kind"), BeforeValidator(kind_from_string)]
 
 
 class Observer:
