@@ -194,3 +194,16 @@ def test_static_int8_stage_runs_on_onnx_runtime(tmp_path: Path) -> None:
     assert report.final.params == report.pruned.params > 0
     assert abs(report.final.metric - report.pruned.metric) < 5.0
     assert isinstance(OrtModel(artefact), OrtModel)
+
+
+def test_mixed_precision_choice_is_in_the_report(tmp_path: Path) -> None:
+    r = recipe(
+        targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}",
+        quantize="{kind: compact, bits: {kind: mixed, candidates: [2, 4, 8], average_bits: 4}, qat: null}",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.quantization is not None
+    bits = report.quantization.bits
+    assert set(bits) == {"fc1", "fc2"} and set(bits.values()) <= {2, 4, 8}
+    scan = json.loads((tmp_path / "run" / "sensitivity.json").read_text())
+    assert scan, "the sensitivity scan is kept next to the report"

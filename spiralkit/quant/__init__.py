@@ -19,6 +19,8 @@ from spiralkit.quant.affine import (
     qparams_from_range,
     quantize,
 )
+from spiralkit.quant.mixed import SensitivityTable, choose_bits, sensitivity_scan
+from spiralkit.quant.qat import QATConfig, export_qat_onnx, prepare_qat, qat
 from spiralkit.quant.ptq import DynamicInt8, QuantizedModel, StaticInt8
 from spiralkit.quant.ptq import quantize as quantize_model
 from spiralkit.quant.calibrate import MSE, Calibration, MinMax, Observer, Percentile, calibrate
@@ -32,6 +34,13 @@ from spiralkit.quant.weight_only import (
 )
 
 __all__ = [
+    "QATConfig",
+    "SensitivityTable",
+    "choose_bits",
+    "export_qat_onnx",
+    "prepare_qat",
+    "qat",
+    "sensitivity_scan",
     "DynamicInt8",
     "QuantizedModel",
     "StaticInt8",

@@ -12,6 +12,7 @@ Each config type is one way to quantize; :func:`quantize_stage` dispatches on it
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import singledispatch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from spiralkit.distill.recovery import Distill, recovery_objective
+from spiralkit.export import atomic_write_text
 from spiralkit.export.compact import (
     fake_quantize_nonzero,
     quantize_nonzero_,
@@ -32,6 +34,7 @@ from spiralkit.export.compact import (
 )
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor
+from spiralkit.quant.mixed import choose_bits, sensitivity_scan
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.tasks import Classification, metric_drop
 from spiralkit.train import Objective, OptimizerConfig, TrainConfig, train
@@ -39,11 +42,30 @@ from spiralkit.train import Objective, OptimizerConfig, TrainConfig, train
 Evaluate = Callable[[nn.Module], float]
 
 
+class MixedBits(BaseModel):
+    """Per-layer bit widths chosen from a sensitivity scan under a size budget.
+
+    Each layer's weights are quantized alone to each candidate width and the validation
+    metric measured; then the widths with the least summed metric loss whose non-zero
+    weights fit ``average_bits`` per weight on average are chosen (an exact knapsack).
+
+    Attributes:
+        candidates: the widths to choose from (2..8).
+        average_bits: the budget, in bits per non-zero weight over all quantized layers.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["mixed"] = "mixed"
+    candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    average_bits: float = Field(gt=0, le=8)
+
+
 class CompactQuant(BaseModel):
     """Quantize the non-zero weights to ``bits`` and save the compact artefact.
 
     Attributes:
-        bits: one width (2..8) for every Linear/Conv layer, or layer name → bits.
+        bits: one width (2..8) for every Linear/Conv layer, layer name → bits, or
+            ``{kind: mixed, average_bits: …}`` to choose them from a sensitivity scan.
         granularity: one scale per tensor or per output channel.
         exclude: layer name patterns kept in float.
         max_metric_drop: validation metric drop tolerated versus the *pruned* model before
@@ -54,7 +76,7 @@ class CompactQuant(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["compact"] = "compact"
-    bits: int | dict[str, int] = 5
+    bits: int | dict[str, int] | MixedBits = 5
     granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
     exclude: tuple[str, ...] = ()
     max_metric_drop: float | None = Field(default=None, ge=0)
@@ -123,6 +145,19 @@ def fake_quant_objective(base: Objective, bits: Mapping[str, int], *, granularit
     return objective
 
 
+def _mixed_bits(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> dict[str, int]:
+    """Scan per-layer sensitivity on the validation split, then pick widths under the budget."""
+    assert isinstance(config.bits, MixedBits)
+    layers = [name.removesuffix(".weight") for name, b in weight_bits(model, 8, config.exclude).items() if b]
+    table = sensitivity_scan(model, evaluate=inputs.evaluate, layers=layers, bits=config.bits.candidates,
+                             granularity=_granularity(config.granularity))
+    modules = dict(model.named_modules())
+    nonzero = {name: int(modules[name].weight.count_nonzero()) for name in layers}
+    budget = math.floor(sum(nonzero.values()) * config.bits.average_bits / 8)
+    atomic_write_text(inputs.directory / "sensitivity.json", table.to_json() + "\n")
+    return choose_bits(table, size_of=nonzero, budget_bytes=budget, higher_is_better=inputs.task.higher_is_better)
+
+
 @singledispatch
 def quantize_stage(config: object, model: nn.Module, inputs: StageInputs) -> Quantized:
     """Quantize ``model`` (not modified) as ``config`` says."""
@@ -132,7 +167,8 @@ def quantize_stage(config: object, model: nn.Module, inputs: StageInputs) -> Qua
 @quantize_stage.register
 def _(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> Quantized:
     granularity = _granularity(config.granularity)
-    param_bits = {n: b for n, b in weight_bits(model, config.bits, config.exclude).items() if b is not None}
+    chosen = _mixed_bits(config, model, inputs) if isinstance(config.bits, MixedBits) else config.bits
+    param_bits = {n: b for n, b in weight_bits(model, chosen, config.exclude).items() if b is not None}
     bits = {n.removesuffix(".weight"): b for n, b in param_bits.items()}  # by layer name
     quantized = copy.deepcopy(model)
     quantize_nonzero_(quantized, bits, granularity=granularity)
