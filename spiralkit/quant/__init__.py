@@ -1,7 +1,13 @@
 """Quantization: affine maths, calibration, weight-only, post-training static/dynamic int8.
 
-``quantize`` is the tensor-level affine quantizer; ``quantize_model`` turns a model into an
-int8 ONNX Runtime model (static or dynamic, by config type).
+This package's namespace holds the maths that everything else builds on (affine
+quantization, observers, weight-only layers). The model-level verbs live in their modules,
+imported by path — they build on `spiralkit.export`, which itself uses the maths:
+
+* `spiralkit.quant.ptq.quantize` — a model to an int8 ONNX Runtime model (static or dynamic);
+* `spiralkit.quant.qat` — quantization-aware training and its QDQ export;
+* `spiralkit.quant.mixed` — sensitivity scan and per-layer bit widths under a budget;
+* `spiralkit.quant.stage` — the spiral's quantize stage.
 """
 
 from spiralkit.quant.affine import (
@@ -19,10 +25,6 @@ from spiralkit.quant.affine import (
     qparams_from_range,
     quantize,
 )
-from spiralkit.quant.mixed import SensitivityTable, choose_bits, sensitivity_scan
-from spiralkit.quant.qat import QATConfig, export_qat_onnx, prepare_qat, qat
-from spiralkit.quant.ptq import DynamicInt8, QuantizedModel, StaticInt8
-from spiralkit.quant.ptq import quantize as quantize_model
 from spiralkit.quant.calibrate import MSE, Calibration, MinMax, Observer, Percentile, calibrate
 from spiralkit.quant.weight_only import (
     WeightOnlyConfig,
@@ -34,17 +36,6 @@ from spiralkit.quant.weight_only import (
 )
 
 __all__ = [
-    "QATConfig",
-    "SensitivityTable",
-    "choose_bits",
-    "export_qat_onnx",
-    "prepare_qat",
-    "qat",
-    "sensitivity_scan",
-    "DynamicInt8",
-    "QuantizedModel",
-    "StaticInt8",
-    "quantize_model",
     "MSE",
     "Calibration",
     "Granularity",
