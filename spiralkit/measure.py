@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from spiralkit.export.weights import save_sparse, save_weights
+from spiralkit.modules import eval_mode
 
 __all__ = [
     "Latency",
@@ -211,18 +212,6 @@ def _time_ms(call: Callable[[], None]) -> float:
     start = time.perf_counter()
     call()
     return (time.perf_counter() - start) * 1000.0
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 @contextmanager

@@ -7,12 +7,10 @@ import sys
 
 import pytest
 
-MODULES = [
-    "spiralkit", "spiralkit.cli", "spiralkit.runner", "spiralkit.recipe", "spiralkit.data", "spiralkit.models",
-    "spiralkit.measure", "spiralkit.export", "spiralkit.export.compact", "spiralkit.export.onnx", "spiralkit.prune",
-    "spiralkit.distill", "spiralkit.quant", "spiralkit.quant.ptq", "spiralkit.quant.qat", "spiralkit.quant.mixed",
-    "spiralkit.quant.stage", "spiralkit.report", "spiralkit.tasks", "spiralkit.train",
-]
+# The packages that import each other (export ↔ quant ↔ models ↔ measure): the first one
+# imported decides the order, so each is tried first in its own interpreter.
+MODULES = ["spiralkit.measure", "spiralkit.export", "spiralkit.models", "spiralkit.quant", "spiralkit.quant.stage",
+           "spiralkit.cli"]
 
 
 def test_each_module_imports_alone() -> None:

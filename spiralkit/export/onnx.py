@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from spiralkit.errors import SpiralError
 from spiralkit.export.weights import atomic_write_bytes
-from spiralkit.measure import eval_mode
+from spiralkit.modules import eval_mode
 
 __all__ = [
     "INPUT_NAME",
