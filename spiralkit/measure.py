@@ -123,7 +123,8 @@ def count_macs(model: nn.Module, example: Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example``.
 
     Counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix
-    multiplications and convolutions (not biases, norms, activations or pooling);
+    multiplications and convolutions (not biases, norms, activations or pooling, nor the
+    score products inside CPU scaled-dot-product attention);
     ``MACs = FLOPs // 2``. E.g. ``Linear(10, 5)`` on a batch of 1 is 50 MACs. Zeros in
     the weights are counted like any other value.
 
@@ -135,8 +136,15 @@ def count_macs(model: nn.Module, example: Tensor) -> int:
         MACs for the whole batch.
     """
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.no_grad(), counter:
-        model(example)
+    # nn.MultiheadAttention's fused inference kernel is invisible to the counter: count
+    # the same computation through the unfused path (a process-wide switch, restored).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with eval_mode(model), torch.no_grad(), counter:
+            model(example)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops() // 2
 
 

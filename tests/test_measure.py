@@ -124,3 +124,12 @@ def test_size_on_disk_dense_model(tmp_path: Path) -> None:
 
 def test_size_info_best_bytes() -> None:
     assert SizeInfo(dense_bytes=10, sparse_bytes=7).best_bytes == 7
+
+
+def test_count_macs_sees_multihead_attention_in_eval() -> None:
+    layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    x = torch.randn(1, 4, 16)
+    # q/k/v/out projections 4·4·16·16 and FFN 2·4·16·32; with the fused fast path it was 0.
+    # (The attention scores themselves, CPU scaled-dot-product attention, are not counted.)
+    assert count_macs(layer, x) == 4 * 4 * 16 * 16 + 2 * 4 * 16 * 32
+    assert torch.backends.mha.get_fastpath_enabled()

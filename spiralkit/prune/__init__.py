@@ -13,6 +13,30 @@ from spiralkit.prune.importance import (
 )
 from spiralkit.prune.schedules import AGP, Iterative, OneShot, Schedule, agp_sparsity, next_sparsity
 from spiralkit.prune.selectors import Selector, selected_weights
+from spiralkit.prune.structured import (
+    BlockPlan,
+    GroupPlan,
+    HeadPlan,
+    MemberPlan,
+    PrunePlan,
+    SkippedPlan,
+    StructuredPrune,
+    apply_plan,
+    load_pruned,
+    plan_pruning,
+    prune_structured,
+    save_pruned,
+)
+from spiralkit.prune.structured_importance import (
+    APoZ,
+    BNScale,
+    ChannelCriterion,
+    MeanActivation,
+    NormRatio,
+    StructureScores,
+    bn_l1_penalty,
+    score_structures,
+)
 from spiralkit.prune.unstructured import (
     Masks,
     MaskEnforcer,
@@ -27,6 +51,26 @@ from spiralkit.prune.unstructured import (
 )
 
 __all__ = [
+    "BlockPlan",
+    "GroupPlan",
+    "HeadPlan",
+    "MemberPlan",
+    "PrunePlan",
+    "SkippedPlan",
+    "StructuredPrune",
+    "apply_plan",
+    "load_pruned",
+    "plan_pruning",
+    "prune_structured",
+    "save_pruned",
+    "APoZ",
+    "BNScale",
+    "ChannelCriterion",
+    "MeanActivation",
+    "NormRatio",
+    "StructureScores",
+    "bn_l1_penalty",
+    "score_structures",
     "AGP",
     "Criterion",
     "Iterative",

@@ -1,0 +1,572 @@
+"""Structured pruning: plans over channel groups, heads and blocks; masking or physical removal.
+
+The flow is two plain function calls::
+
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x)   # decide
+    apply_plan(model, plan, mode="remove")                              # act
+
+`plan_pruning` traces the model into coupled channel groups, attention heads and removable
+blocks (`spiralkit.graph`), scores them (`spiralkit.prune.structured_importance`) and keeps the
+best. The `PrunePlan` it returns is plain data — for each group the kept indices of every
+member layer, by module *name* — so it is saved as JSON and replays on a fresh copy of the
+model. `apply_plan` either zeroes what the plan drops (``mode="mask"``, shapes unchanged) or
+deletes it (``mode="remove"``, a physically smaller model); both act on the same entries, so
+the masked model and its pruned twin compute the same function.
+
+A pruned model is saved as architecture-as-data — the `ModelSpec` that builds the original,
+plus the plans — and safetensors weights (`save_pruned`); `load_pruned` rebuilds it with
+`load_model`, replays the plans in remove mode and loads the weights. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+
+from spiralkit.errors import PruneError
+from spiralkit.export.weights import atomic_write_text, save_weights
+from spiralkit.graph.attention import HeadGroup, mask_heads, remove_heads
+from spiralkit.graph.blocks import find_blocks, remove_blocks
+from spiralkit.graph.groups import (
+    RNN_TYPES,
+    ChannelGroup,
+    Example,
+    Member,
+    ModelGroups,
+    call_model,
+    channel_size,
+    trace_groups,
+)
+from spiralkit.graph.slicing import Cutter, LayerEdit, Mode, edit_layer
+from spiralkit.models.loading import ModelSpec, load_model, load_weights
+from spiralkit.prune.importance import LossFn, Magnitude
+from spiralkit.prune.structured_importance import ChannelCriterion, StructureScores, score_structures
+from spiralkit.prune.unstructured import Scope
+
+__all__ = [
+    "BlockPlan",
+    "GroupPlan",
+    "HeadPlan",
+    "MemberPlan",
+    "PrunePlan",
+    "SkippedPlan",
+    "StructuredPrune",
+    "apply_plan",
+    "load_pruned",
+    "plan_pruning",
+    "prune_structured",
+    "save_pruned",
+]
+
+PLAN_FILENAME = "plan.json"
+SPEC_FILENAME = "spec.json"
+WEIGHTS_FILENAME = "weights.safetensors"
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, *RNN_TYPES)
+
+
+class StructuredPrune(BaseModel):
+    """Structured pruning: which channels, heads and blocks to remove, and by which criterion.
+
+    Attributes:
+        criterion: Importance of a channel or head (magnitude L1/L2, taylor,
+            mean_activation, apoz, bn_scale, norm_ratio, random). Default: L2 magnitude.
+        ratio: Fraction of the channels of each group (and of the heads of each attention
+            layer) to remove, in [0, 1).
+        scope: ``layerwise`` removes ``ratio`` of every group; ``global`` ranks all channels
+            together (each group's scores divided by their mean, so groups compare) and
+            removes ``ratio`` of all of them, so groups end with different widths.
+        include: Name patterns (fnmatch) of the layers whose outputs may be removed —
+            convolutions, linear layers, RNNs, embeddings, attention layers, blocks. A group
+            is pruned only when every layer computing it is included.
+        exclude: Name patterns of layers to keep whole. A pattern matching no such layer is
+            an error.
+        round_to: Kept channel counts are rounded to a multiple of this (e.g. 8 for fast
+            kernels); at least one multiple is kept.
+        heads: Prune attention heads whole (otherwise attention layers are left alone).
+        depth: Number of residual blocks / transformer layers to remove, lowest block
+            influence first (see `spiralkit.graph.blocks`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["structured"] = "structured"
+    criterion: ChannelCriterion = Magnitude(norm=2)
+    ratio: float = Field(ge=0, lt=1)
+    scope: Scope = Scope.LAYERWISE
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    round_to: int = Field(default=1, ge=1)
+    heads: bool = True
+    depth: int = Field(default=0, ge=0)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class _Plain(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemberPlan(_Plain):
+    """The indices one layer keeps along one side (``role``), out of ``size``."""
+
+    module: str
+    role: Literal["out", "in"]
+    size: int
+    keep: tuple[int, ...]
+
+
+class GroupPlan(_Plain):
+    """One channel group: the kept root channels and what each member layer keeps."""
+
+    id: str
+    size: int
+    keep: tuple[int, ...]
+    members: tuple[MemberPlan, ...]
+
+
+class HeadPlan(_Plain):
+    """One attention layer: the heads it keeps."""
+
+    module: str
+    kind: str
+    num_heads: int
+    head_dim: int
+    keep: tuple[int, ...]
+
+
+class BlockPlan(_Plain):
+    """A removed block and its block influence."""
+
+    module: str
+    influence: float
+
+
+class SkippedPlan(_Plain):
+    """Something left unpruned, and why."""
+
+    name: str
+    reason: str
+
+
+class PrunePlan(_Plain):
+    """What structured pruning keeps: plain data, replayable on a fresh copy of the model.
+
+    Attributes:
+        version: Format version.
+        groups: Channel groups that lose channels.
+        heads: Attention layers that lose heads.
+        blocks: Blocks removed whole.
+        skipped: Groups, layers and heads left unpruned, with the reason.
+    """
+
+    version: Literal[1] = 1
+    groups: tuple[GroupPlan, ...] = ()
+    heads: tuple[HeadPlan, ...] = ()
+    blocks: tuple[BlockPlan, ...] = ()
+    skipped: tuple[SkippedPlan, ...] = ()
+
+    def to_json(self) -> str:
+        """The plan as compact JSON."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> PrunePlan:
+        """Read a plan written by `to_json`.
+
+        Raises:
+            PruneError: The text is not a valid plan (the message names the bad field).
+        """
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise PruneError(f"not a valid prune plan: {exc}") from exc
+
+    def removed(self) -> dict[str, int]:
+        """How many root channels / heads / blocks the plan removes."""
+        return {
+            "channels": sum(g.size - len(g.keep) for g in self.groups),
+            "heads": sum(h.num_heads - len(h.keep) for h in self.heads),
+            "blocks": len(self.blocks),
+        }
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _select(names: Iterable[str], include: Sequence[str], exclude: Sequence[str]) -> set[str]:
+    """Names matching an ``include`` and no ``exclude`` pattern (Selector semantics).
+
+    Raises:
+        PruneError: A pattern matches none of ``names``.
+    """
+    names = list(names)
+    for pattern in (*include, *exclude):
+        if not any(fnmatchcase(name, pattern) for name in names):
+            known = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") or "none"
+            raise PruneError(f"pattern {pattern!r} matches no prunable layer; prunable layers are: {known}")
+    return {n for n in names if any(fnmatchcase(n, p) for p in include) and not any(fnmatchcase(n, p) for p in exclude)}
+
+
+def _candidate_names(model: nn.Module, groups: ModelGroups, blocks: Sequence[str]) -> list[str]:
+    names = [name for name, module in model.named_modules() if isinstance(module, _PRODUCERS)]
+    return names + [h.module for h in groups.heads] + list(blocks)
+
+
+def _producers(model: nn.Module, group: ChannelGroup) -> list[str]:
+    return [m.module for m in group.producers() if isinstance(model.get_submodule(m.module), _PRODUCERS)]
+
+
+def _kept_count(size: int, ratio: float, multiple: int) -> int:
+    """``size·(1 − ratio)`` rounded to the nearest multiple of ``multiple`` (at least one, at most ``size``)."""
+    kept = math.floor(size * (1.0 - ratio) / multiple + 0.5) * multiple
+    return min(size, max(multiple, kept))
+
+
+def _keep(scores: Tensor, count: int, blocks: Sequence[int]) -> tuple[int, ...]:
+    """The ``count`` best channels; with blocks, the best ``count / #blocks`` of every block.
+
+    Ties are broken by index: the lower index is removed first.
+    """
+    if not blocks:
+        order = torch.argsort(scores, stable=True)
+        return tuple(sorted(order[len(scores) - count :].tolist()))
+    members: dict[int, list[int]] = defaultdict(list)
+    for channel, block in enumerate(blocks):
+        members[block].append(channel)
+    per_block = count // len(members)
+    kept: list[int] = []
+    for channels in members.values():
+        index = torch.as_tensor(channels)
+        order = torch.argsort(scores[index], stable=True)
+        kept += index[order[len(channels) - per_block :]].tolist()
+    return tuple(sorted(kept))
+
+
+def _multiple(group: ChannelGroup, round_to: int) -> int:
+    return math.lcm(round_to, group.num_blocks)
+
+
+def _channel_counts(groups: Sequence[ChannelGroup], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
+    """Kept channels per group, layer-wise or from one global ranking."""
+    if config.scope == Scope.LAYERWISE or not groups:
+        return {g.id: _kept_count(g.size, config.ratio, _multiple(g, config.round_to)) for g in groups}
+    normalised = [scores[g.id] / scores[g.id].mean().clamp_min(1e-300) for g in groups]
+    flat = torch.cat(normalised)
+    dropped = torch.zeros(flat.numel(), dtype=torch.bool)
+    dropped[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
+    counts, start = {}, 0
+    for group in groups:
+        removed = int(dropped[start : start + group.size].sum())
+        start += group.size
+        counts[group.id] = _kept_count(group.size, removed / group.size, _multiple(group, config.round_to))
+    return counts
+
+
+def _head_counts(heads: Sequence[HeadGroup], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
+    if config.scope == Scope.LAYERWISE or not heads:
+        return {h.module: _kept_count(h.num_heads, config.ratio, 1) for h in heads}
+    flat = torch.cat([scores[h.module] / scores[h.module].mean().clamp_min(1e-300) for h in heads])
+    dropped = torch.zeros(flat.numel(), dtype=torch.bool)
+    dropped[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
+    counts, start = {}, 0
+    for head in heads:
+        removed = int(dropped[start : start + head.num_heads].sum())
+        start += head.num_heads
+        counts[head.module] = _kept_count(head.num_heads, removed / head.num_heads, 1)
+    return counts
+
+
+def _inside(name: str, blocks: Iterable[str]) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in blocks)
+
+
+def _group_plan(group: ChannelGroup, keep: Sequence[int], removed_blocks: Sequence[str]) -> GroupPlan | None:
+    kept = set(keep)
+    members = tuple(
+        MemberPlan(module=m.module, role=m.role, size=m.size,
+                   keep=tuple(sorted([local for local, root in zip(m.local, m.roots) if root in kept] + list(_outside(m)))))
+        for m in group.members
+        if not _inside(m.module, removed_blocks)
+    )
+    if not members:
+        return None
+    return GroupPlan(id=group.id, size=group.size, keep=tuple(keep), members=members)
+
+
+def _outside(member: Member) -> tuple[int, ...]:
+    """Indices of a member that belong to other groups (e.g. other inputs of a concatenation)."""
+    if len(member.local) == member.size:
+        return ()
+    return tuple(sorted(set(range(member.size)) - set(member.local)))
+
+
+def _choose_blocks(model: nn.Module, blocks: Sequence[Any], depth: int, selected: set[str]) -> tuple[BlockPlan, ...]:
+    """The ``depth`` selected blocks of lowest influence, keeping one block per container."""
+    if depth == 0:
+        return ()
+    left = {name: len(m) for name, m in model.named_modules() if isinstance(m, (nn.Sequential, nn.ModuleList))}
+    chosen: list[BlockPlan] = []
+    for block in sorted((b for b in blocks if b.module in selected), key=lambda b: b.influence):
+        container = block.module.rpartition(".")[0]
+        if len(chosen) < depth and left[container] > 1:
+            left[container] -= 1
+            chosen.append(BlockPlan(module=block.module, influence=block.influence))
+    if len(chosen) < depth:
+        names = ", ".join(b.module for b in blocks) or "none"
+        raise PruneError(f"depth={depth} but only {len(chosen)} blocks can be removed; removable residual blocks: {names}")
+    return tuple(chosen)
+
+
+def plan_pruning(
+    model: nn.Module,
+    config: StructuredPrune,
+    *,
+    example: Example,
+    batches: Iterable[tuple[Any, Tensor]] = (),
+    loss_fn: LossFn | None = None,
+) -> PrunePlan:
+    """Decide which channels, heads and blocks of ``model`` to remove (the model is not changed).
+
+    Args:
+        model: The model to prune.
+        config: What to prune and how far.
+        example: An input batch for tracing (a tensor, a tuple of positional inputs or a
+            dict of keyword inputs); activation criteria also measure on it.
+        batches: ``(inputs, targets)`` batches for data-driven criteria (taylor needs them;
+            activation criteria use them in addition to the example).
+        loss_fn: ``loss_fn(outputs, targets)``, for taylor.
+
+    Returns:
+        The plan; `PrunePlan.skipped` lists what is left unpruned and why.
+
+    Raises:
+        PruneError: A name pattern matches nothing, the criterion lacks data, or ``depth``
+            exceeds the removable blocks.
+    """
+    graph = trace_groups(model, example, heads=config.heads)
+    blocks = find_blocks(model, [example], call=call_model) if config.depth else ()
+    selected = _select(_candidate_names(model, graph, [b.module for b in blocks]), config.include, config.exclude)
+    chosen_blocks = _choose_blocks(model, blocks, config.depth, selected)
+    removed_blocks = [b.module for b in chosen_blocks]
+    channels = [g for g in graph.channels if all(p in selected for p in _producers(model, g))]
+    heads = [h for h in graph.heads if h.module in selected]
+    skipped = [SkippedPlan(name=s.name, reason=s.reason) for s in graph.skipped]
+    if config.ratio == 0:
+        channels, heads = [], []
+    scores = score_structures(
+        config.criterion,
+        model=model,
+        groups=ModelGroups(channels=tuple(channels), heads=tuple(heads)),
+        inputs=[example],
+        batches=batches,
+        loss_fn=loss_fn,
+    )
+    channels, heads = _drop_unscored(channels, heads, scores, skipped)
+    return PrunePlan(
+        groups=_plan_groups(channels, scores, config, removed_blocks),
+        heads=_plan_heads(heads, scores, config, removed_blocks),
+        blocks=tuple(chosen_blocks),
+        skipped=tuple(skipped),
+    )
+
+
+def _drop_unscored(
+    channels: list[ChannelGroup], heads: list[HeadGroup], scores: StructureScores, skipped: list[SkippedPlan]
+) -> tuple[list[ChannelGroup], list[HeadGroup]]:
+    skipped.extend(SkippedPlan(name=name, reason=reason) for name, reason in scores.unscored.items())
+    return [g for g in channels if g.id in scores.channels], [h for h in heads if h.module in scores.heads]
+
+
+def _plan_groups(
+    channels: Sequence[ChannelGroup], scores: StructureScores, config: StructuredPrune, removed_blocks: Sequence[str]
+) -> tuple[GroupPlan, ...]:
+    counts = _channel_counts(channels, scores.channels, config)
+    plans = []
+    for group in channels:
+        if counts[group.id] >= group.size:
+            continue
+        plan = _group_plan(group, _keep(scores.channels[group.id], counts[group.id], group.blocks), removed_blocks)
+        if plan is not None:
+            plans.append(plan)
+    return tuple(plans)
+
+
+def _plan_heads(
+    heads: Sequence[HeadGroup], scores: StructureScores, config: StructuredPrune, removed_blocks: Sequence[str]
+) -> tuple[HeadPlan, ...]:
+    counts = _head_counts(heads, scores.heads, config)
+    return tuple(
+        HeadPlan(module=h.module, kind=h.kind, num_heads=h.num_heads, head_dim=h.head_dim,
+                 keep=_keep(scores.heads[h.module], counts[h.module], ()))
+        for h in heads
+        if counts[h.module] < h.num_heads and not _inside(h.module, removed_blocks)
+    )
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise PruneError(f"plan does not fit the model: it has no layer {name!r}") from exc
+
+
+def _edits(model: nn.Module, plan: PrunePlan) -> dict[str, LayerEdit]:
+    """Per layer, the kept outputs and inputs; checks that the plan fits the model."""
+    sides: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    for group in plan.groups:
+        for member in group.members:
+            module = _layer(model, member.module)
+            size = channel_size(module, member.role)
+            if size != member.size:
+                raise PruneError(
+                    f"plan does not fit the model: {member.module!r} ({type(module).__name__}) has {size} "
+                    f"{'output' if member.role == 'out' else 'input'} channels, the plan expects {member.size} "
+                    "(was the plan already applied in remove mode?)"
+                )
+            if len(member.keep) < member.size:
+                # A layer after a concatenation is in several groups; each plan member keeps
+                # the indices of the other groups, so the layer keeps the intersection.
+                previous = sides[member.module].get(member.role)
+                kept = member.keep if previous is None else tuple(sorted(set(previous) & set(member.keep)))
+                sides[member.module][member.role] = kept
+    return {name: LayerEdit(out=s.get("out"), inp=s.get("in")) for name, s in sides.items() if s}
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, *, mode: Mode) -> nn.Module:
+    """Carry out ``plan`` on ``model`` in place.
+
+    Args:
+        model: A model with the architecture the plan was made for (a fresh copy works).
+        plan: The plan.
+        mode: ``"mask"`` zeroes every entry that removal would delete (shapes unchanged);
+            ``"remove"`` deletes them, making the model physically smaller. Removed blocks
+            are deleted in both modes (a block has no zero-equivalent in general).
+
+    Returns:
+        ``model`` (the same object). Parameters are new tensors in remove mode, so build
+        optimizers afterwards.
+
+    Raises:
+        PruneError: Unknown mode, or the plan does not fit the model (a layer is missing or
+            has a different size — e.g. the plan was already applied in remove mode).
+    """
+    if mode not in ("mask", "remove"):
+        raise PruneError(f"mode must be 'mask' or 'remove', got {mode!r}")
+    edits = _edits(model, plan)
+    cutter = Cutter(mode)
+    for name, edit in edits.items():
+        edit_layer(model.get_submodule(name), edit, cutter)
+    for head in plan.heads:
+        group = HeadGroup(module=head.module, kind=head.kind, num_heads=head.num_heads, head_dim=head.head_dim)
+        _layer(model, head.module)
+        (mask_heads if mode == "mask" else remove_heads)(model, group, head.keep)
+    if plan.blocks:
+        for block in plan.blocks:
+            _layer(model, block.module)
+        remove_blocks(model, [b.module for b in plan.blocks])
+    return model
+
+
+def prune_structured(
+    model: nn.Module,
+    config: StructuredPrune,
+    *,
+    example: Example,
+    batches: Iterable[tuple[Any, Tensor]] = (),
+    loss_fn: LossFn | None = None,
+    mode: Mode = "remove",
+) -> PrunePlan:
+    """`plan_pruning` then `apply_plan` in one call; returns the plan."""
+    plan = plan_pruning(model, config, example=example, batches=batches, loss_fn=loss_fn)
+    apply_plan(model, plan, mode=mode)
+    return plan
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _check_removed(model: nn.Module, plan: PrunePlan) -> None:
+    for group in plan.groups:
+        for member in group.members:
+            try:
+                module = model.get_submodule(member.module)
+            except AttributeError:
+                continue
+            if channel_size(module, member.role) != len(member.keep):
+                raise PruneError(
+                    f"save_pruned needs the model pruned with mode='remove': {member.module!r} has "
+                    f"{channel_size(module, member.role)} channels, the plan keeps {len(member.keep)}"
+                )
+            return
+
+
+def save_pruned(
+    model: nn.Module, plan: PrunePlan | Sequence[PrunePlan], directory: Path, *, spec: ModelSpec
+) -> Path:
+    """Save a physically pruned model as architecture-as-data plus safetensors weights.
+
+    Writes ``spec.json`` (how to build the original model), ``plan.json`` (the plans, in
+    the order they were applied) and ``weights.safetensors``, each atomically.
+
+    Args:
+        model: The pruned model (every plan applied with ``mode="remove"``).
+        plan: The plan, or the plans of successive rounds in order.
+        directory: Where to write (created if missing).
+        spec: The spec that builds the unpruned model; its checkpoint is not needed and
+            is not recorded.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        PruneError: The model does not look pruned in remove mode by the (last) plan.
+    """
+    plans = [plan] if isinstance(plan, PrunePlan) else list(plan)
+    if plans:
+        _check_removed(model, plans[-1])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / SPEC_FILENAME, spec.model_copy(update={"checkpoint": None}).model_dump_json(indent=2))
+    atomic_write_text(directory / PLAN_FILENAME, json.dumps([json.loads(p.to_json()) for p in plans]))
+    save_weights(model, directory / WEIGHTS_FILENAME)
+    return directory
+
+
+def load_pruned(directory: Path) -> nn.Module:
+    """Rebuild a model saved by `save_pruned`: build from the spec, replay the plans, load the weights.
+
+    Returns:
+        The pruned model in eval mode.
+
+    Raises:
+        PruneError: A file is missing or malformed.
+        ModelError: The spec cannot be built or the weights do not match.
+    """
+    directory = Path(directory)
+    for filename in (SPEC_FILENAME, PLAN_FILENAME, WEIGHTS_FILENAME):
+        if not (directory / filename).is_file():
+            raise PruneError(f"{directory} is not a pruned model: {filename} is missing")
+    try:
+        spec = ModelSpec.model_validate_json((directory / SPEC_FILENAME).read_text())
+        raw = json.loads((directory / PLAN_FILENAME).read_text())
+    except (ValidationError, ValueError) as exc:
+        raise PruneError(f"{directory}: cannot read {SPEC_FILENAME} or {PLAN_FILENAME}: {exc}") from exc
+    if not isinstance(raw, list):
+        raise PruneError(f"{directory / PLAN_FILENAME} must hold a list of plans")
+    model = load_model(spec)
+    for item in raw:
+        apply_plan(model, PrunePlan.from_json(json.dumps(item)), mode="remove")
+    load_weights(model, directory / WEIGHTS_FILENAME)
+    return model.eval()
