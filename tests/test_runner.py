@@ -207,3 +207,32 @@ def test_mixed_precision_choice_is_in_the_report(tmp_path: Path) -> None:
     assert set(bits) == {"fc1", "fc2"} and set(bits.values()) <= {2, 4, 8}
     scan = json.loads((tmp_path / "run" / "sensitivity.json").read_text())
     assert scan, "the sensitivity scan is kept next to the report"
+
+
+def test_static_int8_falls_back_to_qat_exported_as_qdq(tmp_path: Path) -> None:
+    import copy
+
+    from spiralkit.data import DataSpec, load_data
+    from spiralkit.models import mlp
+    from spiralkit.quant.ort import integer_ops
+    from spiralkit.quant.stage import StageInputs, StaticInt8Stage, quantize_stage
+    from spiralkit.tasks import Classification, evaluate
+    from spiralkit.train import TrainConfig, supervised, train
+
+    data = load_data(DataSpec(name="digits", batch_size=64))
+    torch.manual_seed(0)
+    model = mlp(in_features=64, widths=(32,), num_classes=10)
+    task = Classification()
+    train(model, data.train, config=TrainConfig(epochs=3), objective=supervised(task.loss), seed=0)
+    config = StaticInt8Stage(calibration_batches=2, qat={"train": {"epochs": 1, "optimizer": {"lr": 0.001}}})
+    inputs = StageInputs(
+        spec=None, teacher=copy.deepcopy(model).eval(), task=task, train_loader=data.train, masks=None,  # type: ignore[arg-type]
+        evaluate=lambda m: evaluate(task, m, data.val).metric,
+        baseline_val=1000.0, pruned_val=1000.0, max_metric_drop=0.0,  # nothing is acceptable: QAT must run
+        seed=0, directory=tmp_path, example=next(iter(data.val))[0][:1], threads=1,
+    )
+    result = quantize_stage(config, model, inputs)
+    qat_file = tmp_path / "int8" / "model.qat.onnx"
+    assert qat_file.exists(), "the QAT fallback must have run and exported a QDQ model"
+    assert sum(integer_ops(qat_file).values()) > 0
+    assert result.method in ("ptq", "qat") and result.artefact.exists()

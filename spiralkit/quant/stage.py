@@ -35,7 +35,9 @@ from spiralkit.export.compact import (
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan
+from spiralkit.export.onnx import OrtModel
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
+from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
 from spiralkit.tasks import Classification, metric_drop
 from spiralkit.train import Objective, OptimizerConfig, TrainConfig, train
 
@@ -85,7 +87,6 @@ class CompactQuant(BaseModel):
     )
 
 
-QuantizeStage = Annotated[CompactQuant | StaticInt8 | DynamicInt8, Field(discriminator="kind")]
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,13 @@ def _mixed_bits(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> 
     return choose_bits(table, size_of=nonzero, budget_bytes=budget, higher_is_better=inputs.task.higher_is_better)
 
 
+def _acceptable(value: float, max_drop: float | None, inputs: StageInputs) -> bool:
+    """Within ``max_drop`` of the pruned model, or (``None``) within the recipe's tolerance of the dense one."""
+    if max_drop is None:
+        return metric_drop(inputs.task, baseline=inputs.baseline_val, value=value) <= inputs.max_metric_drop
+    return metric_drop(inputs.task, baseline=inputs.pruned_val, value=value) <= max_drop
+
+
 @singledispatch
 def quantize_stage(config: object, model: nn.Module, inputs: StageInputs) -> Quantized:
     """Quantize ``model`` (not modified) as ``config`` says."""
@@ -174,12 +182,7 @@ def _(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> Quantized:
     quantize_nonzero_(quantized, bits, granularity=granularity)
     method: Literal["ptq", "qat"] = "ptq"
     ptq_metric = inputs.evaluate(quantized)
-    if config.max_metric_drop is None:
-        drop = metric_drop(inputs.task, baseline=inputs.baseline_val, value=ptq_metric)
-        acceptable = drop <= inputs.max_metric_drop
-    else:
-        acceptable = metric_drop(inputs.task, baseline=inputs.pruned_val, value=ptq_metric) <= config.max_metric_drop
-    if not acceptable and config.qat is not None:
+    if not _acceptable(ptq_metric, config.max_metric_drop, inputs) and config.qat is not None:
         trained = copy.deepcopy(model)
         objective = fake_quant_objective(
             recovery_objective(config.qat, task=inputs.task, teacher=inputs.teacher), param_bits, granularity=granularity
@@ -194,10 +197,39 @@ def _(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> Quantized:
     return Quantized(model=quantized.eval(), artefact=path, size_bytes=size, method=method, bits=bits)
 
 
+class StaticInt8Stage(StaticInt8):
+    """Static int8 as the spiral's last stage, with quantization-aware training as the fallback.
+
+    Attributes:
+        max_metric_drop: validation drop tolerated versus the pruned model (``None``: the
+            recipe's ``targets.max_metric_drop`` versus the dense model).
+        qat: 8-bit quantization-aware training with distillation, exported as ONNX QDQ,
+            used when post-training quantization drops more than that (``None``: never).
+    """
+
+    max_metric_drop: float | None = Field(default=None, ge=0)
+    qat: QATConfig | None = None
+
+
+QuantizeStage = Annotated[CompactQuant | StaticInt8Stage | DynamicInt8, Field(discriminator="kind")]
+
+
 @quantize_stage.register(StaticInt8)
 @quantize_stage.register(DynamicInt8)
 def _(config: StaticInt8 | DynamicInt8, model: nn.Module, inputs: StageInputs) -> Quantized:
     result = quantize(model, config, inputs.train_loader, example=inputs.example,  # type: ignore[arg-type]
                       workdir=inputs.directory / "int8", threads=inputs.threads)
     bits = {name: 8 for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM))}
-    return Quantized(model=result.model, artefact=result.path, size_bytes=result.size_bytes, method="ptq", bits=bits)
+    ptq = Quantized(model=result.model, artefact=result.path, size_bytes=result.size_bytes, method="ptq", bits=bits)
+    if not isinstance(config, StaticInt8Stage) or config.qat is None:
+        return ptq
+    ptq_metric = inputs.evaluate(ptq.model)
+    if _acceptable(ptq_metric, config.max_metric_drop, inputs):
+        return ptq
+    trained = qat(model, config.qat, inputs.train_loader, task=inputs.task, teacher=inputs.teacher,  # type: ignore[arg-type]
+                  seed=inputs.seed, progress=True)
+    path = export_qat_onnx(trained, inputs.example, inputs.directory / "int8" / "model.qat.onnx")
+    candidate = OrtModel(path, threads=inputs.threads)
+    if metric_drop(inputs.task, baseline=ptq_metric, value=inputs.evaluate(candidate)) >= 0:
+        return ptq  # QAT did not help: keep the post-training model
+    return Quantized(model=candidate, artefact=path, size_bytes=path.stat().st_size, method="qat", bits=bits)
