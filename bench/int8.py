@@ -20,26 +20,22 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from bench.common import trained_lenet5
 from spiralkit.data import DataSpec, load_data
-from spiralkit.export import save_weights
 from spiralkit.export.onnx import OrtModel, compare_outputs
 from spiralkit.measure import measure_latency
-from spiralkit.models import lenet5, load_weights
 from spiralkit.quant.ort import integer_ops
 from spiralkit.quant.ptq import StaticInt8, quantize
 from spiralkit.tasks import Classification, evaluate
-from spiralkit.train import OptimizerConfig, TrainConfig, supervised, train
 
 THREADS = 1
 
@@ -72,36 +68,11 @@ def _latency_ms(model: nn.Module, example: torch.Tensor, timing: Timing) -> floa
 # --------------------------------------------------------------------------- (a) LeNet-5
 
 
-def _trained_lenet5(args: argparse.Namespace, splits_train: object) -> nn.Module:
-    """LeNet-5 from ``--checkpoint``, or trained for two epochs (one short epoch with --quick)."""
-    torch.manual_seed(0)
-    model = lenet5()
-    if args.checkpoint is not None and args.checkpoint.is_file():
-        load_weights(model, args.checkpoint)
-        print(f"loaded LeNet-5 from {args.checkpoint}")
-        return model.eval()
-    config = TrainConfig(
-        epochs=1 if args.quick else 2,
-        optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
-        lr_schedule="cosine",
-        max_batches=150 if args.quick else None,
-    )
-    start = time.perf_counter()
-    train(model, splits_train, config=config, objective=supervised(F.cross_entropy), seed=0, progress=True,
-          description="LeNet-5 on MNIST")
-    print(f"trained LeNet-5 for {config.epochs} epoch(s) in {time.perf_counter() - start:.0f} s")
-    if args.checkpoint is not None:
-        args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, args.checkpoint)
-        print(f"saved the checkpoint to {args.checkpoint}")
-    return model.eval()
-
-
 def bench_lenet5(args: argparse.Namespace, workdir: Path, timing: Timing) -> list[Row]:
     """Test error, file size and batch-64 latency of LeNet-5, fp32 eager vs int8 ONNX Runtime."""
     splits = load_data(DataSpec(name="mnist", root=args.data_root, batch_size=128, eval_batch_size=1000), seed=0)
     assert splits.test is not None
-    model = _trained_lenet5(args, splits.train)
+    model = trained_lenet5(splits.train, checkpoint=args.checkpoint, quick=args.quick)
     config = StaticInt8(calibration_batches=8)
     q = quantize(model, config, splits.train, example=torch.zeros(1, 1, 28, 28), workdir=workdir / "lenet5")
     print(f"LeNet-5 int8 kernels: {dict(integer_ops(q.path))}")

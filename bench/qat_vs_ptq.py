@@ -32,21 +32,19 @@ from pathlib import Path
 
 import onnxruntime
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench.common import trained_lenet5
 from spiralkit.data import DataSpec, DataSplits, load_data
-from spiralkit.export import save_weights
 from spiralkit.export.compact import quantize_nonzero_
 from spiralkit.export.onnx import OrtModel
-from spiralkit.models import lenet5, load_weights
 from spiralkit.quant.affine import PerChannel
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan, weight_counts
 from spiralkit.quant.ort import integer_ops
 from spiralkit.quant.ptq import StaticInt8, quantize
 from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
 from spiralkit.tasks import Classification, evaluate
-from spiralkit.train import OptimizerConfig, TrainConfig, supervised, train
+from spiralkit.train import OptimizerConfig, TrainConfig
 
 THREADS = 1
 TASK = Classification()
@@ -66,30 +64,6 @@ class Row:
 def _error(model: nn.Module, splits: DataSplits) -> float:
     assert splits.test is not None
     return 100.0 - evaluate(TASK, model, splits.test).metric
-
-
-def _trained_lenet5(args: argparse.Namespace, splits: DataSplits) -> nn.Module:
-    """LeNet-5 from ``--checkpoint``, or trained for two epochs (one short epoch with --quick)."""
-    torch.manual_seed(0)
-    model = lenet5()
-    if args.checkpoint is not None and args.checkpoint.is_file():
-        load_weights(model, args.checkpoint)
-        print(f"loaded LeNet-5 from {args.checkpoint}")
-        return model.eval()
-    config = TrainConfig(
-        epochs=1 if args.quick else 2,
-        optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
-        lr_schedule="cosine",
-        max_batches=150 if args.quick else None,
-    )
-    start = time.perf_counter()
-    train(model, splits.train, config=config, objective=supervised(F.cross_entropy), seed=0, progress=True,
-          description="LeNet-5 float")
-    print(f"trained LeNet-5 for {config.epochs} epoch(s) in {time.perf_counter() - start:.0f} s")
-    if args.checkpoint is not None:
-        args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, args.checkpoint)
-    return model.eval()
 
 
 def _recovery(args: argparse.Namespace) -> TrainConfig:
@@ -205,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse(argv)
     torch.set_num_threads(THREADS)  # a shared small CPU: more threads than free cores only contend
     splits = load_data(DataSpec(name="mnist", root=args.data_root, batch_size=128, eval_batch_size=1000), seed=0)
-    model = _trained_lenet5(args, splits)
+    model = trained_lenet5(splits.train, checkpoint=args.checkpoint, quick=args.quick)
     rows = [Row("float32", "baseline", f"{_error(model, splits):.2f}", "")]
     with tempfile.TemporaryDirectory(prefix="spiralkit-bench-qat-") as tmp:
         workdir = args.workdir or Path(tmp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 
 # The packages that import each other (export ↔ quant ↔ models ↔ measure): the first one
 # imported decides the order, so each is tried first in its own interpreter.

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from functools import singledispatch
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from spiralkit.configs import kind_from_string

@@ -19,7 +19,6 @@ from functools import singledispatch
 from pathlib import Path
 from typing import Annotated, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
