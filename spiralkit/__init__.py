@@ -4,7 +4,7 @@ The public API, re-exported explicitly; importing it has no side effects.
 """
 
 from spiralkit.data import DataSpec, DataSplits, load_data
-from spiralkit.distill import Distill, Finetune, kd_loss
+from spiralkit.distill import Distill, Finetune, distill, kd_loss
 from spiralkit.errors import DataError, ModelError, PruneError, RecipeError, SpiralError
 from spiralkit.models import ModelSpec, load_model
 from spiralkit.prune import (
@@ -17,6 +17,7 @@ from spiralkit.prune import (
     plan_pruning,
     prune,
 )
+from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.recipe import Recipe, load_recipe, parse_recipe
 from spiralkit.report import Report
 from spiralkit.runner import Spiral
@@ -25,6 +26,7 @@ __all__ = [
     "DataError",
     "DataSpec",
     "DataSplits",
+    "DynamicInt8",
     "Distill",
     "Finetune",
     "ModelError",
@@ -36,9 +38,11 @@ __all__ = [
     "Report",
     "Spiral",
     "SpiralError",
+    "StaticInt8",
     "StructuredPrune",
     "UnstructuredPrune",
     "apply_plan",
+    "distill",
     "enforce_masks",
     "finalize",
     "kd_loss",
@@ -48,4 +52,5 @@ __all__ = [
     "parse_recipe",
     "plan_pruning",
     "prune",
+    "quantize",
 ]

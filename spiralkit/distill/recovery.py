@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from spiralkit.distill.losses import kd_loss
 from spiralkit.tasks import Classification
-from spiralkit.train import Objective, TrainConfig, supervised
+from spiralkit.train import Objective, TrainConfig, supervised, train
 
 
 class Distill(BaseModel):
@@ -68,3 +68,28 @@ def _(recovery: Distill, *, task: Classification, teacher: nn.Module) -> Objecti
         return kd_loss(model(x), teacher_logits, y, alpha=recovery.alpha, temperature=recovery.temperature)
 
     return objective
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    loader: object,
+    *,
+    config: Distill | Finetune,
+    task: Classification,
+    seed: int = 0,
+    masks: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Train ``student`` in place from the frozen ``teacher`` (or on labels alone, for `Finetune`).
+
+    The verb behind the spiral's recovery step, usable alone: ``masks`` keeps pruned weights
+    at zero while the student learns.
+
+    Returns:
+        The student, in eval mode.
+    """
+    objective = recovery_objective(config, task=task, teacher=freeze(teacher))
+    train(student, loader, config=config.train, objective=objective, seed=seed,  # type: ignore[arg-type]
+          masks=masks, progress=progress, description="distill")
+    return student

@@ -43,3 +43,24 @@ def test_kd_loss_gradient_does_not_reach_teacher() -> None:
 def test_kd_loss_bad_arguments(alpha: float, temperature: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), alpha=alpha, temperature=temperature)
+
+
+def test_distill_verb_moves_student_towards_teacher() -> None:
+    from spiralkit.data import TensorLoader
+    from spiralkit.distill import Distill
+    from spiralkit.tasks import Classification
+    from spiralkit.train import OptimizerConfig, TrainConfig
+    from spiralkit import distill
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 3)
+    student = torch.nn.Linear(4, 3)
+    x = torch.randn(256, 4)
+    y = teacher(x).argmax(dim=1).detach()
+    loader = TensorLoader(x, y, batch_size=32, shuffle=True)
+    before = torch.nn.functional.mse_loss(student(x), teacher(x)).item()
+    config = Distill(alpha=1.0, temperature=1.0, train=TrainConfig(epochs=20, optimizer=OptimizerConfig(lr=0.1)))
+    distill(student, teacher, loader, config=config, task=Classification())
+    after = torch.nn.functional.mse_loss(student(x), teacher(x)).item()
+    assert after < before / 2
+    assert not any(p.requires_grad for p in teacher.parameters()), "the teacher is frozen"
