@@ -24,6 +24,8 @@ its physically pruned twin compute the same function (see ``tests/prune``).
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -522,20 +524,21 @@ def _shifted_window_attention(
     return x[:, :H, :W, :].contiguous()
 
 
-_PRUNED_CLASSES: dict[type, type] = {}
-
-
 def _pruned_subclass(base: type[nn.Module], forward: Callable[..., Tensor]) -> type[nn.Module]:
     """``base`` with ``forward`` replaced; one subclass per base class, reused."""
     if getattr(base, "_spiralkit_head_pruned", False):
         return base
-    if base not in _PRUNED_CLASSES:
-        _PRUNED_CLASSES[base] = type(
-            f"HeadPruned{base.__name__}",
-            (base,),
-            {"forward": forward, "_spiralkit_head_pruned": True, "__module__": __name__, "__doc__": forward.__doc__},
-        )
-    return _PRUNED_CLASSES[base]
+    return _make_pruned_subclass(base, forward)
+
+
+@functools.cache
+def _make_pruned_subclass(base: type[nn.Module], forward: Callable[..., Tensor]) -> type[nn.Module]:
+    # Cached so every pruned module of one base class shares one class (isinstance, copies).
+    return type(
+        f"HeadPruned{base.__name__}",
+        (base,),
+        {"forward": forward, "_spiralkit_head_pruned": True, "__module__": __name__, "__doc__": forward.__doc__},
+    )
 
 
 # --------------------------------------------------------------------------- shared
