@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,7 +14,7 @@ from rich.console import Console
 from spiralkit.errors import SpiralError
 from spiralkit.recipe import load_recipe, parse_recipe
 from spiralkit.report import Report, print_report
-from spiralkit.runner import Spiral, build_report, load_run_state
+from spiralkit.runner import Spiral, build_report, export_run, load_run_state
 
 app = typer.Typer(
     name="spiral",
@@ -79,6 +80,26 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
             raise SpiralError(f"{run_dir} is not a run directory: it has no report.json or recipe.yaml")
     except SpiralError as exc:
         raise _fail(exc) from None
+
+
+class ExportFormat(str, Enum):
+    """Formats ``spiral export`` writes."""
+
+    ONNX = "onnx"
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.ONNX,
+) -> None:
+    """Export a run's compressed model (ONNX, checked against ONNX Runtime)."""
+    try:
+        path, check = export_run(run_dir)
+    except SpiralError as exc:
+        raise _fail(exc) from None
+    Console().print(f"wrote {path}: ONNX Runtime matches PyTorch (max |diff| {check.max_abs_diff:.2e}, "
+                    f"cosine {check.cosine:.6f})")
 
 
 def main() -> None:

@@ -37,11 +37,12 @@ from spiralkit.data import DataSplits, load_data
 from spiralkit.distill.recovery import freeze, recovery_objective
 from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
+from spiralkit.export.onnx import VerifyResult, export_onnx, verify_onnx
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.models import load_model
 from spiralkit.prune import Masks, mask_sparsity, next_sparsity, prune_to
 from spiralkit.quant.stage import Quantized, StageInputs, quantize_stage
-from spiralkit.recipe import Recipe, dump_recipe
+from spiralkit.recipe import Recipe, dump_recipe, load_recipe
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.tasks import evaluate, metric_drop
 from spiralkit.train import NonFiniteLoss, supervised, train
@@ -369,3 +370,23 @@ class Spiral:
         write_report(report, run_dir)
         print_report(report, console)
         return report
+
+
+def export_run(run_dir: Path) -> tuple[Path, VerifyResult]:
+    """Export a finished run's pruned model to ``RUN_DIR/model.onnx``, verified against PyTorch.
+
+    The architecture comes from the run's recipe, the weights from ``model.safetensors``;
+    ONNX Runtime's outputs on a validation batch are compared with the model's.
+
+    Raises:
+        SpiralError: the directory holds no finished run.
+    """
+    run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.exists():
+        raise SpiralError(f"{run_dir} holds no finished run: {weights} is missing")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    model = load_model(recipe.model.model_copy(update={"checkpoint": weights}))
+    example = _example_input(load_data(recipe.data, seed=recipe.seed), 8)
+    path = export_onnx(model, example, run_dir / "model.onnx")
+    return path, verify_onnx(model, path, example)

@@ -35,7 +35,7 @@ def tiny_recipe(tmp_path: Path, *, epochs: int = 2) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["report"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["report"], ["export"]])
 def test_help(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -52,6 +52,15 @@ def test_run_then_report(tmp_path: Path) -> None:
     assert again.exit_code == 0 and "final" in again.output
 
 
+def test_export_onnx_verified(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", str(tiny_recipe(tmp_path)), "--out", str(tmp_path / "run")]).exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime matches PyTorch" in result.output
+    assert (tmp_path / "run" / "model.onnx").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -59,6 +68,7 @@ def test_run_then_report(tmp_path: Path) -> None:
         (["run"], "give a RECIPE file, or --resume RUN_DIR"),
         (["report", "nowhere"], "nowhere is not a run directory"),
         (["run", "--resume", "nowhere"], "recipe file not found: nowhere/recipe.yaml"),
+        (["export", "nowhere"], "nowhere holds no finished run: nowhere/model.safetensors is missing"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
