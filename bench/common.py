@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -41,3 +43,29 @@ def trained_lenet5(train_loader: Iterable[tuple[Tensor, Tensor]], *, checkpoint:
         save_weights(model, checkpoint)
         print(f"saved the checkpoint to {checkpoint}")
     return model.eval()
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, quick_help: str) -> None:
+    """The options every LeNet-5 benchmark takes: --quick, --checkpoint, --data-root, --workdir."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="LeNet-5 weights: loaded when the file exists, else written after training")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="directory holding mnist/ (default: $SPIRALKIT_DATA_DIR, else ../shared/data)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the .onnx files here (default: a temp dir)")
+
+
+def default_data_root(args: argparse.Namespace) -> argparse.Namespace:
+    """Point ``--data-root`` at ``../shared/data`` beside the project when nothing else says where."""
+    if args.data_root is None and not os.environ.get("SPIRALKIT_DATA_DIR"):
+        args.data_root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return args
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Rows under a header as a plain-text table with aligned columns."""
+    cells = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

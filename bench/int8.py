@@ -17,7 +17,6 @@ This is a script, not a test: it takes a few minutes and needs the MNIST files.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import tempfile
 from collections.abc import Sequence
@@ -29,7 +28,8 @@ import torch
 import torchvision
 from torch import nn
 
-from bench.common import trained_lenet5
+from bench.common import add_common_arguments, default_data_root, trained_lenet5
+from bench.common import format_table as common_table
 from spiralkit.data import DataSpec, load_data
 from spiralkit.export.onnx import OrtModel, compare_outputs
 from spiralkit.measure import measure_latency
@@ -150,30 +150,18 @@ def bench_resnet18(args: argparse.Namespace, workdir: Path, timing: Timing) -> l
 
 def format_table(rows: Sequence[Row]) -> str:
     """The rows as a plain-text table."""
-    header = ("model", "quantity", "fp32", "int8", "result", "target", "ok")
-    cells = [header] + [
-        (r.model, r.quantity, r.fp32, r.int8, r.result, r.target, "-" if r.ok is None else ("yes" if r.ok else "NO"))
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return common_table(
+        ("model", "quantity", "fp32", "int8", "result", "target", "ok"),
+        [(r.model, r.quantity, r.fp32, r.int8, r.result, r.target, "-" if r.ok is None else ("yes" if r.ok else "NO"))
+         for r in rows],
+    )
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.int8", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short training and fewer timing repeats")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="LeNet-5 weights: loaded when the file exists, else written after training")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="directory holding mnist/ (default: $SPIRALKIT_DATA_DIR, else ../shared/data)")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the .onnx files here (default: a temp dir)")
+    add_common_arguments(parser, quick_help="short training and fewer timing repeats")
     parser.add_argument("--only", choices=("lenet5", "resnet18"), default=None, help="run one part")
-    args = parser.parse_args(argv)
-    if args.data_root is None and not os.environ.get("SPIRALKIT_DATA_DIR"):
-        args.data_root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return args
+    return default_data_root(parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,7 +33,8 @@ import onnxruntime
 import torch
 from torch import nn
 
-from bench.common import trained_lenet5
+from bench.common import add_common_arguments, default_data_root, trained_lenet5
+from bench.common import format_table as common_table
 from spiralkit.data import DataSpec, DataSplits, load_data
 from spiralkit.export.compact import quantize_nonzero_
 from spiralkit.export.onnx import OrtModel
@@ -151,27 +151,14 @@ def bench_8bit(args: argparse.Namespace, model: nn.Module, splits: DataSplits, w
 
 def format_table(rows: Sequence[Row]) -> str:
     """The rows as a plain-text table."""
-    header = ("setting", "method", "test error %", "note")
-    cells = [header] + [(r.setting, r.method, r.error, r.note) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return common_table(("setting", "method", "test error %", "note"), [(r.setting, r.method, r.error, r.note) for r in rows])
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.qat_vs_ptq", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short training runs (a smoke test)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="LeNet-5 weights: loaded when the file exists, else written after training")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="directory holding mnist/ (default: $SPIRALKIT_DATA_DIR, else ../shared/data)")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the .onnx files here (default: a temp dir)")
+    add_common_arguments(parser, quick_help="short training runs (a smoke test)")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision scan")
-    args = parser.parse_args(argv)
-    if args.data_root is None and not os.environ.get("SPIRALKIT_DATA_DIR"):
-        args.data_root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return args
+    return default_data_root(parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
-from spiralkit.data import DataSpec, DataSplits, load_data
+from spiralkit.data import DataSplits
 from spiralkit.export.onnx import compare_outputs
 from spiralkit.models import lenet5, lenet300
 from spiralkit.quant.ort import gemm_to_matmul, integer_ops, nodes_of_modules
@@ -56,11 +56,6 @@ def _op_types(path: Path) -> set[str]:
 
 def _initializer_types(path: Path) -> dict[str, int]:
     return {init.name: init.data_type for init in onnx.load(str(path)).graph.initializer}
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplits:
-    return load_data(DataSpec(name="digits", batch_size=64, eval_batch_size=500), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from spiralkit.data import DataSpec, DataSplits, load_data
+from spiralkit.data import DataSplits
 from spiralkit.export.onnx import OrtModel
 from spiralkit.quant.affine import PerTensor, QuantError, QuantSpec, fake_quantize
 from spiralkit.quant.qat import (
@@ -66,11 +66,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplits:
-    return load_data(DataSpec(name="digits", batch_size=64, eval_batch_size=500), seed=0)
 
 
 @pytest.fixture(scope="module")
