@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
@@ -140,7 +141,8 @@ def train(
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True,
-        disable=not progress,
+        # Only on a terminal: in a log file a transient bar leaves a blank line per call.
+        disable=not progress or not Console().is_terminal,
     )
     steps, loss_value = 0, math.nan
     model.train()
