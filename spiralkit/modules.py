@@ -1,4 +1,4 @@
-"""Small helpers over ``nn.Module`` shared by measurement and export."""
+"""Small helpers over ``nn.Module`` shared by measurement, export and pruning."""
 
 from __future__ import annotations
 
@@ -9,12 +9,19 @@ from torch import nn
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own mode afterwards."""
+def preserve_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag on exit, whatever ran inside."""
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
         yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own mode afterwards."""
+    with preserve_modes(model):
+        model.eval()
+        yield

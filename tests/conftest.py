@@ -8,6 +8,7 @@ from pathlib import Path
 import os
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The offline data sets beside the project (see the README); `make test` sets the same.
@@ -29,3 +30,15 @@ def no_files_left_behind() -> Iterator[None]:
     yield
     left = sorted(str(p.relative_to(ROOT)) for p in _tree() - before)
     assert not left, f"tests left files behind: {left[:10]}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the whole suite: tiny models, and a CI machine of two cores.
+
+    Tests that care about threads set and restore their own (the runner, latency).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -4,9 +4,23 @@
 top of it.
 """
 
-from spiralkit.graph.attention import HeadGroup, HeadPrunedMultiheadAttention, find_attention, mask_heads, remove_heads
+from spiralkit.graph.attention import (
+    HeadGroup,
+    HeadPrunedMultiheadAttention,
+    find_attention,
+    mask_heads,
+    remove_heads,
+)
 from spiralkit.graph.blocks import Block, find_blocks, remove_blocks
-from spiralkit.graph.groups import ChannelGroup, Member, ModelGroups, Skipped, call_model, channel_size, trace_groups
+from spiralkit.graph.groups import (
+    ChannelGroup,
+    Member,
+    ModelGroups,
+    Skipped,
+    call_model,
+    channel_size,
+    trace_groups,
+)
 from spiralkit.graph.slicing import Cutter, LayerEdit, Mode, edit_layer
 
 __all__ = [

@@ -25,7 +25,6 @@ its physically pruned twin compute the same function (see ``tests/prune``).
 from __future__ import annotations
 
 import functools
-
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from spiralkit.modules import eval_mode
+
 __all__ = ["Block", "block_influence", "find_blocks", "remove_blocks"]
 
 # Operations a skip connection may pass through between a block's input and its output.
@@ -112,17 +114,13 @@ def find_blocks(model: nn.Module, inputs: Iterable[Any], *, call: Any) -> tuple[
             seen[name].append(_influence(source, result))
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for batch in inputs:
                 call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     return tuple(
         Block(module=name, influence=float(torch.cat(seen[name]).mean()))
         for name in candidates

@@ -48,6 +48,7 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from spiralkit.graph.attention import HeadGroup, find_attention
+from spiralkit.modules import preserve_modes
 
 __all__ = [
     "ChannelGroup",
@@ -313,16 +314,13 @@ class _Graph(tp.DependencyGraph):
             if isinstance(m, traced) and m not in self.IGNORED_LAYERS_IN_TRACING
         ]
         recorder = _ShapeRecorder()
-        modes = [(m, m.training) for m in model.modules()]
         try:
-            with torch.enable_grad(), recorder, warnings.catch_warnings():
+            with preserve_modes(model), torch.enable_grad(), recorder, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.module2node = self._trace(model, example, call_model, output_transform=_tensors_with_grad)
         finally:
             for handle in handles:
                 handle.remove()
-            for module, training in modes:
-                module.training = training
         self.shapes = recorder.shapes
         self.outputs = outputs
         return inputs, calls

@@ -43,7 +43,14 @@ from torch import Tensor, nn
 from spiralkit.configs import kind_from_string
 from spiralkit.errors import PruneError
 from spiralkit.graph.attention import HeadGroup, head_slices
-from spiralkit.graph.groups import RNN_TYPES, ChannelGroup, Member, ModelGroups, call_model
+from spiralkit.graph.groups import (
+    RNN_TYPES,
+    ChannelGroup,
+    Member,
+    ModelGroups,
+    call_model,
+)
+from spiralkit.modules import eval_mode
 from spiralkit.prune.importance import LossFn, Magnitude, Random, Taylor
 
 __all__ = [
@@ -400,17 +407,13 @@ def _activation_scores(
         model.get_submodule(module).register_forward_pre_hook(lambda m, a, n=module: hook(m, a, n))
         for module in readers
     ]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in inputs:
                 call_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     if not inputs:
         raise PruneError(f"criterion {name} needs input batches (the example at least)")
     channels, unscored = {}, {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydantic
@@ -28,14 +27,6 @@ from spiralkit.prune.structured_importance import APoZ, BNScale, MeanActivation,
 from spiralkit.prune.unstructured import Scope
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- a tiny net, by hand

@@ -73,15 +73,6 @@ KWARGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the CPU is shared, and two threads on two busy cores are slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def build(name: str) -> tuple[nn.Module, Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,13 +58,6 @@ class TinyCNN(nn.Module):
         return self.fc2(self.relu3(self.fc1(x)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny batches: more threads only contend on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +66,14 @@ def trained(digits: DataSplits) -> nn.Module:
     torch.manual_seed(0)
     model = TinyCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        steps = 0
-        while steps < 100:
-            for x, y in itertools.islice(digits.train, 100 - steps):
-                loss = F.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                steps += 1
-    finally:
-        torch.set_num_threads(previous)
+    steps = 0
+    while steps < 100:
+        for x, y in itertools.islice(digits.train, 100 - steps):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
     return model.eval()
 
 
