@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -11,3 +12,12 @@ def kind_from_string(value: Any) -> Any:
     Used as a pydantic ``BeforeValidator`` on the discriminated unions of configs.
     """
     return {"kind": value} if isinstance(value, str) else value
+
+
+def default_kind(kind: str) -> Callable[[Any], Any]:
+    """A ``BeforeValidator`` giving a mapping without ``kind`` this one (the common case's short form)."""
+
+    def fill(value: Any) -> Any:
+        return {"kind": kind, **value} if isinstance(value, dict) and "kind" not in value else value
+
+    return fill

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spiralkit.data import DataSpec
 from spiralkit.distill.recovery import Distill, Recovery
 from spiralkit.errors import RecipeError
 from spiralkit.models import ModelSpec
 from spiralkit.prune.config import UnstructuredPrune
-from spiralkit.quant.stage import QuantizeStage
+from spiralkit.prune.stages import PruneStage, StructuredStage
+from spiralkit.quant.stage import CompactQuant, QuantizeStage
 from spiralkit.tasks import Classification, Task
 from spiralkit.train import TrainConfig
 
@@ -62,7 +63,9 @@ class Recipe(BaseModel):
         data: which data and batch sizes.
         task: what is measured (classification accuracy).
         train: trains the baseline when the model has no checkpoint.
-        prune: the pruning step and its target (none: no pruning rounds, e.g. quantization only).
+        prune: the pruning stages, run in order — one mapping or a list (empty: no pruning
+            rounds, e.g. quantization only). Structured stages come before unstructured
+            ones: a hybrid recipe removes channels first, then prunes weights of what remains.
         recover: distillation from the unpruned model, or fine-tuning.
         quantize: the final quantization stage (none by default).
         targets: tolerance and stopping rules.
@@ -77,11 +80,28 @@ class Recipe(BaseModel):
     data: DataSpec
     task: Task = Classification()
     train: TrainConfig | None = None
-    prune: UnstructuredPrune | None = None
+    prune: tuple[PruneStage, ...] = ()
     recover: Recovery = Distill()
     quantize: QuantizeStage | None = None
     targets: Targets = Targets()
     measure: MeasureConfig = MeasureConfig()
+
+    @field_validator("prune", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return () if value is None else [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> Recipe:
+        for index, stage in enumerate(self.prune):
+            if isinstance(stage, StructuredStage) and any(isinstance(s, UnstructuredPrune) for s in self.prune[:index]):
+                raise ValueError(
+                    f"prune stage {index + 1} is structured but follows an unstructured stage: "
+                    "remove channels first, then prune weights"
+                )
+        if isinstance(self.quantize, CompactQuant) and any(isinstance(s, StructuredStage) for s in self.prune):
+            raise ValueError("quantize kind 'compact' cannot follow structured pruning yet; use kind 'static-int8'")
+        return self
 
 
 def _locate(root: yaml.Node | None, loc: Sequence[str | int]) -> tuple[list[str | int], int | None]:
@@ -111,19 +131,22 @@ def _locate(root: yaml.Node | None, loc: Sequence[str | int]) -> tuple[list[str 
     return path, line
 
 
+def _models_in(annotation: Any) -> list[Any]:
+    """The pydantic models an annotation can hold: through unions, ``Annotated``, tuples and lists."""
+    if hasattr(annotation, "model_fields"):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
 def _known_keys(path: Sequence[str | int]) -> list[str]:
-    """Field names of the config at ``path``'s parent, for "did you mean" hints."""
-    model: Any = Recipe
+    """Field names of the config(s) at ``path``'s parent, for "did you mean" hints."""
+    models: list[Any] = [Recipe]
     for part in path[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        annotation = field.annotation
-        model = next(
-            (a for a in (annotation, *getattr(annotation, "__args__", ())) if hasattr(a, "model_fields")),
-            None,
-        )
-    return list(getattr(model, "model_fields", {}))
+        if isinstance(part, int):
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [m for field in fields for m in _models_in(field.annotation)]
+    return list(dict.fromkeys(name for m in models for name in m.model_fields))
 
 
 def _describe(error: Any, root: yaml.Node | None, source: str) -> str:

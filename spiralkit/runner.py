@@ -7,9 +7,11 @@ directory, so a killed run resumes where it stopped:
 RUN_DIR/recipe.yaml            the validated recipe (resume reads it from here)
 RUN_DIR/state.json             progress: baseline, rounds, current sparsity and step scale
 RUN_DIR/baseline.safetensors   the trained dense model (the frozen teacher)
-RUN_DIR/rounds/NNN/            weights and masks of each kept round
+RUN_DIR/rounds/NNN/            weights, masks and structured plans of each kept round
 RUN_DIR/model.safetensors      the final pruned model (dense layout)
 RUN_DIR/model.sparse.safetensors  the same, in the compact sparse encoding
+RUN_DIR/plan.json              the structured plans, in order, when channels were removed:
+                               the recipe's model with these replayed takes model.safetensors
 RUN_DIR/report.json, report.md
 ```
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,28 +41,43 @@ from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
 from spiralkit.export.onnx import VerifyResult, export_onnx, verify_onnx
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
-from spiralkit.models import load_model
-from spiralkit.prune import Masks, mask_sparsity, next_sparsity, prune_to
+from spiralkit.models import load_model, load_weights
+from spiralkit.prune import Masks, next_sparsity
+from spiralkit.prune.stages import StageContext, StructuredStage, prune_round, stage_progress, stage_target
+from spiralkit.prune.structured import PrunePlan, read_plans, replay_plans, write_plans
+from spiralkit.prune.structured_importance import bn_l1_penalty
 from spiralkit.quant.stage import Quantized, StageInputs, quantize_stage
 from spiralkit.recipe import Recipe, dump_recipe, load_recipe
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.tasks import evaluate, metric_drop
-from spiralkit.train import NonFiniteLoss, supervised, train
+from spiralkit.train import NonFiniteLoss, Objective, supervised, train
 
-STATE_SCHEMA = "spiralkit.state/1"
+STATE_SCHEMA = "spiralkit.state/2"
+PLANS = "plan.json"
 
 
 class RunState(BaseModel):
-    """What a run has done so far; saved as ``state.json`` after every step."""
+    """What a run has done so far; saved as ``state.json`` after every step.
+
+    Attributes:
+        stage: index of the pruning stage in progress.
+        stage_accepted: rounds kept in that stage (the schedule's clock).
+        progress: that stage's progress (sparsity, or reduction of MACs/params/latency).
+        scale: the step's scale; halved for good by every rolled-back round.
+        stage_stops: why each finished stage ended.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     schema_: str = Field(default=STATE_SCHEMA, alias="schema")
     baseline: Metrics | None = None
     rounds: list[RoundRecord] = Field(default_factory=list)
     accepted: int = 0
-    sparsity: float = 0.0
+    stage: int = 0
+    stage_accepted: int = 0
+    progress: float = 0.0
     scale: float = 1.0
     checkpoint: str | None = None
+    stage_stops: list[str] = Field(default_factory=list)
     stopped: str | None = None
     pruned: Metrics | None = None
     quantization: QuantInfo | None = None
@@ -77,6 +94,15 @@ class RunContext:
     example: Tensor
     run_dir: Path
     console: Console
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A model as the spiral has pruned it: weights, the masks in force, the structured plans applied."""
+
+    model: nn.Module
+    masks: Masks | None = None
+    plans: tuple[PrunePlan, ...] = ()
 
 
 def save_run_state(run_dir: Path, state: RunState) -> None:
@@ -158,102 +184,176 @@ def _round_dir(run_dir: Path, index: int) -> Path:
     return run_dir / "rounds" / f"{index:03d}"
 
 
-def _save_round(run_dir: Path, index: int, model: nn.Module, masks: Masks) -> str:
+def _save_round(run_dir: Path, index: int, pruned: Pruned) -> str:
     directory = _round_dir(run_dir, index)
     directory.mkdir(parents=True, exist_ok=True)
-    save_weights(model, directory / "model.safetensors")
-    save_weights({name: m.to(torch.uint8) for name, m in masks.items()}, directory / "masks.safetensors")
+    save_weights(pruned.model, directory / "model.safetensors")
+    if pruned.masks:
+        save_weights({name: m.to(torch.uint8) for name, m in pruned.masks.items()}, directory / "masks.safetensors")
+    if pruned.plans:
+        write_plans(directory / PLANS, pruned.plans)
     return str(directory.relative_to(run_dir))
 
 
-def _load_round(run_dir: Path, checkpoint: str, model: nn.Module) -> Masks:
-    model.load_state_dict(load_state(run_dir / checkpoint / "model.safetensors"))
-    return {name: m.bool() for name, m in load_state(run_dir / checkpoint / "masks.safetensors").items()}
+def _load_round(run_dir: Path, checkpoint: str, base: nn.Module) -> Pruned:
+    """The kept round in ``checkpoint``: ``base``'s architecture with its plans replayed, and its weights."""
+    directory = run_dir / checkpoint
+    plans = read_plans(directory / PLANS) if (directory / PLANS).exists() else ()
+    model = replay_plans(copy.deepcopy(base), plans)
+    model.load_state_dict(load_state(directory / "model.safetensors"))
+    masks_file = directory / "masks.safetensors"
+    masks = {name: m.bool() for name, m in load_state(masks_file).items()} if masks_file.exists() else None
+    return Pruned(model=model.eval(), masks=masks, plans=plans)
 
 
-def _next_step(state: RunState, recipe: Recipe) -> tuple[float | None, str | None]:
-    """The sparsity of the next round, or why the spiral stops."""
-    if recipe.prune is None:
-        return None, "no pruning stage"
-    target = recipe.prune.target_sparsity
-    if state.sparsity >= target - 1e-6:
-        return None, f"target sparsity {target:.3f} reached"
-    if len(state.rounds) >= recipe.targets.max_rounds:
-        return None, f"max_rounds {recipe.targets.max_rounds} reached"
-    proposal = next_sparsity(recipe.prune.schedule, current=state.sparsity, target=target, rounds_done=state.accepted)
-    step = (proposal - state.sparsity) * state.scale
+def _size_measure(stage: object, baseline: Metrics, ctx: RunContext) -> tuple[Callable[[nn.Module], float], float]:
+    """The structured stage's measure of a model, and the baseline's value of it."""
+    measure = ctx.recipe.measure
+    if not isinstance(stage, StructuredStage) or stage.measure == "macs":
+        return (lambda m: float(count_macs(m, ctx.example))), float(baseline.macs)
+    if stage.measure == "params":
+        return (lambda m: float(count_params(m).total)), float(baseline.params)
+    return (
+        lambda m: measure_latency(
+            m, ctx.example, threads=measure.threads, warmup=measure.warmup, repeats=measure.repeats
+        ).median_ms
+    ), baseline.latency_ms
+
+
+def _stage_context(stage: object, baseline: Metrics, ctx: RunContext) -> StageContext:
+    size, baseline_size = _size_measure(stage, baseline, ctx)
+    return StageContext(example=ctx.example, batches=ctx.data.train, loss_fn=ctx.recipe.task.loss,
+                        size=size, baseline_size=baseline_size)
+
+
+def _progress_name(stage: object) -> str:
+    return f"{stage.measure} reduction" if isinstance(stage, StructuredStage) else "sparsity"
+
+
+def _stage_step(state: RunState, ctx: RunContext) -> tuple[float | None, str | None]:
+    """The current stage's progress target for the next round, or why the stage ends."""
+    stage, targets = ctx.recipe.prune[state.stage], ctx.recipe.targets
+    target = stage_target(stage)
+    if state.progress >= target - 1e-6:
+        return None, f"target {_progress_name(stage)} {target:.3f} reached"
+    proposal = next_sparsity(stage.schedule, current=state.progress, target=target, rounds_done=state.stage_accepted)
+    step = (proposal - state.progress) * state.scale
     final_full_step = state.scale == 1.0 and proposal >= target
-    if step < recipe.targets.min_step and not final_full_step:
-        return None, f"next step {step:.4f} below min_step {recipe.targets.min_step}"
-    return min(state.sparsity + step, target), None
+    if step < targets.min_step and not final_full_step:
+        return None, f"next step {step:.4f} below min_step {targets.min_step}"
+    return min(state.progress + step, target), None
+
+
+def _end_stage(state: RunState, why: str, pruned: Pruned, ctx: RunContext) -> None:
+    """Record why the current stage ended and start the next one from where the model is."""
+    stage = ctx.recipe.prune[state.stage]
+    state.stage_stops.append(f"stage {state.stage + 1} ({stage.kind}): {why}" if len(ctx.recipe.prune) > 1 else why)
+    state.stage, state.stage_accepted, state.scale = state.stage + 1, 0, 1.0
+    if state.stage < len(ctx.recipe.prune) and state.baseline is not None:
+        following = ctx.recipe.prune[state.stage]
+        state.progress = stage_progress(following, pruned.model, pruned.masks,
+                                        _stage_context(following, state.baseline, ctx))
+
+
+def _next_target(state: RunState, pruned: Pruned, ctx: RunContext) -> float | None:
+    """The target of the next round, moving on through finished stages; None when the spiral stops."""
+    while state.stage < len(ctx.recipe.prune):
+        if len(state.rounds) >= ctx.recipe.targets.max_rounds:
+            state.stopped = "; ".join([*state.stage_stops, f"max_rounds {ctx.recipe.targets.max_rounds} reached"])
+            return None
+        target, why = _stage_step(state, ctx)
+        if target is not None:
+            return target
+        _end_stage(state, why or "", pruned, ctx)
+    state.stopped = "; ".join(state.stage_stops) or "no pruning stage"
+    return None
+
+
+def _recovery(stage: object, ctx: RunContext) -> Objective:
+    """The recovery objective of a round, with network slimming's penalty when the stage asks for it."""
+    objective = recovery_objective(ctx.recipe.recover, task=ctx.recipe.task, teacher=ctx.teacher)
+    if not isinstance(stage, StructuredStage) or stage.bn_penalty == 0:
+        return objective
+    strength = stage.bn_penalty
+
+    def penalised(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return objective(model, x, y) + bn_l1_penalty(model, strength)
+
+    return penalised
 
 
 def _run_round(
-    model: nn.Module, masks: Masks | None, sparsity: float, ctx: RunContext, *, index: int, baseline_val: float
-) -> tuple[nn.Module, Masks, RoundRecord]:
-    """Prune a copy of ``model`` to ``sparsity``, recover it, evaluate it; nothing is kept yet."""
+    pruned: Pruned, target: float, state: RunState, ctx: RunContext, *, index: int
+) -> tuple[Pruned, RoundRecord]:
+    """Prune a copy of the model to ``target``, recover it, evaluate it; nothing is kept yet."""
     recipe = ctx.recipe
+    assert state.baseline is not None, "the baseline is measured before any round"
+    stage = recipe.prune[state.stage]
     started = time.perf_counter()
     seed = recipe.seed + 1000 * index
     torch.manual_seed(seed)
-    candidate = copy.deepcopy(model)
-    assert recipe.prune is not None, "rounds run only with a pruning stage"
-    new_masks = prune_to(candidate, recipe.prune, sparsity=sparsity, existing=masks,
-                         batches=ctx.data.train, loss_fn=recipe.task.loss)
-    objective = recovery_objective(recipe.recover, task=recipe.task, teacher=ctx.teacher)
+    candidate = copy.deepcopy(pruned.model)
+    cut = prune_round(stage, candidate, pruned.masks, target=target,
+                      ctx=_stage_context(stage, state.baseline, ctx))
     reason = ""
     try:
-        train(candidate, ctx.data.train, config=recipe.recover.train, objective=objective, seed=seed,
-              masks=new_masks, progress=True, description=f"round {index} recover")
+        train(candidate, ctx.data.train, config=recipe.recover.train, objective=_recovery(stage, ctx), seed=seed,
+              masks=cut.masks, progress=True, description=f"round {index} recover")
     except NonFiniteLoss as exc:
         ctx.console.print(f"round {index}: {exc}")
         reason = "non-finite loss"
     metrics = measure_model(candidate, ctx)
     if not reason:
-        drop = metric_drop(recipe.task, baseline=baseline_val, value=metrics.val_metric)
+        drop = metric_drop(recipe.task, baseline=state.baseline.val_metric, value=metrics.val_metric)
         if drop > recipe.targets.max_metric_drop:
             reason = f"val drop {drop:.2f} > {recipe.targets.max_metric_drop}"
     record = RoundRecord(
-        **metrics.model_dump(), index=index, accepted=not reason, seconds=time.perf_counter() - started,
-        target_sparsity=sparsity, reason=reason or "kept",
+        **metrics.model_dump(), index=index, stage=state.stage + 1, progress=_progress_name(stage), target=target,
+        accepted=not reason, seconds=time.perf_counter() - started, reason=reason or "kept",
     )
-    return candidate, new_masks, record
+    plans = pruned.plans + ((cut.plan,) if cut.plan is not None else ())
+    return Pruned(model=candidate, masks=cut.masks, plans=plans), record
 
 
-def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[nn.Module, Masks | None, RunState]:
+def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[Pruned, RunState]:
     assert state.baseline is not None, "the baseline is measured before any round"
-    masks: Masks | None = _load_round(ctx.run_dir, state.checkpoint, model) if state.checkpoint else None
+    pruned = _load_round(ctx.run_dir, state.checkpoint, model) if state.checkpoint else Pruned(model=model)
     while True:
-        sparsity, stop = _next_step(state, ctx.recipe)
-        if sparsity is None:
-            state.stopped = stop
+        target = _next_target(state, pruned, ctx)
+        if target is None:
             save_run_state(ctx.run_dir, state)
-            return model, masks, state
+            return pruned, state
         index = len(state.rounds) + 1
-        candidate, new_masks, record = _run_round(
-            model, masks, sparsity, ctx, index=index, baseline_val=state.baseline.val_metric
-        )
+        stage = ctx.recipe.prune[state.stage]
+        candidate, record = _run_round(pruned, target, state, ctx, index=index)
         state.rounds.append(record)
         if record.accepted:
-            model, masks = candidate, new_masks
+            before, pruned = state.progress, candidate
             state.accepted += 1
-            state.sparsity = mask_sparsity(masks)
-            state.checkpoint = _save_round(ctx.run_dir, index, model, masks)
+            state.stage_accepted += 1
+            state.progress = stage_progress(stage, pruned.model, pruned.masks, _stage_context(stage, state.baseline, ctx))
+            state.checkpoint = _save_round(ctx.run_dir, index, pruned)
+            if state.progress <= before + 1e-6:
+                _end_stage(state, f"round {index} could not prune further", pruned, ctx)
         else:
             state.scale /= 2
         save_run_state(ctx.run_dir, state)
         verdict = "[green]kept[/]" if record.accepted else f"[red]rolled back[/]: {record.reason}"
         ctx.console.print(
-            f"round {index}: sparsity {100 * sparsity:.1f}% → val {record.val_metric:.2f}, "
-            f"{ctx.recipe.task.metric_name} {record.metric:.2f} — {verdict} ({record.seconds:.1f} s)"
+            f"round {index}: {record.progress} {100 * target:.1f}% → val {record.val_metric:.2f}, "
+            f"{ctx.recipe.task.metric_name} {record.metric:.2f}, {record.macs:,} MACs — {verdict} "
+            f"({record.seconds:.1f} s)"
         )
 
 
-def _finish(model: nn.Module, masks: Masks | None, state: RunState, ctx: RunContext) -> None:
-    """Save the pruned model (dense and sparse layouts), quantize it if asked, measure both."""
+def _finish(result: Pruned, state: RunState, ctx: RunContext) -> None:
+    """Save the pruned model (dense and sparse layouts, plans), quantize it if asked, measure both."""
+    model, masks = result.model, result.masks
     pruned = measure_model(model, ctx)
     dense_bytes = save_weights(model, ctx.run_dir / "model.safetensors")
     sparse_bytes = save_sparse(model, ctx.run_dir / "model.sparse.safetensors")
+    if result.plans:
+        write_plans(ctx.run_dir / PLANS, result.plans)
     pruned = pruned.model_copy(update={"size_bytes": min(sparse_bytes, dense_bytes), "dense_size_bytes": dense_bytes})
     recipe = ctx.recipe
     if recipe.quantize is None:
@@ -363,8 +463,8 @@ class Spiral:
                 state.baseline = measure_model(model, ctx)
                 save_run_state(run_dir, state)
             if state.final is None:
-                model, masks, state = _spiral(model, state, ctx)
-                _finish(model, masks, state, ctx)
+                result, state = _spiral(model, state, ctx)
+                _finish(result, state, ctx)
                 save_run_state(run_dir, state)
         report = build_report(recipe, state)
         write_report(report, run_dir)
@@ -386,7 +486,10 @@ def export_run(run_dir: Path) -> tuple[Path, VerifyResult]:
     if not weights.exists():
         raise SpiralError(f"{run_dir} holds no finished run: {weights} is missing")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model = load_model(recipe.model.model_copy(update={"checkpoint": weights}))
+    model = load_model(recipe.model.model_copy(update={"checkpoint": None}))
+    if (run_dir / PLANS).exists():
+        replay_plans(model, read_plans(run_dir / PLANS))
+    load_weights(model, weights)
     example = _example_input(load_data(recipe.data, seed=recipe.seed), 8)
     path = export_onnx(model, example, run_dir / "model.onnx")
     return path, verify_onnx(model, path, example)

@@ -9,6 +9,8 @@ import pytest
 from spiralkit.distill import Distill, Finetune
 from spiralkit.errors import RecipeError
 from spiralkit.prune import AGP, Taylor
+from spiralkit.prune import UnstructuredPrune
+from spiralkit.prune.stages import StructuredStage
 from spiralkit.recipe import dump_recipe, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +34,9 @@ recover:
 
 def test_good_recipe_loads_with_types() -> None:
     recipe = parse_recipe(GOOD)
-    assert isinstance(recipe.prune.criterion, Taylor)
-    assert isinstance(recipe.prune.schedule, AGP)
+    (stage,) = recipe.prune  # one mapping is one unstructured stage
+    assert isinstance(stage, UnstructuredPrune) and isinstance(stage.criterion, Taylor)
+    assert isinstance(stage.schedule, AGP)
     assert isinstance(recipe.recover, Finetune) and recipe.recover.train.epochs == 2
     assert parse_recipe(dump_recipe(recipe)) == recipe, "a dumped recipe loads back identical"
 
@@ -78,3 +81,38 @@ def test_missing_recipe_file_is_named(tmp_path: Path) -> None:
 def test_yaml_tags_are_not_executed() -> None:
     with pytest.raises(RecipeError, match="not valid YAML"):
         parse_recipe("name: !!python/object/apply:os.system ['true']\n")
+
+
+HYBRID = """\
+model: {name: lenet5}
+data: {name: digits}
+prune:
+  - {kind: structured, measure: macs, target_reduction: 0.6, round_to: 4}
+  - {target_sparsity: 0.5}
+"""
+
+
+def test_hybrid_recipe_is_a_list_of_stages_structured_first() -> None:
+    structured, unstructured = parse_recipe(HYBRID).prune
+    assert isinstance(structured, StructuredStage) and structured.target_reduction == 0.6
+    assert structured.step(0.25).round_to == 4 and structured.step(0.25).ratio == 0.25
+    assert isinstance(unstructured, UnstructuredPrune) and unstructured.target_sparsity == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (HYBRID.replace("- {kind: structured, measure: macs, target_reduction: 0.6, round_to: 4}\n  - {target_sparsity: 0.5}",
+                        "- {target_sparsity: 0.5}\n  - {kind: structured, target_reduction: 0.6}"),
+         r"prune stage 2 is structured but follows an unstructured stage"),
+        (HYBRID.replace("measure: macs", "measure: flops"),
+         r"line 4: key 'prune.0.measure': Input should be 'macs', 'params' or 'latency'"),
+        (HYBRID.replace("target_reduction: 0.6", "target_reduktion: 0.6"),
+         r"line 4: unknown key 'prune.0.target_reduktion'"),
+        (HYBRID + "quantize: {kind: compact, bits: 8}\n",
+         r"quantize kind 'compact' cannot follow structured pruning yet"),
+    ],
+)
+def test_bad_stages_are_named(text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(text)

@@ -18,9 +18,9 @@ def metrics(**overrides: float) -> Metrics:
 
 def sample() -> Report:
     kept = RoundRecord(**metrics(nonzero_params=20_000, sparsity=0.925, size_bytes=120_000).model_dump(),
-                       index=1, accepted=True, seconds=12.5, target_sparsity=0.93, reason="kept")
+                       index=1, accepted=True, seconds=12.5, target=0.93, reason="kept")
     dropped = RoundRecord(**metrics(metric=90.0, val_metric=89.0).model_dump(),
-                          index=2, accepted=False, seconds=3.0, target_sparsity=0.97, reason="val drop 9.10 > 0.1")
+                          index=2, accepted=False, seconds=3.0, target=0.97, reason="val drop 9.10 > 0.1")
     return Report(name="t", task=TaskInfo(metric="accuracy", higher_is_better=True),
                   measurement=Measurement(batch_size=1, threads=1, warmup=10, repeats=50),
                   baseline=metrics(), rounds=[kept, dropped],
@@ -31,7 +31,7 @@ def test_json_schema_and_round_trip(tmp_path: Path) -> None:
     report = sample()
     write_report(report, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
-    assert list(data)[0] == "schema" and data["schema"] == "spiralkit.report/1"
+    assert list(data)[0] == "schema" and data["schema"] == "spiralkit.report/2"
     assert data["rounds"][1]["accepted"] is False
     assert Report.from_json((tmp_path / "report.json").read_text()) == report
 

@@ -74,7 +74,7 @@ def test_forced_metric_drop_rolls_back_and_halves_the_step(tmp_path: Path) -> No
     report = Spiral(r).run(tmp_path / "run", console=quiet())
     first = report.rounds[0]
     assert not first.accepted and first.reason.startswith("val drop")
-    assert report.rounds[1].target_sparsity == pytest.approx(0.95 / 2)
+    assert report.rounds[1].target == pytest.approx(0.95 / 2)
     assert report.final is not None
     rejected = [x for x in report.rounds if not x.accepted]
     assert rejected, "at least one round must have been rolled back"
@@ -236,3 +236,73 @@ def test_static_int8_falls_back_to_qat_exported_as_qdq(tmp_path: Path) -> None:
     assert qat_file.exists(), "the QAT fallback must have run and exported a QDQ model"
     assert sum(integer_ops(qat_file).values()) > 0
     assert result.method in ("ptq", "qat") and result.artefact.exists()
+
+
+STRUCTURED = "[{kind: structured, measure: macs, target_reduction: 0.6, schedule: {kind: agp, rounds: 2}}]"
+
+
+def test_structured_rounds_reach_a_macs_target_and_shrink_the_model(tmp_path: Path) -> None:
+    from spiralkit.runner import export_run
+
+    r = recipe(prune=STRUCTURED, model="{name: mlp, kwargs: {in_features: 64, widths: [64, 64]}}")
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.final is not None and report.stopped and "target macs reduction 0.600 reached" in report.stopped
+    kept = [x for x in report.rounds if x.accepted]
+    assert kept and all(x.progress == "macs reduction" for x in report.rounds)
+    assert [x.target for x in report.rounds][-1] == pytest.approx(0.6)
+    assert report.final.macs <= 0.4 * report.baseline.macs
+    assert report.final.params < report.baseline.params and report.final.sparsity < 0.05  # removed, not zeroed
+    assert kept[0].macs > report.final.macs  # per-round MACs recorded, and falling
+    weights = load_state(tmp_path / "run" / "model.safetensors")
+    assert weights["fc1.weight"].shape[0] < 64
+    assert (tmp_path / "run" / "plan.json").exists()
+    _, check = export_run(tmp_path / "run")  # the recipe's model with the plans replayed loads the weights
+    assert check.max_abs_diff < 1e-4
+
+
+def test_hybrid_recipe_removes_channels_then_prunes_weights_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hybrid = "[{kind: structured, target_reduction: 0.4, schedule: one-shot}, {target_sparsity: 0.5, schedule: one-shot}]"
+    r = recipe(prune=hybrid)
+    reference = Spiral(r).run(tmp_path / "ref", console=quiet())
+    assert [(x.stage, x.progress) for x in reference.rounds] == [(1, "macs reduction"), (2, "sparsity")]
+    assert reference.stopped is not None and reference.stopped.startswith("stage 1 (structured): target macs")
+    assert "stage 2 (unstructured): target sparsity 0.500 reached" in reference.stopped
+    assert reference.final is not None
+    assert reference.final.macs <= 0.6 * reference.baseline.macs and reference.final.sparsity > 0.3
+
+    import spiralkit.runner as runner
+
+    real_train = runner.train
+    calls = {"n": 0}
+
+    def dying_train(*args, **kwargs):  # baseline, the structured round, then dies in the unstructured one
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", dying_train)
+    with pytest.raises(KeyboardInterrupt):
+        Spiral(r).run(tmp_path / "run", console=quiet())
+    interrupted = load_run_state(tmp_path / "run")
+    assert len(interrupted.rounds) == 1 and interrupted.progress >= 0.4 and interrupted.final is None
+    monkeypatch.setattr(runner, "train", real_train)
+    resumed = Spiral(r).run(tmp_path / "run", resume=True, console=quiet())
+    assert resumed.final is not None
+    assert resumed.final.macs == reference.final.macs
+    assert resumed.final.nonzero_params == reference.final.nonzero_params
+    assert resumed.final.metric == pytest.approx(reference.final.metric, abs=0.1)
+
+
+def test_bad_plan_file_in_a_round_is_named(tmp_path: Path) -> None:
+    r = recipe(prune=STRUCTURED, targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}")
+    Spiral(r).run(tmp_path / "run", console=quiet())
+    state = load_run_state(tmp_path / "run")
+    assert state.checkpoint is not None
+    (tmp_path / "run" / state.checkpoint / "plan.json").write_text("{not json")
+    state.final = None
+    (tmp_path / "run" / "state.json").write_text(state.model_dump_json(by_alias=True))
+    with pytest.raises(SpiralError, match=r"rounds/001/plan.json: not JSON"):
+        Spiral(r).run(tmp_path / "run", resume=True, console=quiet())

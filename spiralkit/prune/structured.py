@@ -24,6 +24,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -57,14 +58,19 @@ __all__ = [
     "GroupPlan",
     "HeadPlan",
     "MemberPlan",
+    "Planner",
     "PrunePlan",
     "SkippedPlan",
     "StructuredPrune",
     "apply_plan",
     "load_pruned",
     "plan_pruning",
+    "planner",
     "prune_structured",
+    "read_plans",
+    "replay_plans",
     "save_pruned",
+    "write_plans",
 ]
 
 PLAN_FILENAME = "plan.json"
@@ -326,6 +332,66 @@ def _choose_blocks(model: nn.Module, blocks: Sequence[Any], depth: int, selected
     return tuple(chosen)
 
 
+@dataclass(frozen=True)
+class Planner:
+    """Plans for any ratio from one tracing and one scoring of a model (see `planner`).
+
+    Call it with a ratio to get the `PrunePlan` that `plan_pruning` would return for the
+    same config with that ratio; the spiral searches ratios this way to hit a MACs,
+    parameter or latency target without re-scoring.
+    """
+
+    config: StructuredPrune
+    channels: tuple[ChannelGroup, ...]
+    heads: tuple[HeadGroup, ...]
+    scores: StructureScores
+    blocks: tuple[BlockPlan, ...]
+    skipped: tuple[SkippedPlan, ...]
+
+    def __call__(self, ratio: float) -> PrunePlan:
+        config = self.config.model_copy(update={"ratio": ratio})
+        removed = [b.module for b in self.blocks]
+        channels, heads = (self.channels, self.heads) if ratio > 0 else ((), ())
+        return PrunePlan(
+            groups=_plan_groups(channels, self.scores, config, removed),
+            heads=_plan_heads(heads, self.scores, config, removed),
+            blocks=self.blocks,
+            skipped=self.skipped,
+        )
+
+
+def planner(
+    model: nn.Module,
+    config: StructuredPrune,
+    *,
+    example: Example,
+    batches: Iterable[tuple[Any, Tensor]] = (),
+    loss_fn: LossFn | None = None,
+) -> Planner:
+    """Trace and score ``model`` once; the returned `Planner` makes a plan for any ratio.
+
+    Arguments and errors are those of `plan_pruning` (``config.ratio`` is not used).
+    """
+    graph = trace_groups(model, example, heads=config.heads)
+    blocks = find_blocks(model, [example], call=call_model) if config.depth else ()
+    selected = _select(_candidate_names(model, graph, [b.module for b in blocks]), config.include, config.exclude)
+    chosen_blocks = _choose_blocks(model, blocks, config.depth, selected)
+    channels = [g for g in graph.channels if all(p in selected for p in _producers(model, g))]
+    heads = [h for h in graph.heads if h.module in selected]
+    skipped = [SkippedPlan(name=s.name, reason=s.reason) for s in graph.skipped]
+    scores = score_structures(
+        config.criterion,
+        model=model,
+        groups=ModelGroups(channels=tuple(channels), heads=tuple(heads)),
+        inputs=[example],
+        batches=batches,
+        loss_fn=loss_fn,
+    )
+    channels, heads = _drop_unscored(channels, heads, scores, skipped)
+    return Planner(config=config, channels=tuple(channels), heads=tuple(heads), scores=scores,
+                   blocks=chosen_blocks, skipped=tuple(skipped))
+
+
 def plan_pruning(
     model: nn.Module,
     config: StructuredPrune,
@@ -352,31 +418,10 @@ def plan_pruning(
         PruneError: A name pattern matches nothing, the criterion lacks data, or ``depth``
             exceeds the removable blocks.
     """
-    graph = trace_groups(model, example, heads=config.heads)
-    blocks = find_blocks(model, [example], call=call_model) if config.depth else ()
-    selected = _select(_candidate_names(model, graph, [b.module for b in blocks]), config.include, config.exclude)
-    chosen_blocks = _choose_blocks(model, blocks, config.depth, selected)
-    removed_blocks = [b.module for b in chosen_blocks]
-    channels = [g for g in graph.channels if all(p in selected for p in _producers(model, g))]
-    heads = [h for h in graph.heads if h.module in selected]
-    skipped = [SkippedPlan(name=s.name, reason=s.reason) for s in graph.skipped]
     if config.ratio == 0:
-        channels, heads = [], []
-    scores = score_structures(
-        config.criterion,
-        model=model,
-        groups=ModelGroups(channels=tuple(channels), heads=tuple(heads)),
-        inputs=[example],
-        batches=batches,
-        loss_fn=loss_fn,
-    )
-    channels, heads = _drop_unscored(channels, heads, scores, skipped)
-    return PrunePlan(
-        groups=_plan_groups(channels, scores, config, removed_blocks),
-        heads=_plan_heads(heads, scores, config, removed_blocks),
-        blocks=tuple(chosen_blocks),
-        skipped=tuple(skipped),
-    )
+        # Nothing to score: trace only, so that what would be skipped is still reported.
+        config = config.model_copy(update={"criterion": Magnitude(norm=2)})
+    return planner(model, config, example=example, batches=batches, loss_fn=loss_fn)(config.ratio)
 
 
 def _drop_unscored(
@@ -512,6 +557,39 @@ def _check_removed(model: nn.Module, plan: PrunePlan) -> None:
             return
 
 
+def write_plans(path: Path, plans: Sequence[PrunePlan]) -> None:
+    """Write the plans of successive rounds, in order, as one JSON list (atomically)."""
+    atomic_write_text(Path(path), json.dumps([json.loads(p.to_json()) for p in plans]))
+
+
+def read_plans(path: Path) -> tuple[PrunePlan, ...]:
+    """Read plans written by `write_plans`.
+
+    Raises:
+        PruneError: The file is missing, not JSON, or not a list of plans; the message names it.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PruneError(f"plan file not found: {path}") from None
+    except ValueError as exc:
+        raise PruneError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(raw, list):
+        raise PruneError(f"{path} must hold a list of plans, got {type(raw).__name__}")
+    try:
+        return tuple(PrunePlan.from_json(json.dumps(item)) for item in raw)
+    except PruneError as exc:
+        raise PruneError(f"{path}: {exc}") from None
+
+
+def replay_plans(model: nn.Module, plans: Iterable[PrunePlan]) -> nn.Module:
+    """Apply ``plans`` in order with ``mode="remove"``: the architecture of a pruned model, from the original."""
+    for plan in plans:
+        apply_plan(model, plan, mode="remove")
+    return model
+
+
 def save_pruned(
     model: nn.Module, plan: PrunePlan | Sequence[PrunePlan], directory: Path, *, spec: ModelSpec
 ) -> Path:
@@ -539,7 +617,7 @@ def save_pruned(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / SPEC_FILENAME, spec.model_copy(update={"checkpoint": None}).model_dump_json(indent=2))
-    atomic_write_text(directory / PLAN_FILENAME, json.dumps([json.loads(p.to_json()) for p in plans]))
+    write_plans(directory / PLAN_FILENAME, plans)
     save_weights(model, directory / WEIGHTS_FILENAME)
     return directory
 
@@ -560,13 +638,8 @@ def load_pruned(directory: Path) -> nn.Module:
             raise PruneError(f"{directory} is not a pruned model: {filename} is missing")
     try:
         spec = ModelSpec.model_validate_json((directory / SPEC_FILENAME).read_text())
-        raw = json.loads((directory / PLAN_FILENAME).read_text())
-    except (ValidationError, ValueError) as exc:
-        raise PruneError(f"{directory}: cannot read {SPEC_FILENAME} or {PLAN_FILENAME}: {exc}") from exc
-    if not isinstance(raw, list):
-        raise PruneError(f"{directory / PLAN_FILENAME} must hold a list of plans")
-    model = load_model(spec)
-    for item in raw:
-        apply_plan(model, PrunePlan.from_json(json.dumps(item)), mode="remove")
+    except ValidationError as exc:
+        raise PruneError(f"{directory}: cannot read {SPEC_FILENAME}: {exc}") from exc
+    model = replay_plans(load_model(spec), read_plans(directory / PLAN_FILENAME))
     load_weights(model, directory / WEIGHTS_FILENAME)
     return model.eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA = "spiralkit.report/1"
+SCHEMA = "spiralkit.report/2"
 
 
 class Metrics(BaseModel):
@@ -35,12 +35,25 @@ class Metrics(BaseModel):
 
 
 class RoundRecord(Metrics):
-    """One spiral round: what it tried, what it measured, whether it was kept."""
+    """One spiral round: what it tried, what it measured, whether it was kept.
+
+    Attributes:
+        index: the round's number, from 1.
+        stage: the pruning stage it belongs to, from 1 (hybrid recipes have several).
+        progress: what the stage's target is on — ``sparsity`` (unstructured) or the
+            reduction of ``macs``, ``params`` or ``latency`` against the baseline.
+        target: the progress the round aimed at, e.g. 0.5 for half the baseline's MACs.
+        accepted: kept (True) or rolled back.
+        seconds: wall-clock time of the round.
+        reason: ``kept``, or why it was rolled back.
+    """
 
     index: int
+    stage: int = 1
+    progress: str = "sparsity"
+    target: float
     accepted: bool
     seconds: float
-    target_sparsity: float
     reason: str
 
 
