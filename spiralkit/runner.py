@@ -258,13 +258,14 @@ def _end_stage(state: RunState, why: str, pruned: Pruned, ctx: RunContext) -> No
 def _next_target(state: RunState, pruned: Pruned, ctx: RunContext) -> float | None:
     """The target of the next round, moving on through finished stages; None when the spiral stops."""
     while state.stage < len(ctx.recipe.prune):
-        if len(state.rounds) >= ctx.recipe.targets.max_rounds:
+        target, why = _stage_step(state, ctx)
+        if target is None:
+            _end_stage(state, why or "", pruned, ctx)
+        elif len(state.rounds) >= ctx.recipe.targets.max_rounds:
             state.stopped = "; ".join([*state.stage_stops, f"max_rounds {ctx.recipe.targets.max_rounds} reached"])
             return None
-        target, why = _stage_step(state, ctx)
-        if target is not None:
+        else:
             return target
-        _end_stage(state, why or "", pruned, ctx)
     state.stopped = "; ".join(state.stage_stops) or "no pruning stage"
     return None
 
