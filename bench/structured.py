@@ -3,7 +3,7 @@
     python -m bench.structured [--repeats 30]
 
 Models: torchvision ResNet-18 (``weights=None``, 224x224, batch 1 and 8) and spiralkit's
-ResNet-20 (1x28x28, batch 1 and 8). For each, in the same run:
+ResNet-20 (1x28x28, batch 1, 8 and 64). For each, in the same run:
 
 * MACs of the dense and the pruned model (`spiralkit.measure.count_macs`, batch 1) and
   their ratio;
@@ -60,11 +60,14 @@ class Case:
     build: Callable[[], nn.Module]
     shape: tuple[int, ...]
     classifier: str
+    batches: tuple[int, ...] = (1, 8)
 
 
 CASES = (
     Case("torchvision resnet18", lambda: torchvision.models.resnet18(weights=None), (3, 224, 224), "fc"),
-    Case("spiralkit resnet20", lambda: resnet20(in_channels=1), (1, 28, 28), "fc"),
+    # 8-64 channels on 28x28 maps: at small batches a fixed cost per operation dominates,
+    # so batch 64 is measured as well.
+    Case("spiralkit resnet20", lambda: resnet20(in_channels=1), (1, 28, 28), "fc", batches=(1, 8, 64)),
 )
 
 
@@ -113,7 +116,7 @@ def run(case: Case, repeats: int) -> list[str]:
             for tag, model in (("dense", dense), ("pruned", pruned))
         )
         for runtime, (slow, fast) in runtimes.items():
-            for batch in (1, 8):
+            for batch in case.batches:
                 x = torch.randn(batch, *case.shape)
                 before = measure_latency(slow, x, threads=THREADS, warmup=5, repeats=repeats)
                 after = measure_latency(fast, x, threads=THREADS, warmup=5, repeats=repeats)

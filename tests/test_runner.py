@@ -306,3 +306,18 @@ def test_bad_plan_file_in_a_round_is_named(tmp_path: Path) -> None:
     (tmp_path / "run" / "state.json").write_text(state.model_dump_json(by_alias=True))
     with pytest.raises(SpiralError, match=r"rounds/001/plan.json: not JSON"):
         Spiral(r).run(tmp_path / "run", resume=True, console=quiet())
+
+
+@pytest.mark.parametrize("measure", ["params", "latency"])
+def test_structured_targets_on_params_and_latency(tmp_path: Path, measure: str) -> None:
+    r = recipe(
+        prune=f"{{kind: structured, measure: {measure}, target_reduction: 0.5, schedule: one-shot}}",
+        model="{name: mlp, kwargs: {in_features: 64, widths: [256, 256]}}",
+        targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}",
+        recover="{kind: distill, train: {epochs: 1}}",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.final is not None and report.rounds[0].progress == f"{measure} reduction"
+    assert report.final.params < report.baseline.params
+    if measure == "params":
+        assert report.final.params <= 0.5 * report.baseline.params
