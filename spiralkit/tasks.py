@@ -1,7 +1,8 @@
 """What "good" means for a model: the task's metric and its training loss.
 
 A task is a small typed config; :func:`evaluate` dispatches on its type. Metrics are
-reported in the units users quote: classification accuracy in percent.
+reported in the units users quote: classification accuracy in percent, embedding fidelity
+as a mean cosine similarity (1 = the reference model's embeddings exactly).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from spiralkit.configs import kind_from_string
 from spiralkit.errors import SpiralError
+from spiralkit.modules import eval_mode
 
 
 class Classification(BaseModel):
@@ -42,7 +44,47 @@ class Classification(BaseModel):
         return F.cross_entropy(outputs, targets)
 
 
-Task = Annotated[Classification, Field(discriminator="kind"), BeforeValidator(kind_from_string)]
+class EmbeddingFidelity(BaseModel):
+    """How faithfully a model reproduces a reference model's sentence embeddings.
+
+    The metric is the mean over examples of ``cos(e_model(x), e_reference(x))``: at most 1
+    (identical directions), near 1 for a faithful compressed model; it can be negative only
+    for embeddings that point away from the reference's. The reference is usually the
+    uncompressed teacher, passed to `evaluate` as ``reference=``. The training loss is
+    ``1 − cos`` to target embeddings (the reference's outputs on the same batch).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["fidelity"] = "fidelity"
+
+    @property
+    def metric_name(self) -> str:
+        """The name the report gives the metric."""
+        return "cosine_fidelity"
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger metric is better."""
+        return True
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``mean(1 − cos(outputs, targets))`` over the batch; targets are embeddings, not labels.
+
+        Raises:
+            SpiralError: ``targets`` do not have the outputs' shape (e.g. class labels).
+        """
+        if outputs.shape != targets.shape:
+            raise SpiralError(
+                f"the fidelity loss compares embeddings with target embeddings of the same shape, got "
+                f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}; train it against the "
+                "reference model's outputs (distillation), not the data set's labels"
+            )
+        return (1.0 - _row_cosine(outputs, targets)).mean()
+
+
+Task = Annotated[
+    Classification | EmbeddingFidelity, Field(discriminator="kind"), BeforeValidator(kind_from_string)
+]
 
 
 @dataclass(frozen=True)
@@ -54,19 +96,45 @@ class Evaluation:
     examples: int
 
 
-def metric_drop(task: Classification, *, baseline: float, value: float) -> float:
+def metric_drop(task: Classification | EmbeddingFidelity, *, baseline: float, value: float) -> float:
     """How much worse ``value`` is than ``baseline`` (positive = worse), whatever the metric's direction."""
     return baseline - value if task.higher_is_better else value - baseline
 
 
 @singledispatch
-def evaluate(task: object, model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> Evaluation:
-    """Evaluate ``model`` on ``loader`` for ``task`` (eval mode, no gradients)."""
+def evaluate(
+    task: object,
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    reference: nn.Module | None = None,
+) -> Evaluation:
+    """Evaluate ``model`` on ``loader`` for ``task`` (eval mode, no gradients).
+
+    Args:
+        task: The task config; its type chooses the metric.
+        model: The model to evaluate; its train/eval mode is restored afterwards.
+        loader: ``(inputs, targets)`` batches.
+        reference: The model to compare with, for tasks that measure agreement with one
+            (`EmbeddingFidelity` requires it; `Classification` ignores it).
+
+    Returns:
+        The metric, the mean loss and the number of examples.
+
+    Raises:
+        SpiralError: Unknown task, an empty split, or a missing reference.
+    """
     raise SpiralError(f"unknown task {type(task).__name__}")
 
 
 @evaluate.register
-def _(task: Classification, model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> Evaluation:
+def _(
+    task: Classification,
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    reference: nn.Module | None = None,
+) -> Evaluation:
     was_training = model.training
     model.eval()
     correct = 0
@@ -83,3 +151,35 @@ def _(task: Classification, model: nn.Module, loader: Iterable[tuple[Tensor, Ten
     if total == 0:
         raise SpiralError("cannot evaluate on an empty data split")
     return Evaluation(metric=100.0 * correct / total, loss=loss_sum / total, examples=total)
+
+
+@evaluate.register
+def _(
+    task: EmbeddingFidelity,
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    reference: nn.Module | None = None,
+) -> Evaluation:
+    if reference is None:
+        raise SpiralError(
+            "the fidelity task compares embeddings with a reference model: pass reference= "
+            "(usually the uncompressed teacher) to evaluate"
+        )
+    cosine_sum = 0.0
+    total = 0
+    with eval_mode(model), eval_mode(reference), torch.inference_mode():
+        for x, _ in loader:
+            cosine_sum += float(_row_cosine(model(x), reference(x)).sum())
+            total += x.shape[0]
+    if total == 0:
+        raise SpiralError("cannot evaluate on an empty data split")
+    metric = cosine_sum / total
+    return Evaluation(metric=metric, loss=1.0 - metric, examples=total)
+
+
+def _row_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (flattened per example)."""
+    if a.shape != b.shape:
+        raise SpiralError(f"embeddings differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1, eps=1e-12)

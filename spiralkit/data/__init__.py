@@ -1,7 +1,7 @@
 """Data sets and loaders: `load_data(spec)` turns a `DataSpec` into `DataSplits`.
 
 Nothing here downloads: built-in data sets are bundled with dependencies (``mnist-sample``,
-``digits``) or read from a data directory (``mnist``); anything else comes from a
+``digits``) or read from a data directory (``mnist``, ``sst2``); anything else comes from a
 ``package.module:function`` that returns its own loaders.
 """
 

@@ -6,6 +6,8 @@ Built-in sources never download anything:
   are the test split.
 - ``mnist``: the full MNIST idx files under ``<root>/mnist/`` (plain or ``.gz``).
 - ``digits``: scikit-learn's bundled 8x8 digits; a stratified 20% is the test split.
+- ``sst2``: GLUE SST-2 sentences under ``<root>/sst2/`` tokenised for a Hugging Face text
+  model (`spiralkit.data.sst2`); the dev file is the test split.
 - ``package.module:function``: a user function returning its own loaders.
 
 Test and validation splits come from a fixed internal seed, never the run seed, so they are
@@ -29,6 +31,7 @@ from spiralkit.data.idx import parse_idx_images, parse_idx_labels, read_checksum
 from spiralkit.data.loaders import Loader, TensorLoader
 from spiralkit.data.spec import DataSpec, DataSplits
 from spiralkit.data.splits import count_of, stratified_split
+from spiralkit.data.sst2 import encode_sst2, find_sst2_files, read_sst2, sst2_options
 from spiralkit.errors import DataError
 
 __all__ = ["DATA_DIR_ENV", "load_data"]
@@ -154,8 +157,48 @@ def _load_digits(spec: DataSpec, seed: int) -> DataSplits:
     )
 
 
+def _load_sst2(spec: DataSpec, seed: int) -> DataSplits:
+    """SST-2: validation carved (stratified) from train.tsv, dev.tsv as the test split.
+
+    Only the sentences that are kept are tokenised: ``limit_train`` (a prefix of the
+    training sentences in a fixed random order) saves tokenising the rest. The options are
+    ``data.kwargs`` (`spiralkit.data.sst2.SST2Options`: ``tokenizer``, ``max_length``).
+
+    Validation and test sentences are ordered longest first. The order changes no metric,
+    but batches then hold sentences of similar length, so the model's per-batch padding
+    trim makes evaluation about twice as fast; and the first validation batch (the runner's
+    example for MACs and latency) has full-length rows, the shape an exported model runs at.
+    """
+    options = sst2_options(spec.kwargs)
+    root = _data_root(spec)
+    paths = find_sst2_files(root)
+    checksums = read_checksums(root)
+    sentences, labels = read_sst2(paths["train"], root=root, checksums=checksums)
+    test_sentences, test_labels = read_sst2(paths["dev"], root=root, checksums=checksums)
+    train, val = _carve_val(labels, spec=spec)
+    train = train[: spec.limit_train]
+    chosen = [sentences[i] for i in train] + [sentences[i] for i in val] + test_sentences
+    x = encode_sst2(chosen, options)
+    y = torch.from_numpy(np.concatenate([labels[train], labels[val], test_labels]))
+    ends = np.cumsum([len(train), len(val)])
+    return _splits(
+        spec,
+        seed=seed,
+        train=(x[: ends[0]], y[: ends[0]]),
+        val=_longest_first(x[ends[0] : ends[1]], y[ends[0] : ends[1]]),
+        test=_longest_first(x[ends[1] :], y[ends[1] :]),
+        num_classes=2,
+    )
+
+
+def _longest_first(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed ``(n, 2, length)`` token rows and labels, by decreasing token count (stable)."""
+    order = torch.argsort(x[:, 1].sum(dim=1), descending=True, stable=True)
+    return x[order], y[order]
+
+
 _BUILTIN_SOURCES: Mapping[str, Callable[[DataSpec, int], DataSplits]] = MappingProxyType(
-    {"digits": _load_digits, "mnist": _load_mnist, "mnist-sample": _load_mnist_sample}
+    {"digits": _load_digits, "mnist": _load_mnist, "mnist-sample": _load_mnist_sample, "sst2": _load_sst2}
 )
 
 

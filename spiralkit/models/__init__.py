@@ -1,5 +1,6 @@
-"""The built-in model zoo and `load_model` for zoo, ``torchvision:`` and ``module:function`` specs."""
+"""The built-in model zoo and `load_model` for zoo, ``torchvision:``, ``hf:`` and ``module:function`` specs."""
 
+from spiralkit.models.hf import HFTextModel, encode_texts, hf_model, load_tokenizer, set_attention
 from spiralkit.models.lenet import LeNet5, lenet5, lenet300
 from spiralkit.models.loading import ZOO, ModelSpec, load_model, load_weights
 from spiralkit.models.mlp import MLP, mlp
@@ -10,13 +11,18 @@ __all__ = [
     "ZOO",
     "BasicBlock",
     "CifarResNet",
+    "HFTextModel",
     "LeNet5",
     "ModelSpec",
+    "encode_texts",
+    "hf_model",
     "lenet300",
     "lenet5",
     "load_model",
+    "load_tokenizer",
     "load_weights",
     "mlp",
     "resnet20",
     "resnet56",
+    "set_attention",
 ]

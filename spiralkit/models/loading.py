@@ -1,4 +1,4 @@
-"""Turning a `ModelSpec` into a module: zoo names, ``torchvision:NAME``, ``module:function``.
+"""Turning a `ModelSpec` into a module: zoo names, ``torchvision:NAME``, ``hf:ALIAS``, ``module:function``.
 
 Checkpoints are weights only: ``.safetensors`` files (dense or spiralkit-sparse) or torch
 files that ``torch.load(weights_only=True)`` accepts. Nothing is ever downloaded.
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from spiralkit.errors import ModelError
 from spiralkit.export.weights import load_state
+from spiralkit.models.hf import hf_model, packaged_builder
 from spiralkit.models.lenet import lenet5, lenet300
 from spiralkit.models.mlp import mlp
 from spiralkit.models.resnet_cifar import resnet20, resnet56
@@ -40,6 +41,8 @@ ZOO: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
 """Built-in models by name (read-only)."""
 
 _TORCHVISION_PREFIX = "torchvision:"
+_HF_NAME = "hf"
+_HF_PREFIX = "hf:"
 _MAX_LISTED = 5
 
 
@@ -47,8 +50,11 @@ class ModelSpec(BaseModel):
     """Which model to build and which weights to load into it.
 
     Attributes:
-        name: A `ZOO` name, ``"torchvision:NAME"`` (built with ``weights=None``) or
-            ``"package.module:function"`` (imported and called; must return an ``nn.Module``).
+        name: A `ZOO` name, ``"torchvision:NAME"`` (built with ``weights=None``),
+            ``"hf:ALIAS"`` (a packaged Hugging Face model such as ``hf:minilm-l6``, see
+            `spiralkit.models.hf`), ``"hf"`` (a local Hugging Face directory given as
+            ``kwargs.path``) or ``"package.module:function"`` (imported and called; must
+            return an ``nn.Module``).
         kwargs: Keyword arguments for the builder.
         checkpoint: Optional weights file: ``.safetensors`` or a weights-only torch file.
     """
@@ -111,6 +117,10 @@ def _resolve_builder(name: str) -> Callable[..., Any]:
     """The callable that builds the model called ``name``."""
     if name.startswith(_TORCHVISION_PREFIX):
         return _torchvision_builder(name.removeprefix(_TORCHVISION_PREFIX))
+    if name == _HF_NAME:
+        return hf_model
+    if name.startswith(_HF_PREFIX):
+        return packaged_builder(name.removeprefix(_HF_PREFIX))
     if ":" in name:
         return _import_builder(name)
     if name in ZOO:
@@ -119,7 +129,7 @@ def _resolve_builder(name: str) -> Callable[..., Any]:
     hint = f" (did you mean {_quoted(close)}?)" if close else ""
     raise ModelError(
         f"unknown model {name!r}{hint}; built-in models: {', '.join(ZOO)}; "
-        "or use 'torchvision:NAME' or 'package.module:function'"
+        "or use 'torchvision:NAME', 'hf:ALIAS', 'hf' (kwargs.path) or 'package.module:function'"
     )
 
 
