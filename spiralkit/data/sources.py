@@ -166,7 +166,8 @@ def _load_sst2(spec: DataSpec, seed: int) -> DataSplits:
 
     Validation and test sentences are ordered longest first. The order changes no metric,
     but batches then hold sentences of similar length, so the model's per-batch padding
-    trim makes evaluation about twice as fast; and the first validation batch (the runner's
+    trim makes evaluation about twice as fast (training batches are grouped by length
+    for the same reason); and the first validation batch (the runner's
     example for MACs and latency) has full-length rows, the shape an exported model runs at.
     """
     options = sst2_options(spec.kwargs)
@@ -188,6 +189,7 @@ def _load_sst2(spec: DataSpec, seed: int) -> DataSplits:
         val=_longest_first(x[ends[0] : ends[1]], y[ends[0] : ends[1]]),
         test=_longest_first(x[ends[1] :], y[ends[1] :]),
         num_classes=2,
+        lengths=x[: ends[0], 1].sum(dim=1),  # training batches grouped by length
     )
 
 
@@ -291,17 +293,20 @@ def _splits(
     val: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     num_classes: int,
+    lengths: Tensor | None = None,
 ) -> DataSplits:
     """Wrap split tensors in loaders: training shuffled, evaluation in fixed order.
 
     ``limit_train`` keeps a prefix of the training tensors, which `_carve_val` left in a
     fixed random order, so the prefix is a spread-out subset. It is applied only here so
-    that it changes nothing else (digits statistics, validation, test).
+    that it changes nothing else (digits statistics, validation, test). ``lengths`` (of the
+    training examples) groups training batches by length (see `TensorLoader`).
     """
     train_x, train_y = (t[: spec.limit_train] for t in train)
+    lengths = lengths[: spec.limit_train] if lengths is not None else None
     return DataSplits(
         name=spec.name,
-        train=TensorLoader(train_x, train_y, batch_size=spec.batch_size, shuffle=True, seed=seed),
+        train=TensorLoader(train_x, train_y, batch_size=spec.batch_size, shuffle=True, seed=seed, lengths=lengths),
         val=TensorLoader(*val, batch_size=spec.eval_batch_size, shuffle=False),
         test=TensorLoader(*test, batch_size=spec.eval_batch_size, shuffle=False),
         input_shape=tuple(train[0].shape[1:]),

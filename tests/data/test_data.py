@@ -478,3 +478,27 @@ def test_module_function_two_loaders_and_no_num_classes() -> None:
 def test_module_function_errors(name: str, kwargs: dict, message: str) -> None:
     with pytest.raises(DataError, match=message):
         load_data(DataSpec(name=name, kwargs=kwargs))
+
+
+def test_length_grouped_batches_are_a_reproducible_permutation_of_similar_lengths() -> None:
+    from spiralkit.data.loaders import TensorLoader
+
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 64, (1000,))
+    x = torch.arange(1000)
+    loader = TensorLoader(x, x, batch_size=10, shuffle=True, seed=3, lengths=lengths)
+    first = [b for b, _ in loader]
+    assert torch.equal(torch.cat(first).sort().values, x)  # every example once
+    loader.set_epoch(0)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first, loader, strict=True))  # same epoch, same batches
+    spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in first]).mean()
+    plain = TensorLoader(x, x, batch_size=10, shuffle=True, seed=3)
+    plain_spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b, _ in plain]).mean()
+    assert spread < plain_spread / 4
+
+
+def test_lengths_of_the_wrong_shape_are_an_error() -> None:
+    from spiralkit.data.loaders import TensorLoader
+
+    with pytest.raises(DataError, match=r"lengths must have one entry per example \(4\), got shape \(3,\)"):
+        TensorLoader(torch.zeros(4), torch.zeros(4), batch_size=2, shuffle=True, lengths=torch.ones(3))
