@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from spiralkit.data import DataSpec
 from spiralkit.distill.recovery import Distill, Recovery
+from spiralkit.distill.students import StudentSpec
 from spiralkit.errors import RecipeError
 from spiralkit.models import ModelSpec
 from spiralkit.prune.config import UnstructuredPrune
@@ -42,6 +43,21 @@ class Targets(BaseModel):
     max_rounds: int = Field(default=30, gt=0)
 
 
+class StudentStage(BaseModel):
+    """Distil a student built from the trained baseline before any pruning round.
+
+    Attributes:
+        architecture: how the student is built from the teacher: ``{kind: shallow, every: 2}``
+            keeps every 2nd layer of each layer stack with its weights (DistilBERT-style),
+            ``{kind: narrow, ratio: 0.5}`` removes channels/heads by structured pruning.
+        distill: the student's distillation (losses, epochs); fine-tuning also works.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    architecture: StudentSpec
+    distill: Recovery = Distill()
+
+
 class MeasureConfig(BaseModel):
     """How latency is measured: batch size, threads, warm-up and repeats (median reported)."""
 
@@ -62,7 +78,10 @@ class Recipe(BaseModel):
         model: which model, and its trained weights when it has them.
         data: which data and batch sizes.
         task: what is measured (classification accuracy).
-        train: trains the baseline when the model has no checkpoint.
+        train: trains the baseline when the model has no checkpoint (fine-tunes it, for a
+            pretrained Hugging Face model).
+        student: distil a smaller student from the baseline first; the pruning rounds and
+            the quantization then work on the student.
         prune: the pruning stages, run in order — one mapping or a list (empty: no pruning
             rounds, e.g. quantization only). Structured stages come before unstructured
             ones: a hybrid recipe removes channels first, then prunes weights of what remains.
@@ -80,6 +99,7 @@ class Recipe(BaseModel):
     data: DataSpec
     task: Task = Classification()
     train: TrainConfig | None = None
+    student: StudentStage | None = None
     prune: tuple[PruneStage, ...] = ()
     recover: Recovery = Distill()
     quantize: QuantizeStage | None = None

@@ -7,6 +7,8 @@ directory, so a killed run resumes where it stopped:
 RUN_DIR/recipe.yaml            the validated recipe (resume reads it from here)
 RUN_DIR/state.json             progress: baseline, rounds, current sparsity and step scale
 RUN_DIR/baseline.safetensors   the trained dense model (the frozen teacher)
+RUN_DIR/student.json, student.safetensors  the student's layout and distilled weights, when
+                               the recipe builds a student from the baseline
 RUN_DIR/rounds/NNN/            weights, masks and structured plans of each kept round
 RUN_DIR/model.safetensors      the final pruned model (dense layout)
 RUN_DIR/model.sparse.safetensors  the same, in the compact sparse encoding
@@ -37,11 +39,13 @@ from torch import Tensor, nn
 
 from spiralkit.data import DataSplits, load_data
 from spiralkit.distill.recovery import freeze, recovery_objective
+from spiralkit.distill.students import StudentLayout, apply_student, plan_student
 from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
 from spiralkit.export.onnx import VerifyResult, export_onnx, verify_onnx
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.models import load_model, load_weights
+from spiralkit.models.loading import is_pretrained
 from spiralkit.prune import Masks, next_sparsity
 from spiralkit.prune.stages import StageContext, StructuredStage, prune_round, stage_progress, stage_target
 from spiralkit.prune.structured import PrunePlan, read_plans, replay_plans, write_plans
@@ -54,6 +58,8 @@ from spiralkit.train import NonFiniteLoss, Objective, supervised, train
 
 STATE_SCHEMA = "spiralkit.state/2"
 PLANS = "plan.json"
+STUDENT_LAYOUT = "student.json"
+STUDENT_WEIGHTS = "student.safetensors"
 
 
 class RunState(BaseModel):
@@ -76,6 +82,7 @@ class RunState(BaseModel):
     stage_accepted: int = 0
     progress: float = 0.0
     scale: float = 1.0
+    student: Metrics | None = None
     checkpoint: str | None = None
     stage_stops: list[str] = Field(default_factory=list)
     stopped: str | None = None
@@ -147,8 +154,8 @@ def measure_model(model: nn.Module, ctx: RunContext) -> Metrics:
         model, ctx.example, threads=recipe.measure.threads, warmup=recipe.measure.warmup, repeats=recipe.measure.repeats
     )
     return Metrics(
-        metric=evaluate(recipe.task, model, held_out).metric,
-        val_metric=evaluate(recipe.task, model, ctx.data.val).metric,
+        metric=evaluate(recipe.task, model, held_out, reference=ctx.teacher).metric,
+        val_metric=evaluate(recipe.task, model, ctx.data.val, reference=ctx.teacher).metric,
         params=params.total,
         nonzero_params=params.nonzero,
         sparsity=params.sparsity,
@@ -172,12 +179,49 @@ def _baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path,
                   seed=recipe.seed, progress=True, description="baseline")
         except NonFiniteLoss as exc:
             raise SpiralError(f"baseline training diverged ({exc}); lower recipe key 'train.optimizer.lr'") from None
-    elif recipe.model.checkpoint is None and not trained:
+    elif recipe.model.checkpoint is None and not trained and not is_pretrained(recipe.model):
         raise RecipeError(
             f"model {recipe.model.name!r} has no 'model.checkpoint' and the recipe has no 'train' section: "
             "give trained weights or a training stage"
         )
     save_weights(model, path)
+
+
+def _student_layout(ctx: RunContext) -> StudentLayout:
+    """The student's layout: planned from the teacher once, then read from ``student.json``."""
+    assert ctx.recipe.student is not None, "only recipes with a student stage have one"
+    path = ctx.run_dir / STUDENT_LAYOUT
+    if path.exists():
+        return StudentLayout.model_validate_json(path.read_text(encoding="utf-8"))
+    layout = plan_student(ctx.recipe.student.architecture, ctx.teacher, example=ctx.example,
+                          batches=ctx.data.train, loss_fn=ctx.recipe.task.loss)
+    atomic_write_text(path, layout.model_dump_json(indent=2))
+    return layout
+
+
+def _student(model: nn.Module, state: RunState, ctx: RunContext) -> nn.Module:
+    """Build the recipe's student from the baseline and distil it (once; a resumed run loads it)."""
+    assert ctx.recipe.student is not None, "only recipes with a student stage have one"
+    stage = ctx.recipe.student
+    student = apply_student(copy.deepcopy(model), _student_layout(ctx))
+    weights = ctx.run_dir / STUDENT_WEIGHTS
+    if state.student is not None:
+        student.load_state_dict(load_state(weights))
+        return student.eval()
+    ctx.console.print(f"[bold]student[/]: {stage.architecture.kind}, distilling for {stage.distill.train.epochs} epoch(s)")
+    objective = recovery_objective(stage.distill, task=ctx.recipe.task, teacher=ctx.teacher)
+    try:
+        train(student, ctx.data.train, config=stage.distill.train, objective=objective, seed=ctx.recipe.seed + 500,
+              progress=True, description="student")
+    except NonFiniteLoss as exc:
+        raise SpiralError(f"student distillation diverged ({exc}); lower recipe key 'student.distill.train.optimizer.lr'") from None
+    save_weights(student, weights)
+    state.student = measure_model(student, ctx)
+    save_run_state(ctx.run_dir, state)
+    ctx.console.print(f"student: {ctx.recipe.task.metric_name} {state.student.metric:.2f}, "
+                      f"{state.student.latency_ms:.3f} ms (baseline {state.baseline.metric if state.baseline else 0:.2f}, "
+                      f"{state.baseline.latency_ms if state.baseline else 0:.3f} ms)")
+    return student.eval()
 
 
 def _round_dir(run_dir: Path, index: int) -> Path:
@@ -270,17 +314,32 @@ def _next_target(state: RunState, pruned: Pruned, ctx: RunContext) -> float | No
     return None
 
 
+@dataclass(frozen=True)
+class _Penalised:
+    """An objective plus network slimming's L1 penalty on batch-norm scales.
+
+    Whatever else the objective offers the training loop (``prepare``, ``parameters``,
+    ``set_progress``) is passed through.
+    """
+
+    objective: Objective
+    strength: float
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.objective(model, x, y) + bn_l1_penalty(model, self.strength)
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("objective", "strength"):
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+
 def _recovery(stage: object, ctx: RunContext) -> Objective:
     """The recovery objective of a round, with network slimming's penalty when the stage asks for it."""
     objective = recovery_objective(ctx.recipe.recover, task=ctx.recipe.task, teacher=ctx.teacher)
     if not isinstance(stage, StructuredStage) or stage.bn_penalty == 0:
         return objective
-    strength = stage.bn_penalty
-
-    def penalised(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return objective(model, x, y) + bn_l1_penalty(model, strength)
-
-    return penalised
+    return _Penalised(objective, stage.bn_penalty)
 
 
 def _run_round(
@@ -363,7 +422,7 @@ def _finish(result: Pruned, state: RunState, ctx: RunContext) -> None:
     baseline_val = state.baseline.val_metric if state.baseline else pruned.val_metric
     inputs = StageInputs(
         spec=recipe.model, teacher=ctx.teacher, task=recipe.task, train_loader=ctx.data.train, masks=masks,
-        evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val).metric,
+        evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val, reference=ctx.teacher).metric,
         baseline_val=baseline_val, pruned_val=pruned.val_metric, max_metric_drop=recipe.targets.max_metric_drop,
         seed=recipe.seed + 999_999, directory=ctx.run_dir, example=ctx.example, threads=recipe.measure.threads,
     )
@@ -401,6 +460,7 @@ def build_report(recipe: Recipe, state: RunState) -> Report:
         task=TaskInfo(metric=recipe.task.metric_name, higher_is_better=recipe.task.higher_is_better),
         measurement=Measurement(**recipe.measure.model_dump()),
         baseline=state.baseline,
+        student=state.student,
         rounds=state.rounds,
         pruned=state.pruned,
         quantization=state.quantization,
@@ -464,6 +524,8 @@ class Spiral:
                 state.baseline = measure_model(model, ctx)
                 save_run_state(run_dir, state)
             if state.final is None:
+                if recipe.student is not None:
+                    model = _student(model, state, ctx)
                 result, state = _spiral(model, state, ctx)
                 _finish(result, state, ctx)
                 save_run_state(run_dir, state)
@@ -488,6 +550,9 @@ def export_run(run_dir: Path) -> tuple[Path, VerifyResult]:
         raise SpiralError(f"{run_dir} holds no finished run: {weights} is missing")
     recipe = load_recipe(run_dir / "recipe.yaml")
     model = load_model(recipe.model.model_copy(update={"checkpoint": None}))
+    if (run_dir / STUDENT_LAYOUT).exists():
+        layout = StudentLayout.model_validate_json((run_dir / STUDENT_LAYOUT).read_text(encoding="utf-8"))
+        apply_student(model, layout)
     if (run_dir / PLANS).exists():
         replay_plans(model, read_plans(run_dir / PLANS))
     load_weights(model, weights)

@@ -321,3 +321,43 @@ def test_structured_targets_on_params_and_latency(tmp_path: Path, measure: str) 
     assert report.final.params < report.baseline.params
     if measure == "params":
         assert report.final.params <= 0.5 * report.baseline.params
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.fc(x))
+
+
+def stacked(width: int = 32, depth: int = 4) -> torch.nn.Module:
+    """A residual MLP with one stack of ``depth`` blocks, for student tests."""
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(),
+        torch.nn.Sequential(*(_Residual(width) for _ in range(depth))), torch.nn.Linear(width, 10),
+    )
+
+
+def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> None:
+    from spiralkit.runner import export_run
+
+    r = recipe(
+        model="{name: 'tests.test_runner:stacked'}",
+        student="{architecture: {kind: shallow, every: 2}, distill: {kind: distill, train: {epochs: 4, optimizer: {name: adam, lr: 0.005}}}}",
+        prune="[]",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.student is not None and report.final is not None and not report.rounds
+    assert report.student.params < report.baseline.params and report.student.macs < report.baseline.macs
+    assert report.final.metric == report.student.metric
+    assert report.baseline.metric - report.student.metric < 15.0
+    assert "| student |" in (tmp_path / "run" / "report.md").read_text()
+    weights = load_state(tmp_path / "run" / "model.safetensors")
+    assert {k for k in weights if k.startswith("3.")} == {"3.0.fc.weight", "3.0.fc.bias", "3.1.fc.weight", "3.1.fc.bias"}
+    _, check = export_run(tmp_path / "run")  # rebuilt from the recipe's model and student.json
+    assert check.max_abs_diff < 1e-4
+    # A second run resumes from the saved student instead of distilling again.
+    again = Spiral(r).run(tmp_path / "run", resume=True, console=quiet())
+    assert again.student == report.student

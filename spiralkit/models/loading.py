@@ -27,7 +27,7 @@ from spiralkit.models.lenet import lenet5, lenet300
 from spiralkit.models.mlp import mlp
 from spiralkit.models.resnet_cifar import resnet20, resnet56
 
-__all__ = ["ZOO", "ModelSpec", "load_model", "load_weights"]
+__all__ = ["ZOO", "ModelSpec", "is_pretrained", "load_model", "load_weights"]
 
 ZOO: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
     {
@@ -64,6 +64,11 @@ class ModelSpec(BaseModel):
     name: str = Field(min_length=1)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = None
+
+
+def is_pretrained(spec: ModelSpec) -> bool:
+    """Whether the builder itself loads trained weights: Hugging Face models come from their directory."""
+    return spec.name == _HF_NAME or spec.name.startswith(_HF_PREFIX)
 
 
 def load_model(spec: ModelSpec) -> nn.Module:

@@ -47,8 +47,10 @@ def _cells(stage: str, m: Metrics, *, kept: str = "", seconds: str = "") -> list
 
 
 def report_rows(report: Report) -> list[list[str]]:
-    """The table's rows: baseline, each round, final."""
+    """The table's rows: baseline, student, each round, pruned, final."""
     rows = [_cells("baseline", report.baseline)]
+    if report.student is not None:
+        rows.append(_cells("student", report.student))
     for r in report.rounds:
         rows.append(
             _cells(f"round {r.index}", r, kept="yes" if r.accepted else f"no: {r.reason}", seconds=f"{r.seconds:.1f}")

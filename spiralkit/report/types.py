@@ -88,6 +88,7 @@ class Measurement(BaseModel):
 class Report(BaseModel):
     """A spiral run's report; ``final`` is ``None`` until the run ends.
 
+    With a student stage, ``student`` is the distilled student before any pruning round.
     With a quantize stage, ``pruned`` is the model before quantization and ``final`` after.
     """
 
@@ -97,6 +98,7 @@ class Report(BaseModel):
     task: TaskInfo
     measurement: Measurement
     baseline: Metrics
+    student: Metrics | None = None
     rounds: list[RoundRecord] = Field(default_factory=list)
     pruned: Metrics | None = None
     quantization: QuantInfo | None = None
