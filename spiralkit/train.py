@@ -2,8 +2,12 @@
 
 One loop serves baseline training, fine-tuning and distillation: what is minimised is an
 *objective* ``objective(model, x, y) -> loss``, so distillation is just an objective that
-also runs the frozen teacher. Pruning masks, when given, are enforced on the optimizer
-this loop builds, so pruned weights stay exactly zero.
+also runs the frozen teacher. An objective may carry more (duck-typed, all optional):
+``prepare(model, x)`` to build its own modules from the first batch, ``parameters()``
+that are trained along with the model's (distillation adapters), and
+``set_progress(fraction)`` to follow training progress (a temperature schedule). Pruning
+masks, when given, are enforced on the optimizer this loop builds, so pruned weights stay
+exactly zero.
 """
 
 from __future__ import annotations
@@ -102,6 +106,21 @@ def supervised(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Objective:
     return objective
 
 
+def objective_parameters(objective: Objective, model: nn.Module, loader: _Sized, *, seed: int) -> list[nn.Parameter]:
+    """The objective's own trainable parameters, after its ``prepare`` saw the first batch.
+
+    Objects without ``prepare``/``parameters`` (plain functions) have none.
+    """
+    prepare = getattr(objective, "prepare", None)
+    if prepare is not None:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(seed)  # the first epoch's first batch, as the loop will see it
+        x, _ = next(iter(loader))
+        prepare(model, x)
+    parameters = getattr(objective, "parameters", None)
+    return list(parameters()) if parameters is not None else []
+
+
 def _batches_per_epoch(loader: _Sized, config: TrainConfig) -> int:
     return min(len(loader), config.max_batches) if config.max_batches else len(loader)
 
@@ -123,7 +142,9 @@ def train(
         model: the model to train.
         loader: ``(x, y)`` batches; a loader with ``set_epoch`` is reshuffled per epoch.
         config: epochs, optimizer and schedule.
-        objective: ``objective(model, x, y) -> scalar loss``.
+        objective: ``objective(model, x, y) -> scalar loss``; its own ``parameters()`` (after
+            ``prepare(model, x)`` on the first batch) are optimized too, and its
+            ``set_progress(fraction)`` is called before every step (see the module docstring).
         seed: seeds torch's RNG so that a run (or a resumed run) repeats exactly.
         masks: pruning keep-masks to enforce while training.
         progress: show a progress bar.
@@ -135,8 +156,11 @@ def train(
     """
     torch.manual_seed(seed)
     per_epoch = _batches_per_epoch(loader, config)
-    optimizer = build_optimizer(model.parameters(), config.optimizer)
-    scheduler = _scheduler(optimizer, config, per_epoch * config.epochs)
+    extra = objective_parameters(objective, model, loader, seed=seed) if config.epochs else []
+    optimizer = build_optimizer([*model.parameters(), *extra], config.optimizer)
+    total = per_epoch * config.epochs
+    scheduler = _scheduler(optimizer, config, total)
+    set_progress = getattr(objective, "set_progress", None)
     enforcer = enforce_masks(model, masks, optimizer) if masks else nullcontext()
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -154,6 +178,8 @@ def train(
             for batch_index, (x, y) in enumerate(loader):
                 if batch_index >= per_epoch:
                     break
+                if set_progress is not None:
+                    set_progress(steps / max(1, total - 1))
                 loss = objective(model, x, y)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):

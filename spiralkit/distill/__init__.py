@@ -1,6 +1,70 @@
-"""Knowledge distillation: losses and the recovery step of the spiral."""
+"""Knowledge distillation: losses, feature taps, teacher caching and the recovery step of the spiral."""
 
-from spiralkit.distill.losses import kd_loss
+from spiralkit.distill.adapters import make_adapter
+from spiralkit.distill.cache import CacheStats, TeacherCache
+from spiralkit.distill.losses import (
+    CRDLoss,
+    HintLoss,
+    LayerMapLoss,
+    anneal,
+    attention_map,
+    attention_probs_loss,
+    attention_transfer_loss,
+    hint_loss,
+    info_nce,
+    kd_loss,
+    value_relation,
+    value_relation_loss,
+    weighted_sum,
+)
 from spiralkit.distill.recovery import Distill, Finetune, Recovery, distill, freeze, recovery_objective
+from spiralkit.distill.taps import DistillError, FeatureTaps, Tap, capture
+from spiralkit.distill.terms import (
+    AttentionProbsTerm,
+    AttentionTransferTerm,
+    CRDTerm,
+    DistillObjective,
+    HintTerm,
+    LayersTerm,
+    LogitsTerm,
+    LossTerm,
+    TemperatureSchedule,
+)
 
-__all__ = ["Distill", "Finetune", "Recovery", "distill", "freeze", "kd_loss", "recovery_objective"]
+__all__ = [
+    "AttentionProbsTerm",
+    "AttentionTransferTerm",
+    "CRDLoss",
+    "CRDTerm",
+    "CacheStats",
+    "Distill",
+    "DistillError",
+    "DistillObjective",
+    "FeatureTaps",
+    "Finetune",
+    "HintLoss",
+    "HintTerm",
+    "LayerMapLoss",
+    "LayersTerm",
+    "LogitsTerm",
+    "LossTerm",
+    "Recovery",
+    "Tap",
+    "TeacherCache",
+    "TemperatureSchedule",
+    "anneal",
+    "attention_map",
+    "attention_probs_loss",
+    "attention_transfer_loss",
+    "capture",
+    "distill",
+    "freeze",
+    "hint_loss",
+    "info_nce",
+    "kd_loss",
+    "make_adapter",
+    "recovery_objective",
+    "value_relation",
+    "value_relation_loss",
+    "weighted_sum",
+]
