@@ -38,7 +38,8 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from spiralkit.data import DataSplits, load_data
-from spiralkit.distill.recovery import freeze, recovery_objective
+from spiralkit.distill.cache import TeacherCache
+from spiralkit.distill.recovery import Distill, freeze, recovery_objective
 from spiralkit.distill.students import StudentLayout, apply_student, plan_student
 from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
@@ -54,7 +55,7 @@ from spiralkit.quant.stage import Quantized, StageInputs, quantize_stage
 from spiralkit.recipe import Recipe, dump_recipe, load_recipe
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.tasks import evaluate, metric_drop
-from spiralkit.train import NonFiniteLoss, Objective, supervised, train
+from spiralkit.train import NonFiniteLoss, Objective, Wrapped, supervised, train
 
 STATE_SCHEMA = "spiralkit.state/2"
 PLANS = "plan.json"
@@ -101,6 +102,7 @@ class RunContext:
     example: Tensor
     run_dir: Path
     console: Console
+    cache: TeacherCache | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,18 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def _teacher_cache(recipe: Recipe) -> Iterator[TeacherCache | None]:
+    """One cache of the frozen teacher's outputs for all the rounds, which distil from the same
+    teacher on the same (unaugmented) examples with the same losses; None when the recovery
+    asks for none. (A student stage's distillation keeps a cache of its own.)"""
+    if not isinstance(recipe.recover, Distill) or not recipe.recover.cache_teacher:
+        yield None
+        return
+    with TeacherCache(budget_mb=recipe.recover.cache_budget_mb) as cache:
+        yield cache
 
 
 def _example_input(data: DataSplits, batch_size: int) -> Tensor:
@@ -215,6 +229,10 @@ def _student(model: nn.Module, state: RunState, ctx: RunContext) -> nn.Module:
               progress=True, description="student")
     except NonFiniteLoss as exc:
         raise SpiralError(f"student distillation diverged ({exc}); lower recipe key 'student.distill.train.optimizer.lr'") from None
+    finally:
+        close = getattr(objective, "close", None)
+        if close is not None:
+            close()
     save_weights(student, weights)
     state.student = measure_model(student, ctx)
     save_run_state(ctx.run_dir, state)
@@ -314,32 +332,13 @@ def _next_target(state: RunState, pruned: Pruned, ctx: RunContext) -> float | No
     return None
 
 
-@dataclass(frozen=True)
-class _Penalised:
-    """An objective plus network slimming's L1 penalty on batch-norm scales.
-
-    Whatever else the objective offers the training loop (``prepare``, ``parameters``,
-    ``set_progress``) is passed through.
-    """
-
-    objective: Objective
-    strength: float
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return self.objective(model, x, y) + bn_l1_penalty(model, self.strength)
-
-    def __getattr__(self, name: str) -> object:
-        if name in ("objective", "strength"):
-            raise AttributeError(name)
-        return getattr(self.objective, name)
-
-
 def _recovery(stage: object, ctx: RunContext) -> Objective:
     """The recovery objective of a round, with network slimming's penalty when the stage asks for it."""
-    objective = recovery_objective(ctx.recipe.recover, task=ctx.recipe.task, teacher=ctx.teacher)
+    objective = recovery_objective(ctx.recipe.recover, task=ctx.recipe.task, teacher=ctx.teacher, cache=ctx.cache)
     if not isinstance(stage, StructuredStage) or stage.bn_penalty == 0:
         return objective
-    return _Penalised(objective, stage.bn_penalty)
+    strength = stage.bn_penalty
+    return Wrapped(objective, lambda base, model, x, y: base(model, x, y) + bn_l1_penalty(model, strength))
 
 
 def _run_round(
@@ -517,18 +516,20 @@ class Spiral:
             torch.manual_seed(recipe.seed)  # the model's random init is part of the run
             model = model if model is not None else load_model(recipe.model)
             _baseline(model, recipe, data, run_dir, trained=trained, console=console)
-            ctx = RunContext(recipe=recipe, data=data, teacher=freeze(copy.deepcopy(model)),
-                             example=_example_input(data, recipe.measure.batch_size), run_dir=run_dir, console=console)
-            state = load_run_state(run_dir)
-            if state.baseline is None:
-                state.baseline = measure_model(model, ctx)
-                save_run_state(run_dir, state)
-            if state.final is None:
-                if recipe.student is not None:
-                    model = _student(model, state, ctx)
-                result, state = _spiral(model, state, ctx)
-                _finish(result, state, ctx)
-                save_run_state(run_dir, state)
+            with _teacher_cache(recipe) as cache:
+                ctx = RunContext(recipe=recipe, data=data, teacher=freeze(copy.deepcopy(model)),
+                                 example=_example_input(data, recipe.measure.batch_size), run_dir=run_dir,
+                                 console=console, cache=cache)
+                state = load_run_state(run_dir)
+                if state.baseline is None:
+                    state.baseline = measure_model(model, ctx)
+                    save_run_state(run_dir, state)
+                if state.final is None:
+                    if recipe.student is not None:
+                        model = _student(model, state, ctx)
+                    result, state = _spiral(model, state, ctx)
+                    _finish(result, state, ctx)
+                    save_run_state(run_dir, state)
         report = build_report(recipe, state)
         write_report(report, run_dir)
         print_report(report, console)

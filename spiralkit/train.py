@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,6 +104,29 @@ def supervised(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Objective:
         return loss_fn(model(x), y)
 
     return objective
+
+
+class Wrapped:
+    """An objective computed around another: ``around(base, model, x, y)``.
+
+    What the base offers the training loop (``prepare``, ``parameters``, ``set_progress``,
+    ``close``) is passed through, so wrapping (a penalty, fake-quantized weights) keeps
+    distillation adapters trained and temperature schedules running.
+    """
+
+    _PASSED = frozenset({"prepare", "parameters", "set_progress", "close"})
+
+    def __init__(self, base: Objective, around: Callable[[Objective, nn.Module, Tensor, Tensor], Tensor]) -> None:
+        self.base = base
+        self.around = around
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.around(self.base, model, x, y)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in Wrapped._PASSED:
+            return getattr(self.base, name)
+        raise AttributeError(name)
 
 
 def objective_parameters(objective: Objective, model: nn.Module, loader: _Sized, *, seed: int) -> list[nn.Parameter]:

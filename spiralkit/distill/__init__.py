@@ -27,6 +27,7 @@ from spiralkit.distill.terms import (
     HintTerm,
     LayersTerm,
     LogitsTerm,
+    OutputsTerm,
     LossTerm,
     TemperatureSchedule,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "LayerMapLoss",
     "LayersTerm",
     "LogitsTerm",
+    "OutputsTerm",
     "LossTerm",
     "Recovery",
     "Tap",

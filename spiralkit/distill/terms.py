@@ -26,6 +26,7 @@ from functools import singledispatch
 from typing import Annotated, Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -52,6 +53,7 @@ __all__ = [
     "LayersTerm",
     "LogitsTerm",
     "LossTerm",
+    "OutputsTerm",
     "TemperatureSchedule",
 ]
 
@@ -122,7 +124,9 @@ class AttentionProbsTerm(_Term):
         student: tap giving the student's attention probabilities (B, heads, L, L), e.g.
             ``{module: encoder.layer.3.attention.self, index: 1}`` for a Hugging Face layer.
         teacher: the same for the teacher (same number of heads).
-        pad_token: token id of padding in the inputs: padded keys and queries are masked.
+        pad_token: token id of padding in (B, L) token-id inputs: padded keys and queries
+            are masked. Packed (B, 2, L) inputs (``[input_ids; attention_mask]``, spiralkit's
+            Hugging Face models) are masked by their attention mask without it.
         values: ``[student tap, teacher tap]`` of value projections (B, L, D): adds
             `value_relation_loss` (MiniLM's second term).
         value_heads: relation heads of the value term (default: the attention's heads).
@@ -164,8 +168,24 @@ class LayersTerm(_Term):
     adapt: bool = True
 
 
+class OutputsTerm(_Term):
+    """Match the teacher's outputs directly: embeddings, or logits by regression.
+
+    ``cosine``: ``mean(1 − cos(s, t))`` over the last dimension — for sentence embeddings,
+    whose fidelity is their cosine to the original's (the loss of Sentence-BERT-style
+    embedding distillation, Reimers & Gurevych 2020). ``mse``: ``mean((s − t)²)``.
+    Needs no labels, so a student learns from unlabeled inputs.
+
+    Attributes:
+        loss: ``cosine`` or ``mse``.
+    """
+
+    kind: Literal["outputs"] = "outputs"
+    loss: Literal["cosine", "mse"] = "cosine"
+
+
 LossTerm = Annotated[
-    LogitsTerm | HintTerm | AttentionTransferTerm | AttentionProbsTerm | CRDTerm | LayersTerm,
+    LogitsTerm | HintTerm | AttentionTransferTerm | AttentionProbsTerm | CRDTerm | LayersTerm | OutputsTerm,
     Field(discriminator="kind"),
     BeforeValidator(kind_from_string),
 ]
@@ -208,7 +228,14 @@ def _name(term: object, student: Tap, teacher: Tap) -> str:
     return f"{getattr(term, 'kind', type(term).__name__)} {tap_key(student)!r} -> {tap_key(teacher)!r}"
 
 
-def _padding_mask(term: AttentionProbsTerm, x: Any) -> Tensor | None:
+def _padding_mask(term: AttentionProbsTerm, x: Any, length: int | None = None) -> Tensor | None:
+    """Which tokens are real: from packed ``[input_ids; attention_mask]`` rows, or from ``pad_token``.
+
+    ``length`` crops the mask to the attention's sequence length (models that trim
+    all-padding columns per batch attend over fewer positions than the input has).
+    """
+    if isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == 2 and not x.is_floating_point():
+        return x[:, 1, :length].bool()
     if term.pad_token is None:
         return None
     if not isinstance(x, Tensor) or x.ndim != 2 or x.is_floating_point():
@@ -261,7 +288,7 @@ def _(term: AttentionProbsTerm, batch: _Batch) -> nn.Module | None:
         if vs.ndim != 3 or vt.ndim != 3 or vs.shape[-1] % heads or vt.shape[-1] % heads:
             raise DistillError(f"{_name(term, *term.values)}: needs (B, L, D) values with D divisible by "
                                f"{heads} heads; got student {tuple(vs.shape)} and teacher {tuple(vt.shape)}")
-    _padding_mask(term, batch.x)
+    _padding_mask(term, batch.x, t.shape[-1])
     return None
 
 
@@ -276,6 +303,14 @@ def _(term: LayersTerm, batch: _Batch) -> nn.Module | None:
     shapes = [tuple(tuple(f.shape) for f in batch.pair(s, t)) for s, t in term.map]
     names = [f"layers pair {i} ({tap_key(s)!r} -> {tap_key(t)!r})" for i, (s, t) in enumerate(term.map)]
     return LayerMapLoss(shapes, names=names, adapt=term.adapt)  # type: ignore[arg-type]
+
+
+@_build.register
+def _(term: OutputsTerm, batch: _Batch) -> nn.Module | None:
+    if batch.student_output.shape != batch.teacher_output.shape:
+        raise DistillError(f"outputs: student outputs {tuple(batch.student_output.shape)} and teacher outputs "
+                           f"{tuple(batch.teacher_output.shape)} differ")
+    return None
 
 
 # --------------------------------------------------------------------------- the loss of each term
@@ -310,8 +345,8 @@ def _(term: AttentionTransferTerm, batch: _Batch, learned: nn.Module | None, *, 
 @_loss.register
 def _(term: AttentionProbsTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float,
       temperature: float) -> Tensor:
-    mask = _padding_mask(term, batch.x)
     s, t = batch.pair(term.student, term.teacher)
+    mask = _padding_mask(term, batch.x, t.shape[-1])
     loss = attention_probs_loss(s, t, mask=mask)
     if term.values is not None:
         loss = loss + value_relation_loss(*batch.pair(*term.values), heads=term.value_heads or t.shape[1], mask=mask)
@@ -329,6 +364,14 @@ def _(term: LayersTerm, batch: _Batch, learned: nn.Module | None, *, alpha: floa
     assert learned is not None
     pairs = [batch.pair(s, t) for s, t in term.map]
     return learned([s for s, _ in pairs], [t for _, t in pairs])
+
+
+@_loss.register
+def _(term: OutputsTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+    student, teacher = batch.student_output, batch.teacher_output.detach()
+    if term.loss == "mse":
+        return F.mse_loss(student, teacher)
+    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
 def _logits(output: Any) -> Tensor:

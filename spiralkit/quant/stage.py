@@ -38,7 +38,7 @@ from spiralkit.export.onnx import OrtModel
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
 from spiralkit.tasks import Classification, metric_drop
-from spiralkit.train import Objective, OptimizerConfig, TrainConfig, train
+from spiralkit.train import Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -137,12 +137,12 @@ class _WithWeights(nn.Module):
 def fake_quant_objective(base: Objective, bits: Mapping[str, int], *, granularity: PerTensor | PerChannel) -> Objective:
     """``base`` evaluated with the named weights fake-quantized (straight-through gradients)."""
 
-    def objective(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def around(inner: Objective, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         params = dict(model.named_parameters())
         weights = {n: fake_quantize_nonzero(params[n], b, granularity=granularity, name=n) for n, b in bits.items()}
-        return base(_WithWeights(model, weights), x, y)
+        return inner(_WithWeights(model, weights), x, y)
 
-    return objective
+    return Wrapped(base, around)
 
 
 def _mixed_bits(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> dict[str, int]:

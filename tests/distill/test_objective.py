@@ -20,6 +20,7 @@ from spiralkit.distill import (
     HintTerm,
     LayersTerm,
     LogitsTerm,
+    OutputsTerm,
     TemperatureSchedule,
     Tap,
     attention_probs_loss,
@@ -248,6 +249,46 @@ def test_attention_probs_term_masks_padding() -> None:
     with torch.no_grad():
         student.embed.weight[0] += 5.0  # what the student computes at padded positions only
     assert objective(student, tokens, y).item() == pytest.approx(loss, rel=1e-6)
+
+
+class _Packed(nn.Module):
+    """TinyAttention over packed ``[ids; mask]`` rows, trimming all-padding columns like spiralkit's HF models."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = int(x[:, 1].sum(dim=1).max())
+        return self.inner(x[:, 0, :length])
+
+
+def test_attention_probs_term_masks_packed_inputs_by_their_attention_mask() -> None:
+    teacher, student = freeze(TinyAttention(8, 2, 0)), TinyAttention(4, 2, 1)
+    tokens = torch.tensor([[3, 4, 5, 0, 0], [6, 7, 0, 0, 0]])  # the last column is padding everywhere
+    packed = torch.stack([tokens, (tokens != 0).long()], dim=1)
+    y = torch.tensor([0, 1])
+    term = AttentionProbsTerm(student=Tap(module="inner.attn", index=1), teacher=Tap(module="inner.attn", index=1))
+    objective = DistillObjective(_Packed(teacher), (term,), alpha=0.9, temperature=4.0)
+    packed_student = _Packed(student)
+    trimmed = tokens[:, :3]
+    mask = trimmed != 0
+    expected = attention_probs_loss(student.attn(student.embed(trimmed), mask)[1],
+                                    teacher.attn(teacher.embed(trimmed), mask)[1], mask=mask)
+    assert objective(packed_student, packed, y).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_outputs_term_is_one_minus_cosine_or_mse_and_needs_no_labels() -> None:
+    teacher, student = freeze(_mlp((8,), 0)), _mlp((4,), 1)
+    x, _ = _data(16)
+    s, t = student(x), teacher(x)
+    cosine = DistillObjective(teacher, (OutputsTerm(),), alpha=0.9, temperature=4.0)
+    assert cosine(student, x, None).item() == pytest.approx((1 - F.cosine_similarity(s, t, dim=-1)).mean().item(), rel=1e-5)
+    mse = DistillObjective(teacher, (OutputsTerm(loss="mse", weight=2.0),), alpha=0.9, temperature=4.0)
+    assert mse(student, x, None).item() == pytest.approx(2 * F.mse_loss(s, t).item(), rel=1e-5)
+    with pytest.raises(DistillError, match=r"outputs: student outputs \(16, 2\) and teacher outputs \(16, 3\) differ"):
+        DistillObjective(teacher, (OutputsTerm(),), alpha=0.9, temperature=4.0)(
+            mlp(in_features=4, widths=(4,), num_classes=2), x, None)
 
 
 # --------------------------------------------------------------------------- errors
