@@ -253,11 +253,15 @@ def _build(term: object, batch: _Batch) -> nn.Module | None:
     raise TypeError(f"unknown loss term {type(term).__name__}")
 
 
+def _check_same_outputs(kind: str, batch: _Batch) -> None:
+    if batch.student_output.shape != batch.teacher_output.shape:
+        raise DistillError(f"{kind}: student outputs {tuple(batch.student_output.shape)} and teacher outputs "
+                           f"{tuple(batch.teacher_output.shape)} differ")
+
+
 @_build.register
 def _(term: LogitsTerm, batch: _Batch) -> nn.Module | None:
-    if batch.student_output.shape != batch.teacher_output.shape:
-        raise DistillError(f"logits: student outputs {tuple(batch.student_output.shape)} and teacher outputs "
-                           f"{tuple(batch.teacher_output.shape)} differ")
+    _check_same_outputs(term.kind, batch)
     return None
 
 
@@ -307,9 +311,7 @@ def _(term: LayersTerm, batch: _Batch) -> nn.Module | None:
 
 @_build.register
 def _(term: OutputsTerm, batch: _Batch) -> nn.Module | None:
-    if batch.student_output.shape != batch.teacher_output.shape:
-        raise DistillError(f"outputs: student outputs {tuple(batch.student_output.shape)} and teacher outputs "
-                           f"{tuple(batch.teacher_output.shape)} differ")
+    _check_same_outputs(term.kind, batch)
     return None
 
 
