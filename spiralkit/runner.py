@@ -237,8 +237,7 @@ def _student(model: nn.Module, state: RunState, ctx: RunContext) -> nn.Module:
     state.student = measure_model(student, ctx)
     save_run_state(ctx.run_dir, state)
     ctx.console.print(f"student: {ctx.recipe.task.metric_name} {state.student.metric:.2f}, "
-                      f"{state.student.latency_ms:.3f} ms (baseline {state.baseline.metric if state.baseline else 0:.2f}, "
-                      f"{state.baseline.latency_ms if state.baseline else 0:.3f} ms)")
+                      f"{state.student.latency_ms:.3f} ms at batch {ctx.recipe.measure.batch_size}")
     return student.eval()
 
 
