@@ -4,7 +4,8 @@ The public API, re-exported explicitly; importing it has no side effects.
 """
 
 from spiralkit.data import DataSpec, DataSplits, load_data
-from spiralkit.distill import Distill, Finetune, distill, kd_loss
+from spiralkit.distill import Distill, Finetune, Tap, TeacherCache, distill, kd_loss
+from spiralkit.distill.students import NarrowStudent, ShallowStudent, build_student
 from spiralkit.errors import DataError, ModelError, PruneError, RecipeError, SpiralError
 from spiralkit.models import ModelSpec, load_model
 from spiralkit.prune import (
@@ -17,33 +18,44 @@ from spiralkit.prune import (
     plan_pruning,
     prune,
 )
+from spiralkit.prune.stages import StructuredStage
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.recipe import Recipe, load_recipe, parse_recipe
 from spiralkit.report import Report
 from spiralkit.runner import Spiral
+from spiralkit.tasks import Classification, EmbeddingFidelity, evaluate
 
 __all__ = [
+    "Classification",
     "DataError",
     "DataSpec",
     "DataSplits",
-    "DynamicInt8",
     "Distill",
+    "DynamicInt8",
+    "EmbeddingFidelity",
     "Finetune",
     "ModelError",
     "ModelSpec",
-    "PrunePlan",
+    "NarrowStudent",
     "PruneError",
+    "PrunePlan",
     "Recipe",
     "RecipeError",
     "Report",
+    "ShallowStudent",
     "Spiral",
     "SpiralError",
     "StaticInt8",
     "StructuredPrune",
+    "StructuredStage",
+    "Tap",
+    "TeacherCache",
     "UnstructuredPrune",
     "apply_plan",
+    "build_student",
     "distill",
     "enforce_masks",
+    "evaluate",
     "finalize",
     "kd_loss",
     "load_data",
