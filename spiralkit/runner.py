@@ -376,6 +376,9 @@ def _run_round(
 def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[Pruned, RunState]:
     assert state.baseline is not None, "the baseline is measured before any round"
     pruned = _load_round(ctx.run_dir, state.checkpoint, model) if state.checkpoint else Pruned(model=model)
+    if not state.rounds and state.stage < len(ctx.recipe.prune):  # e.g. a student is already smaller
+        first = ctx.recipe.prune[state.stage]
+        state.progress = stage_progress(first, pruned.model, pruned.masks, _stage_context(first, state.baseline, ctx))
     while True:
         target = _next_target(state, pruned, ctx)
         if target is None:

@@ -361,3 +361,19 @@ def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> 
     # A second run resumes from the saved student instead of distilling again.
     again = Spiral(r).run(tmp_path / "run", resume=True, console=quiet())
     assert again.student == report.student
+
+
+def test_structured_rounds_after_a_student_count_the_student_s_reduction(tmp_path: Path) -> None:
+    r = recipe(
+        model="{name: 'tests.test_runner:stacked', kwargs: {width: 64}}",
+        student="{architecture: {kind: shallow, every: 2}, distill: {kind: distill, train: {epochs: 2, optimizer: {name: adam, lr: 0.005}}}}",
+        # The student already has ~39% fewer MACs, past the schedule's first point (0.2): the
+        # first round must aim beyond it, at the target.
+        prune="{kind: structured, measure: macs, target_reduction: 0.45, schedule: {kind: iterative, step: 0.2}}",
+        targets="{max_metric_drop: 100.0, min_step: 0.01, max_rounds: 3}",
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert report.student is not None and report.final is not None
+    assert 0.3 < 1 - report.student.macs / report.baseline.macs < 0.45
+    assert [x.target for x in report.rounds] == [pytest.approx(0.45)]
+    assert report.final.macs <= 0.55 * report.baseline.macs
