@@ -17,9 +17,9 @@ class DataSpec(BaseModel):
     """The ``data`` section of a recipe.
 
     Attributes:
-        name: ``"mnist-sample"``, ``"mnist"``, ``"digits"`` or ``"package.module:function"``.
+        name: ``"mnist-sample"``, ``"mnist"``, ``"digits"``, ``"sst2"`` or ``"package.module:function"``.
         root: Directory holding on-disk data sets (``<root>/mnist/...``); when None the
-            ``SPIRALKIT_DATA_DIR`` environment variable is used. Only ``mnist`` reads it.
+            ``SPIRALKIT_DATA_DIR`` environment variable is used. ``mnist`` and ``sst2`` read it.
         batch_size: Training batch size.
         eval_batch_size: Batch size of the validation and test loaders.
         val_fraction: Share of the training split held out as validation, which drives
