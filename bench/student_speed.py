@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from spiralkit.data import load_data
-from spiralkit.distill.students import StudentLayout, apply_student
+from spiralkit.distill.students import STUDENT_FILENAME, apply_student, read_layout
 from spiralkit.export import load_state
 from spiralkit.measure import count_macs
 from spiralkit.models import load_model
@@ -39,8 +39,7 @@ def models(run_dir: Path) -> tuple[nn.Module, nn.Module]:
     recipe = load_recipe(run_dir / "recipe.yaml")
     teacher = load_model(recipe.model.model_copy(update={"checkpoint": None}))
     teacher.load_state_dict(load_state(run_dir / "baseline.safetensors"))
-    layout = StudentLayout.model_validate_json((run_dir / "student.json").read_text(encoding="utf-8"))
-    student = apply_student(copy.deepcopy(teacher), layout)
+    student = apply_student(copy.deepcopy(teacher), read_layout(run_dir / STUDENT_FILENAME))
     student.load_state_dict(load_state(run_dir / "student.safetensors"))
     return teacher.eval(), student.eval()
 

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from spiralkit.data import DataSplits, load_data
 from spiralkit.distill.cache import TeacherCache
-from spiralkit.distill.recovery import Distill, freeze, recovery_objective
-from spiralkit.distill.students import StudentLayout, apply_student, plan_student
+from spiralkit.distill.recovery import Distill, distill, freeze, recovery_objective
+from spiralkit.distill.students import STUDENT_FILENAME, StudentLayout, apply_student, plan_student, read_layout
 from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
 from spiralkit.export.onnx import VerifyResult, export_onnx, verify_onnx
@@ -59,7 +59,6 @@ from spiralkit.train import NonFiniteLoss, Objective, Wrapped, supervised, train
 
 STATE_SCHEMA = "spiralkit.state/2"
 PLANS = "plan.json"
-STUDENT_LAYOUT = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
 
 
@@ -204,9 +203,9 @@ def _baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path,
 def _student_layout(ctx: RunContext) -> StudentLayout:
     """The student's layout: planned from the teacher once, then read from ``student.json``."""
     assert ctx.recipe.student is not None, "only recipes with a student stage have one"
-    path = ctx.run_dir / STUDENT_LAYOUT
+    path = ctx.run_dir / STUDENT_FILENAME
     if path.exists():
-        return StudentLayout.model_validate_json(path.read_text(encoding="utf-8"))
+        return read_layout(path)
     layout = plan_student(ctx.recipe.student.architecture, ctx.teacher, example=ctx.example,
                           batches=ctx.data.train, loss_fn=ctx.recipe.task.loss)
     atomic_write_text(path, layout.model_dump_json(indent=2))
@@ -223,16 +222,11 @@ def _student(model: nn.Module, state: RunState, ctx: RunContext) -> nn.Module:
         student.load_state_dict(load_state(weights))
         return student.eval()
     ctx.console.print(f"[bold]student[/]: {stage.architecture.kind}, distilling for {stage.distill.train.epochs} epoch(s)")
-    objective = recovery_objective(stage.distill, task=ctx.recipe.task, teacher=ctx.teacher)
     try:
-        train(student, ctx.data.train, config=stage.distill.train, objective=objective, seed=ctx.recipe.seed + 500,
-              progress=True, description="student")
+        distill(student, ctx.teacher, ctx.data.train, config=stage.distill, task=ctx.recipe.task,
+                seed=ctx.recipe.seed + 500, progress=True)
     except NonFiniteLoss as exc:
         raise SpiralError(f"student distillation diverged ({exc}); lower recipe key 'student.distill.train.optimizer.lr'") from None
-    finally:
-        close = getattr(objective, "close", None)
-        if close is not None:
-            close()
     save_weights(student, weights)
     state.student = measure_model(student, ctx)
     save_run_state(ctx.run_dir, state)
@@ -553,9 +547,8 @@ def export_run(run_dir: Path) -> tuple[Path, VerifyResult]:
         raise SpiralError(f"{run_dir} holds no finished run: {weights} is missing")
     recipe = load_recipe(run_dir / "recipe.yaml")
     model = load_model(recipe.model.model_copy(update={"checkpoint": None}))
-    if (run_dir / STUDENT_LAYOUT).exists():
-        layout = StudentLayout.model_validate_json((run_dir / STUDENT_LAYOUT).read_text(encoding="utf-8"))
-        apply_student(model, layout)
+    if (run_dir / STUDENT_FILENAME).exists():
+        apply_student(model, read_layout(run_dir / STUDENT_FILENAME))
     if (run_dir / PLANS).exists():
         replay_plans(model, read_plans(run_dir / PLANS))
     load_weights(model, weights)

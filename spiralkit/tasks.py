@@ -135,19 +135,16 @@ def _(
     *,
     reference: nn.Module | None = None,
 ) -> Evaluation:
-    was_training = model.training
-    model.eval()
     correct = 0
     total = 0
     loss_sum = 0.0
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for x, y in loader:
             logits = model(x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             top = logits.topk(min(task.top_k, logits.shape[-1]), dim=-1).indices
             correct += int((top == y.unsqueeze(-1)).any(dim=-1).sum())
             total += y.shape[0]
-    model.train(was_training)
     if total == 0:
         raise SpiralError("cannot evaluate on an empty data split")
     return Evaluation(metric=100.0 * correct / total, loss=loss_sum / total, examples=total)

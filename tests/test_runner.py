@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from spiralkit.errors import RecipeError, SpiralError
+from spiralkit.errors import ModelError, RecipeError, SpiralError
 from spiralkit.export import load_state
 from spiralkit.recipe import Recipe, parse_recipe
 from spiralkit.report import SCHEMA, Report
@@ -361,6 +361,9 @@ def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> 
     # A second run resumes from the saved student instead of distilling again.
     again = Spiral(r).run(tmp_path / "run", resume=True, console=quiet())
     assert again.student == report.student
+    (tmp_path / "run" / "student.json").write_text('{"spec": {"kind": "shallow"}}')
+    with pytest.raises(ModelError, match=r"student.json: not a student layout"):
+        export_run(tmp_path / "run")
 
 
 def test_structured_rounds_after_a_student_count_the_student_s_reduction(tmp_path: Path) -> None:

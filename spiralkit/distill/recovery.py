@@ -11,7 +11,7 @@ from torch import nn
 
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.distill.terms import DistillObjective, LogitsTerm, LossTerm, TemperatureSchedule
-from spiralkit.tasks import Classification
+from spiralkit.tasks import Classification, EmbeddingFidelity
 from spiralkit.train import Objective, TrainConfig, supervised, train
 
 
@@ -66,7 +66,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 @singledispatch
 def recovery_objective(
-    recovery: object, *, task: Classification, teacher: nn.Module, cache: TeacherCache | None = None
+    recovery: object, *, task: Classification | EmbeddingFidelity, teacher: nn.Module, cache: TeacherCache | None = None
 ) -> Objective:
     """The training objective of a recovery config (dispatched on its type).
 
@@ -82,12 +82,12 @@ def recovery_objective(
 
 
 @recovery_objective.register
-def _(recovery: Finetune, *, task: Classification, teacher: nn.Module, cache: TeacherCache | None = None) -> Objective:
+def _(recovery: Finetune, *, task: Classification | EmbeddingFidelity, teacher: nn.Module, cache: TeacherCache | None = None) -> Objective:
     return supervised(task.loss)
 
 
 @recovery_objective.register
-def _(recovery: Distill, *, task: Classification, teacher: nn.Module,
+def _(recovery: Distill, *, task: Classification | EmbeddingFidelity, teacher: nn.Module,
       cache: TeacherCache | None = None) -> DistillObjective:
     own = cache is None and recovery.cache_teacher
     if own:
@@ -105,7 +105,7 @@ def distill(
     loader: object,
     *,
     config: Distill | Finetune,
-    task: Classification,
+    task: Classification | EmbeddingFidelity,
     seed: int = 0,
     masks: dict[str, torch.Tensor] | None = None,
     progress: bool = False,

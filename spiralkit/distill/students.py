@@ -467,6 +467,21 @@ def save_student(model: nn.Module, directory: Path, *, model_spec: ModelSpec, la
     return directory
 
 
+def read_layout(path: Path) -> StudentLayout:
+    """Read a `StudentLayout` written as JSON (``student.json``).
+
+    Raises:
+        ModelError: The file is missing or is not a student layout; the message names it.
+    """
+    path = Path(path)
+    try:
+        return StudentLayout.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"student layout not found: {path}") from None
+    except ValidationError as exc:
+        raise ModelError(f"{path}: not a student layout: {exc}") from None
+
+
 def load_student(directory: Path) -> nn.Module:
     """Rebuild a student saved by `save_student` (architecture from data, then its weights).
 
@@ -482,9 +497,8 @@ def load_student(directory: Path) -> nn.Module:
             raise ModelError(f"{directory} is not a saved student: {filename} is missing")
     try:
         spec = ModelSpec.model_validate_json((directory / SPEC_FILENAME).read_text(encoding="utf-8"))
-        layout = StudentLayout.model_validate_json((directory / STUDENT_FILENAME).read_text(encoding="utf-8"))
     except ValidationError as exc:
         raise ModelError(f"{directory}: cannot read the saved student: {exc}") from exc
-    model = student_architecture(spec, layout)
+    model = student_architecture(spec, read_layout(directory / STUDENT_FILENAME))
     load_weights(model, directory / WEIGHTS_FILENAME)
     return model.eval()
