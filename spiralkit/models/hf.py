@@ -68,6 +68,9 @@ __all__ = [
     "trim_padding",
 ]
 
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+"""The BERT-style config keys that `hf_model`'s ``encoder_dropout`` sets."""
+
 Head = Literal["classifier", "embedding"]
 Pooling = Literal["mean", "cls"]
 Attention = Literal["sdpa", "eager"]
@@ -288,6 +291,7 @@ def hf_model(
     dropout: float | None = None,
     attention: Attention = "sdpa",
     trim_padding: bool = True,
+    encoder_dropout: float | None = None,
 ) -> HFTextModel:
     """Build an `HFTextModel` from a local Hugging Face directory with its pretrained weights.
 
@@ -305,6 +309,10 @@ def hf_model(
             its ``hidden_dropout_prob``, else 0.1.
         attention: ``"sdpa"`` (fast) or ``"eager"`` (also returns attention probabilities).
         trim_padding: Cut all-padding trailing columns in eager mode.
+        encoder_dropout: Dropout inside the encoder (its config's ``hidden_dropout_prob``
+            and ``attention_probs_dropout_prob``); None keeps the config's. A student that
+            is distilled to reproduce its teacher's outputs usually fits them better with 0:
+            dropout then only adds noise to a regression target.
 
     Returns:
         The model (train mode, as Hugging Face leaves it; `load_model` switches to eval).
@@ -320,7 +328,10 @@ def hf_model(
         raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    encoder = _load_encoder(hf_directory(path), attention=attention)
+    if encoder_dropout is not None and not 0.0 <= encoder_dropout < 1.0:
+        raise ValueError(f"encoder_dropout must be in [0, 1), got {encoder_dropout!r}")
+    overrides = {} if encoder_dropout is None else dict.fromkeys(_DROPOUT_KEYS, encoder_dropout)
+    encoder = _load_encoder(hf_directory(path), attention=attention, overrides=overrides)
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
     return HFTextModel(
@@ -409,11 +420,26 @@ def _quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_encoder(directory: Path, *, attention: Attention) -> PreTrainedModel:
-    from transformers import AutoModel  # deferred: importing transformers takes seconds
+def _load_encoder(directory: Path, *, attention: Attention, overrides: Mapping[str, Any]) -> PreTrainedModel:
+    """``AutoModel.from_pretrained`` offline; ``overrides`` replace values of its config (dropouts).
+
+    Raises:
+        ModelError: The directory cannot be loaded, or its config lacks an overridden key.
+    """
+    from transformers import AutoConfig, AutoModel  # deferred: importing transformers takes seconds
 
     try:
         with _quiet_progress():
-            return AutoModel.from_pretrained(directory, local_files_only=True, attn_implementation=attention)
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
+            missing = [key for key in overrides if not hasattr(config, key)]
+            if missing:
+                raise ModelError(
+                    f"{directory}: a {type(config).__name__} has no {', '.join(missing)}, so "
+                    "encoder_dropout cannot be set; leave it unset for this model"
+                )
+            config.update(dict(overrides))
+            return AutoModel.from_pretrained(
+                directory, config=config, local_files_only=True, attn_implementation=attention
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load a Hugging Face model from {directory}: {exc}") from exc

@@ -148,12 +148,34 @@ def test_onnx_export_keeps_the_full_sequence_length(tiny_dir: Path, tmp_path: Pa
         ({"attention": "flash"}, "attention must be one of 'sdpa', 'eager', got 'flash'"),
         ({"num_labels": 0}, "num_labels must be a positive integer, got 0"),
         ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+        ({"encoder_dropout": -0.1}, r"encoder_dropout must be in \[0, 1\), got -0.1"),
         ({"heads": 2}, r"bad arguments for model 'hf'.*accepted: path, head, num_labels"),
     ],
 )
 def test_bad_options_are_named(tiny_dir: Path, kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ModelError, match=message):
         load_model(_spec(tiny_dir, **kwargs))
+
+
+def test_encoder_dropout_overrides_the_config_and_makes_training_deterministic(tiny_dir: Path) -> None:
+    x = _batch(tiny_dir)
+    default = load_model(_spec(tiny_dir, head="embedding")).train()
+    quiet = load_model(_spec(tiny_dir, head="embedding", encoder_dropout=0.0)).train()
+    assert default.encoder.config.hidden_dropout_prob == 0.1
+    assert quiet.encoder.config.hidden_dropout_prob == quiet.encoder.config.attention_probs_dropout_prob == 0.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(quiet(x), quiet(x))  # no dropout noise in train mode
+        assert not torch.equal(default(x), default(x))
+        assert torch.allclose(quiet(x), default.eval()(x))  # same weights
+
+
+def test_encoder_dropout_on_a_config_without_those_keys_is_named(tmp_path: Path) -> None:
+    config = transformers.DistilBertConfig(vocab_size=len(WORDS), dim=16, n_layers=1, n_heads=4, hidden_dim=32,
+                                           max_position_embeddings=32)
+    transformers.DistilBertModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"DistilBertConfig has no hidden_dropout_prob, attention_probs_dropout_prob"):
+        load_model(_spec(tmp_path, encoder_dropout=0.0))
 
 
 def test_missing_or_unusable_directories_are_named(tmp_path: Path) -> None:
