@@ -22,7 +22,7 @@ from spiralkit.models import ModelSpec
 from spiralkit.prune.config import UnstructuredPrune
 from spiralkit.prune.stages import PruneStage, StructuredStage
 from spiralkit.quant.stage import CompactQuant, QuantizeStage
-from spiralkit.tasks import Classification, Task
+from spiralkit.tasks import Classification, EmbeddingFidelity, Task
 from spiralkit.train import TrainConfig
 
 
@@ -121,6 +121,11 @@ class Recipe(BaseModel):
                 )
         if isinstance(self.quantize, CompactQuant) and any(isinstance(s, StructuredStage) for s in self.prune):
             raise ValueError("quantize kind 'compact' cannot follow structured pruning yet; use kind 'static-int8'")
+        if self.data.name == "sst2" and self.data.kwargs.get("splice") and not isinstance(self.task, EmbeddingFidelity):
+            raise ValueError(
+                "data.kwargs.splice adds unlabeled sentences, which only task 'fidelity' trains on "
+                f"(this recipe's task is {self.task.kind!r}); remove splice"
+            )
         return self
 
 

@@ -92,6 +92,11 @@ prune:
 """
 
 
+def test_spliced_unlabeled_sentences_are_accepted_for_the_fidelity_task() -> None:
+    recipe = parse_recipe("model: {name: 'hf:minilm-l6'}\ndata: {name: sst2, kwargs: {splice: 1}}\ntask: fidelity\n")
+    assert recipe.data.kwargs == {"splice": 1}
+
+
 def test_hybrid_recipe_is_a_list_of_stages_structured_first() -> None:
     structured, unstructured = parse_recipe(HYBRID).prune
     assert isinstance(structured, StructuredStage) and structured.target_reduction == 0.6
@@ -111,6 +116,9 @@ def test_hybrid_recipe_is_a_list_of_stages_structured_first() -> None:
          r"line 4: unknown key 'prune.0.target_reduktion'"),
         (HYBRID + "quantize: {kind: compact, bits: 8}\n",
          r"quantize kind 'compact' cannot follow structured pruning yet"),
+        ("model: {name: 'hf:minilm-l6'}\ndata: {name: sst2, kwargs: {splice: 1}}\n",
+         r"data.kwargs.splice adds unlabeled sentences, which only task 'fidelity' trains on \(this recipe's "
+         r"task is 'classification'\)"),
     ],
 )
 def test_bad_stages_are_named(text: str, message: str) -> None:

@@ -31,7 +31,7 @@ from spiralkit.data.idx import parse_idx_images, parse_idx_labels, read_checksum
 from spiralkit.data.loaders import Loader, TensorLoader
 from spiralkit.data.spec import DataSpec, DataSplits
 from spiralkit.data.splits import count_of, stratified_split
-from spiralkit.data.sst2 import encode_sst2, find_sst2_files, read_sst2, sst2_options
+from spiralkit.data.sst2 import UNLABELED, encode_sst2, find_sst2_files, read_sst2, splice_sentences, sst2_options
 from spiralkit.errors import DataError
 
 __all__ = ["DATA_DIR_ENV", "load_data"]
@@ -41,6 +41,7 @@ DATA_DIR_ENV = "SPIRALKIT_DATA_DIR"
 # Seeds of the fixed splits. Changing them changes every reported test number.
 _TEST_SPLIT_SEED = 20_150_608
 _VAL_SPLIT_SEED = 20_150_609
+_SPLICE_SEED = 20_131_018  # SST-2's spliced sentences are the same in every run, like its splits
 
 # The usual MNIST normalisation: mean and std of the training pixels scaled to [0, 1].
 MNIST_MEAN = 0.1307
@@ -162,7 +163,9 @@ def _load_sst2(spec: DataSpec, seed: int) -> DataSplits:
 
     Only the sentences that are kept are tokenised: ``limit_train`` (a prefix of the
     training sentences in a fixed random order) saves tokenising the rest. The options are
-    ``data.kwargs`` (`spiralkit.data.sst2.SST2Options`: ``tokenizer``, ``max_length``).
+    ``data.kwargs`` (`spiralkit.data.sst2.SST2Options`: ``tokenizer``, ``max_length``,
+    ``splice``). Spliced unlabeled sentences are made from the kept training sentences only
+    and follow them in the training split.
 
     Validation and test sentences are ordered longest first. The order changes no metric,
     but batches then hold sentences of similar length, so the model's per-batch padding
@@ -178,12 +181,16 @@ def _load_sst2(spec: DataSpec, seed: int) -> DataSplits:
     test_sentences, test_labels = read_sst2(paths["dev"], root=root, checksums=checksums)
     train, val = _carve_val(labels, spec=spec)
     train = train[: spec.limit_train]
-    chosen = [sentences[i] for i in train] + [sentences[i] for i in val] + test_sentences
+    train_sentences = [sentences[i] for i in train]
+    spliced = splice_sentences(train_sentences, options.splice * len(train), seed=_SPLICE_SEED)
+    chosen = train_sentences + spliced + [sentences[i] for i in val] + test_sentences
     x = encode_sst2(chosen, options)
-    y = torch.from_numpy(np.concatenate([labels[train], labels[val], test_labels]))
-    ends = np.cumsum([len(train), len(val)])
+    y = torch.from_numpy(
+        np.concatenate([labels[train], np.full(len(spliced), UNLABELED), labels[val], test_labels])
+    )
+    ends = np.cumsum([len(train) + len(spliced), len(val)])
     return _splits(
-        spec,
+        spec.model_copy(update={"limit_train": None}),  # already applied, before splicing
         seed=seed,
         train=(x[: ends[0]], y[: ends[0]]),
         val=_longest_first(x[ends[0] : ends[1]], y[ends[0] : ends[1]]),

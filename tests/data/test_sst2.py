@@ -11,6 +11,7 @@ import torch
 
 from spiralkit.data import DataSpec, load_data
 from spiralkit.data.sources import DATA_DIR_ENV
+from spiralkit.data.sst2 import UNLABELED, splice_sentences
 from spiralkit.errors import DataError
 
 transformers = pytest.importorskip("transformers")
@@ -77,6 +78,39 @@ def test_limit_train_keeps_a_fixed_subset_and_the_same_validation(root: Path, to
     assert sorted(map(tuple, torch.cat([b[0] for b in again.train]).flatten(1).tolist())) == sorted(
         map(tuple, torch.cat([b[0] for b in limited.train]).flatten(1).tolist())
     )
+
+
+def test_splice_adds_unlabeled_training_sentences_from_training_sentences_only(root: Path, tokenizer_dir: Path) -> None:
+    plain = load_data(_spec(root, tokenizer_dir))
+    spliced = load_data(_spec(root, tokenizer_dir, kwargs={"splice": 2}))
+    train_x, train_y = (torch.cat(parts) for parts in zip(*spliced.train, strict=True))
+    assert spliced.train.num_examples == 3 * plain.train.num_examples == 24
+    assert int((train_y == UNLABELED).sum()) == 16 and set(train_y[train_y != UNLABELED].tolist()) == {0, 1}
+    for name in ("val", "test"):  # untouched
+        assert torch.equal(next(iter(getattr(spliced, name)))[0], next(iter(getattr(plain, name)))[0])
+    plain_x = torch.cat([x for x, _ in plain.train])
+    assert set(train_x[:, 0].unique().tolist()) <= set(plain_x[:, 0].unique().tolist())
+    assert train_x[train_y == UNLABELED, 1].sum(1).min() >= 4  # [CLS], a start, an end, [SEP]
+    # The training prefix (limit_train) is taken before splicing, so spliced rows survive it.
+    assert load_data(_spec(root, tokenizer_dir, limit_train=3, kwargs={"splice": 1})).train.num_examples == 6
+
+
+def test_splice_sentences_joins_a_start_to_an_end_reproducibly() -> None:
+    sentences = ["a b c", "d e f g"]
+    made = splice_sentences(sentences, 50, seed=3)
+    assert len(made) == 50 and made == splice_sentences(sentences, 50, seed=3)
+    assert made != splice_sentences(sentences, 50, seed=4)
+    sources = [sentence.split() for sentence in sentences]
+
+    def is_splice(words: list[str]) -> bool:
+        return any(
+            any(words[:cut] == source[:cut] for source in sources)
+            and any(words[cut:] == source[len(source) - (len(words) - cut):] for source in sources)
+            for cut in range(1, len(words))
+        )
+
+    assert all(is_splice(sentence.split()) for sentence in made)
+    assert any(sentence.split()[0] == "a" and sentence.split()[-1] == "g" for sentence in made)  # mixes both
 
 
 def test_root_comes_from_the_environment_when_the_spec_has_none(
