@@ -20,6 +20,11 @@ ResNet-20 (1x28x28, batch 1, 8 and 64). For each, in the same run:
   ``GroupMagnitudeImportance(p=2)``, 50%, the classifier ignored) on fresh copies of the same
   model; median of three runs each.
 
+``--conv-rates`` also times single 3x3 convolution + ReLU layers of ResNet-20's shapes in
+ONNX Runtime (batch 64, the dense widths 16/32/64 and the pruned 8/16/32 on 28/14/7 pixel
+maps) and prints their MAC rate: a pruned network can only reach a speed-up of r x its MACs
+reduction if its narrow layers compute at r x the MAC rate of the dense layers.
+
 This is a script, not a test; it takes about a minute and a half on a quiet CPU. Numbers from a shared
 machine are noisy: run it when the CPU is otherwise idle.
 """
@@ -134,9 +139,33 @@ def run(case: Case, repeats: int) -> list[str]:
     return rows
 
 
+CONV_SHAPES = ((16, 28), (8, 28), (32, 14), (16, 14), (64, 7), (32, 7))  # (channels, map size): dense, pruned
+
+
+class _ConvReLU(nn.Sequential):
+    def __init__(self, channels: int) -> None:
+        super().__init__(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+
+
+def conv_rates(repeats: int, batch: int = 64) -> list[str]:
+    """Markdown rows: ONNX Runtime time and GMAC/s of one ``channels``→``channels`` 3x3 conv + ReLU."""
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for channels, size in CONV_SHAPES:
+            layer = _ConvReLU(channels).eval()
+            example = torch.randn(1, channels, size, size)
+            session = OrtModel(export_onnx(layer, example, Path(directory) / f"conv{channels}_{size}.onnx"), threads=THREADS)
+            x = torch.randn(batch, channels, size, size)
+            median = measure_latency(session, x, threads=THREADS, warmup=5, repeats=repeats).median_ms
+            macs = count_macs(layer, x)
+            rows.append(f"| {channels} | {size}x{size} | {batch} | {macs / 1e6:,.1f} | {median:.3f} | {macs / median / 1e6:.0f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per latency measurement")
+    parser.add_argument("--conv-rates", action="store_true", help="also time single convolutions of ResNet-20's shapes")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(THREADS)
@@ -147,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for case in CASES:
         for row in run(case, args.repeats):
+            print(row, flush=True)
+    if args.conv_rates:
+        print("\nONNX Runtime, one 3x3 convolution + ReLU, channels → same channels")
+        print("| channels | map | batch | MMACs | ms | GMAC/s |")
+        print("|---|---|---|---|---|---|")
+        for row in conv_rates(args.repeats):
             print(row, flush=True)
 
 
