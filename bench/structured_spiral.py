@@ -1,6 +1,6 @@
 """Benchmark: the structured spiral against one-shot pruning + fine-tuning at the same budget.
 
-    python -m bench.structured_spiral recipes/structured_lenet5_mnist.yaml [--out runs/bench]
+    python -m bench.structured_spiral recipes/structured_lenet5_mnist.yaml [--out runs/bench] [--target 0.9]
 
 Runs the recipe as ``spiral run`` does (``OUT/spiral``), then, from the same trained
 baseline, the one-shot alternative (``OUT/oneshot``): every structured stage goes straight
@@ -8,6 +8,8 @@ to its target in one round (``schedule: one-shot``), recovered by fine-tuning on
 as many epochs as the spiral's kept rounds used in total, and kept whatever it loses (the
 comparison is at the same MACs). A run directory that already holds a finished run is
 reused. Prints dense, spiral and one-shot test metric, MACs and latency side by side.
+``--target`` replaces every structured stage's ``target_reduction`` (and names the run
+after it), to compare both at a harder budget than the recipe's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ def one_shot_twin(recipe: Recipe, *, epochs: int) -> Recipe:
                                      "targets": targets})
 
 
+def with_target(recipe: Recipe, target: float) -> Recipe:
+    """The recipe with every structured stage aiming at ``target`` reduction, named after it."""
+    stages = tuple(
+        StructuredStage.model_validate({**stage.model_dump(), "target_reduction": target})  # checks the range
+        if isinstance(stage, StructuredStage) else stage
+        for stage in recipe.prune
+    )
+    return recipe.model_copy(update={"name": f"{recipe.name}_{round(100 * target)}", "prune": stages})
+
+
 def _run(recipe: Recipe, run_dir: Path, console: Console, **kwargs: object) -> Report:
     if (run_dir / "report.json").exists():
         console.print(f"reusing the finished run in {run_dir}")
@@ -59,8 +71,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: runs/bench/<recipe name>")
+    parser.add_argument("--target", type=float, default=None, help="every structured stage's target_reduction")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
+    if args.target is not None:
+        recipe = with_target(recipe, args.target)
     out = args.out or Path("runs") / "bench" / recipe.name
     console = Console()
     spiral = _run(recipe, out / "spiral", console)
