@@ -38,7 +38,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from spiralkit.data import DataSplits, load_data
-from spiralkit.distill.cache import TeacherCache
+from spiralkit.distill.cache import CachedModel, TeacherCache
 from spiralkit.distill.recovery import Distill, distill, freeze, recovery_objective
 from spiralkit.distill.students import STUDENT_FILENAME, StudentLayout, apply_student, plan_student, read_layout
 from spiralkit.errors import RecipeError, SpiralError
@@ -98,6 +98,7 @@ class RunContext:
     recipe: Recipe
     data: DataSplits
     teacher: nn.Module
+    reference: nn.Module  # the teacher through a cache of its outputs, for tasks that compare with it
     example: Tensor
     run_dir: Path
     console: Console
@@ -167,8 +168,8 @@ def measure_model(model: nn.Module, ctx: RunContext) -> Metrics:
         model, ctx.example, threads=recipe.measure.threads, warmup=recipe.measure.warmup, repeats=recipe.measure.repeats
     )
     return Metrics(
-        metric=evaluate(recipe.task, model, held_out, reference=ctx.teacher).metric,
-        val_metric=evaluate(recipe.task, model, ctx.data.val, reference=ctx.teacher).metric,
+        metric=evaluate(recipe.task, model, held_out, reference=ctx.reference).metric,
+        val_metric=evaluate(recipe.task, model, ctx.data.val, reference=ctx.reference).metric,
         params=params.total,
         nonzero_params=params.nonzero,
         sparsity=params.sparsity,
@@ -417,7 +418,7 @@ def _finish(result: Pruned, state: RunState, ctx: RunContext) -> None:
     baseline_val = state.baseline.val_metric if state.baseline else pruned.val_metric
     inputs = StageInputs(
         spec=recipe.model, teacher=ctx.teacher, task=recipe.task, train_loader=ctx.data.train, masks=masks,
-        evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val, reference=ctx.teacher).metric,
+        evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val, reference=ctx.reference).metric,
         baseline_val=baseline_val, pruned_val=pruned.val_metric, max_metric_drop=recipe.targets.max_metric_drop,
         seed=recipe.seed + 999_999, directory=ctx.run_dir, example=ctx.example, threads=recipe.measure.threads,
     )
@@ -512,8 +513,9 @@ class Spiral:
             torch.manual_seed(recipe.seed)  # the model's random init is part of the run
             model = model if model is not None else load_model(recipe.model)
             _baseline(model, recipe, data, run_dir, trained=trained, console=console)
-            with _teacher_cache(recipe) as cache:
-                ctx = RunContext(recipe=recipe, data=data, teacher=freeze(copy.deepcopy(model)),
+            teacher = freeze(copy.deepcopy(model))
+            with _teacher_cache(recipe) as cache, TeacherCache(budget_mb=256, disk_budget_mb=0) as outputs:
+                ctx = RunContext(recipe=recipe, data=data, teacher=teacher, reference=CachedModel(teacher, outputs),
                                  example=_example_input(data, recipe.measure.batch_size), run_dir=run_dir,
                                  console=console, cache=cache)
                 state = load_run_state(run_dir)

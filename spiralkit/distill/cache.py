@@ -29,9 +29,9 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["CacheStats", "TeacherCache", "row_keys"]
+__all__ = ["CacheStats", "CachedModel", "TeacherCache", "row_keys"]
 
 Compute = Callable[[Tensor], Mapping[str, Tensor]]
 
@@ -250,3 +250,25 @@ class TeacherCache:
                 out[torch.tensor(unstored)] = computed[name][sources]
             outputs[name] = out.to(device)
         return outputs
+
+
+class CachedModel(nn.Module):
+    """A frozen model whose outputs go through a `TeacherCache`: each distinct row is computed once.
+
+    For a model that is run again and again on the same examples, such as the reference of
+    the fidelity task, which every evaluation of every round compares with. The model must
+    treat rows independently (eval mode), as the cache computes subsets of a batch.
+
+    Args:
+        model: The frozen model; it is a submodule, so ``eval()`` reaches it.
+        cache: Where its outputs are kept; closing it is the caller's business.
+    """
+
+    def __init__(self, model: nn.Module, cache: TeacherCache) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``model(x)``, with the rows seen before looked up."""
+        return self.cache.fetch(x, lambda rows: {"output": self.model(rows)})["output"]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from spiralkit.data import TensorLoader
 from spiralkit.distill import Distill, HintTerm, LogitsTerm, TeacherCache, freeze, recovery_objective
-from spiralkit.distill.cache import row_keys
+from spiralkit.distill.cache import CachedModel, row_keys
 from spiralkit.tasks import Classification
 from spiralkit.train import OptimizerConfig, TrainConfig, train
 
@@ -54,6 +54,20 @@ def test_fetch_matches_the_teacher_and_computes_each_row_once() -> None:
         stats = cache.stats
     assert (stats.misses, stats.hits, stats.stored_rows, stats.disk_bytes) == (40, 80, 40, 0)
     assert "80 hits, 40 computed, 40 stored" in str(stats)
+
+
+def test_cached_model_is_the_model_run_once_per_row_for_repeated_evaluations() -> None:
+    teacher = Counting().eval()
+    x, y = _data()
+    with TeacherCache() as cache:
+        reference = CachedModel(teacher, cache)
+        with torch.no_grad():
+            first = torch.cat([reference(xb) for xb, _ in TensorLoader(x, y, batch_size=16, shuffle=False)])
+            again = torch.cat([reference(xb) for xb, _ in TensorLoader(x, y, batch_size=7, shuffle=True, seed=3)])
+            expected = teacher(x)
+    assert teacher.rows == 40 + 40  # once through the cache, once for `expected`
+    assert torch.allclose(first, expected)
+    assert sorted(map(tuple, again.tolist())) == sorted(map(tuple, first.tolist()))
 
 
 def test_duplicate_rows_in_a_batch_are_computed_once() -> None:
