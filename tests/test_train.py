@@ -1,0 +1,40 @@
+"""The training loop's options: frozen parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spiralkit.data import TensorLoader
+from spiralkit.errors import SpiralError
+from spiralkit.train import OptimizerConfig, TrainConfig, supervised, train
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _loader() -> TensorLoader:
+    generator = torch.Generator().manual_seed(1)
+    return TensorLoader(torch.randn(32, 4, generator=generator), torch.randint(0, 3, (32,), generator=generator),
+                        batch_size=8, shuffle=True, seed=0)
+
+
+def test_frozen_parameters_do_not_move_and_get_their_flag_back() -> None:
+    model = _model()
+    model[0].bias.requires_grad_(False)  # already frozen by the caller: stays so
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = TrainConfig(epochs=2, optimizer=OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.1), freeze=("0.*",))
+    train(model, _loader(), config=config, objective=supervised(nn.functional.cross_entropy), seed=0)
+    after = dict(model.named_parameters())
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["0.bias"], before["0.bias"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+    assert after["0.weight"].requires_grad and not after["0.bias"].requires_grad
+
+
+def test_a_freeze_pattern_matching_nothing_is_named() -> None:
+    config = TrainConfig(epochs=1, freeze=("encoder.*",))
+    with pytest.raises(SpiralError, match=r"train.freeze pattern 'encoder.\*' matches no parameter \(parameters: 0.weight"):
+        train(_model(), _loader(), config=config, objective=supervised(nn.functional.cross_entropy), seed=0)
