@@ -12,11 +12,11 @@ exactly zero.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any, Literal, Protocol
 
 import torch
@@ -160,7 +160,7 @@ def frozen(model: nn.Module, patterns: Sequence[str]) -> Iterator[None]:
     named = dict(model.named_parameters())
     chosen: set[str] = set()
     for pattern in patterns:
-        matched = fnmatch.filter(named, pattern)
+        matched = [name for name in named if fnmatchcase(name, pattern)]  # as layer selectors match
         if not matched:
             sample = ", ".join(list(named)[:6])
             raise SpiralError(f"train.freeze pattern {pattern!r} matches no parameter (parameters: {sample}, ...)")
