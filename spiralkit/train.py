@@ -13,6 +13,7 @@ exactly zero.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -201,8 +202,9 @@ def train(
             ``set_progress(fraction)`` is called before every step (see the module docstring).
         seed: seeds torch's RNG so that a run (or a resumed run) repeats exactly.
         masks: pruning keep-masks to enforce while training.
-        progress: show a progress bar.
-        description: the progress bar's label.
+        progress: show a progress bar on a terminal; elsewhere (a log file) print one line
+            per epoch with its mean loss and the time since training started.
+        description: the progress bar's (or line's) label.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite; the model is left as it was at
@@ -232,19 +234,22 @@ def _train(
     scheduler = _scheduler(optimizer, config, total)
     set_progress = getattr(objective, "set_progress", None)
     enforcer = enforce_masks(model, masks, optimizer) if masks else nullcontext()
+    console = Console()
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True,
         # Only on a terminal: in a log file a transient bar leaves a blank line per call.
-        disable=not progress or not Console().is_terminal,
+        disable=not progress or not console.is_terminal, console=console,
     )
-    steps, loss_value = 0, math.nan
+    log_epochs = progress and not console.is_terminal
+    steps, loss_value, start = 0, math.nan, time.perf_counter()
     model.train()
     with enforcer, bar:
         job = bar.add_task(description, total=per_epoch * config.epochs, loss=math.nan)
         for epoch in range(config.epochs):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(seed + epoch)  # each round sees its own, reproducible order
+            epoch_loss, epoch_steps = 0.0, 0
             for batch_index, (x, y) in enumerate(loader):
                 if batch_index >= per_epoch:
                     break
@@ -259,6 +264,10 @@ def _train(
                 optimizer.step()
                 scheduler.step()
                 steps += 1
+                epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
                 bar.update(job, advance=1, loss=loss_value)
+            if log_epochs:
+                console.print(f"{description}: epoch {epoch + 1}/{config.epochs}, "
+                              f"mean loss {epoch_loss / max(1, epoch_steps):.4f}, {time.perf_counter() - start:.0f} s")
     model.eval()
     return TrainStats(epochs=config.epochs, steps=steps, last_loss=loss_value)

@@ -1,6 +1,8 @@
-"""The training loop's options: frozen parameters."""
+"""The training loop's options: frozen parameters, progress lines in a log."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -38,3 +40,15 @@ def test_a_freeze_pattern_matching_nothing_is_named() -> None:
     config = TrainConfig(epochs=1, freeze=("encoder.*",))
     with pytest.raises(SpiralError, match=r"train.freeze pattern 'encoder.\*' matches no parameter \(parameters: 0.weight"):
         train(_model(), _loader(), config=config, objective=supervised(nn.functional.cross_entropy), seed=0)
+
+
+def test_progress_off_a_terminal_prints_one_line_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    config = TrainConfig(epochs=2, optimizer=OptimizerConfig(lr=0.1))
+    objective = supervised(nn.functional.cross_entropy)
+    train(_model(), _loader(), config=config, objective=objective, seed=0, progress=True, description="recover")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines, start=1):
+        assert re.fullmatch(rf"recover: epoch {epoch}/2, mean loss \d+\.\d{{4}}, \d+ s", line), line
+    train(_model(), _loader(), config=config, objective=objective, seed=0, progress=False)
+    assert capsys.readouterr().out == ""
