@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any, Literal, Protocol
 
 import torch
@@ -27,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from spiralkit.errors import SpiralError
+from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.prune.unstructured import enforce_masks
 
 Objective = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -159,13 +159,10 @@ def frozen(model: nn.Module, patterns: Sequence[str]) -> Iterator[None]:
         SpiralError: A pattern matches no parameter of ``model``; the message lists a few names.
     """
     named = dict(model.named_parameters())
-    chosen: set[str] = set()
-    for pattern in patterns:
-        matched = [name for name in named if fnmatchcase(name, pattern)]  # as layer selectors match
-        if not matched:
-            sample = ", ".join(list(named)[:6])
-            raise SpiralError(f"train.freeze pattern {pattern!r} matches no parameter (parameters: {sample}, ...)")
-        chosen.update(matched)
+    if (pattern := first_unmatched(patterns, named)) is not None:
+        sample = ", ".join(list(named)[:6])
+        raise SpiralError(f"train.freeze pattern {pattern!r} matches no parameter (parameters: {sample}, ...)")
+    chosen = [name for name in named if matches_any(name, patterns)]
     before = {name: named[name].requires_grad for name in chosen}
     for name in chosen:
         named[name].requires_grad_(False)

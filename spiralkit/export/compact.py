@@ -57,7 +57,6 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +68,7 @@ from torch import Tensor, nn
 
 from spiralkit.errors import ModelError
 from spiralkit.export.weights import atomic_write_bytes
+from spiralkit.patterns import first_unmatched, matches_any
 # A module import, not `from … import`: spiralkit.models.loading imports spiralkit.export,
 # so a `from` import here would fail when spiralkit.export re-exports this module.
 import spiralkit.models.loading as model_loading
@@ -206,9 +206,8 @@ def weight_bits(model: nn.Module, bits: BitsArg, exclude: Sequence[str]) -> dict
         if isinstance(module, _LAYER_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
     ]
     known = ", ".join(layers) or "none"
-    for pattern in exclude:
-        if not any(fnmatchcase(name, pattern) for name in layers):
-            raise QuantError(f"exclude pattern {pattern!r} matches no Linear/Conv layer; layers are: {known}")
+    if (pattern := first_unmatched(exclude, layers)) is not None:
+        raise QuantError(f"exclude pattern {pattern!r} matches no Linear/Conv layer; layers are: {known}")
     if isinstance(bits, Mapping):
         unknown = [key for key in bits if key not in layers]
         if unknown:
@@ -220,7 +219,7 @@ def weight_bits(model: nn.Module, bits: BitsArg, exclude: Sequence[str]) -> dict
     for name, value in chosen.items():
         if value is not None:
             check_bits(value)
-        excluded = any(fnmatchcase(name, pattern) for pattern in exclude)
+        excluded = matches_any(name, exclude)
         result[f"{name}.weight" if name else "weight"] = None if excluded else value
     return result
 

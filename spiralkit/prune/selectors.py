@@ -9,11 +9,11 @@ everything would lose the user's intent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 from torch import nn
 
 from spiralkit.errors import PruneError
+from spiralkit.patterns import first_unmatched, matches_any
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -44,18 +44,13 @@ class Selector:
             for name, module in model.named_modules()
             if isinstance(module, self.types) and getattr(module, "weight", None) is not None
         }
-        for pattern in (*self.include, *self.exclude):
-            if not any(fnmatchcase(name, pattern) for name in candidates):
-                known = ", ".join(candidates) or "none"
-                raise PruneError(
-                    f"selector pattern {pattern!r} matches no prunable layer; "
-                    f"prunable layers are: {known}"
-                )
+        if (pattern := first_unmatched((*self.include, *self.exclude), candidates)) is not None:
+            known = ", ".join(candidates) or "none"
+            raise PruneError(f"selector pattern {pattern!r} matches no prunable layer; prunable layers are: {known}")
         chosen = {
             name: module
             for name, module in candidates.items()
-            if any(fnmatchcase(name, p) for p in self.include)
-            and not any(fnmatchcase(name, p) for p in self.exclude)
+            if matches_any(name, self.include) and not matches_any(name, self.exclude)
         }
         if not chosen:
             raise PruneError("the selector excludes every prunable layer: nothing left to prune")

@@ -25,7 +25,6 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +48,7 @@ from spiralkit.graph.groups import (
 )
 from spiralkit.graph.slicing import Cutter, LayerEdit, Mode, edit_layer
 from spiralkit.models.loading import ModelSpec, load_model, load_weights
+from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.prune.importance import LossFn, Magnitude
 from spiralkit.prune.structured_importance import ChannelCriterion, StructureScores, score_structures
 from spiralkit.prune.unstructured import Scope
@@ -215,11 +215,10 @@ def _select(names: Iterable[str], include: Sequence[str], exclude: Sequence[str]
         PruneError: A pattern matches none of ``names``.
     """
     names = list(names)
-    for pattern in (*include, *exclude):
-        if not any(fnmatchcase(name, pattern) for name in names):
-            known = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") or "none"
-            raise PruneError(f"pattern {pattern!r} matches no prunable layer; prunable layers are: {known}")
-    return {n for n in names if any(fnmatchcase(n, p) for p in include) and not any(fnmatchcase(n, p) for p in exclude)}
+    if (pattern := first_unmatched((*include, *exclude), names)) is not None:
+        known = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") or "none"
+        raise PruneError(f"pattern {pattern!r} matches no prunable layer; prunable layers are: {known}")
+    return {n for n in names if matches_any(n, include) and not matches_any(n, exclude)}
 
 
 def _candidate_names(model: nn.Module, groups: ModelGroups, blocks: Sequence[str]) -> list[str]:

@@ -28,13 +28,13 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import numpy as np
 import torch
 from torch import nn
 
 from spiralkit.export.compact import quantize_nonzero_
+from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
 
 __all__ = [
@@ -227,12 +227,11 @@ def _size_function(size_of: SizeOf) -> Callable[[str, int], int]:
 
 
 def _float_layers(table: SensitivityTable, keep_float: Sequence[str]) -> set[str]:
-    for pattern in keep_float:
-        if not any(fnmatchcase(name, pattern) for name in table.layers):
-            raise QuantError(
-                f"keep_float pattern {pattern!r} matches no layer of the table; layers are: {', '.join(table.layers)}"
-            )
-    return {name for name in table.layers if any(fnmatchcase(name, p) for p in keep_float)}
+    if (pattern := first_unmatched(keep_float, table.layers)) is not None:
+        raise QuantError(
+            f"keep_float pattern {pattern!r} matches no layer of the table; layers are: {', '.join(table.layers)}"
+        )
+    return {name for name in table.layers if matches_any(name, keep_float)}
 
 
 def choose_bits(

@@ -32,7 +32,6 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from functools import singledispatch
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -44,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from spiralkit.export.onnx import OrtModel, export_onnx
+from spiralkit.patterns import first_unmatched
 from spiralkit.quant.affine import QuantError
 from spiralkit.quant.ort import BatchReader, gemm_to_matmul, nodes_of_modules
 
@@ -256,13 +256,12 @@ def _input_of(batch: Any) -> Tensor:
 def _check_patterns(model: nn.Module, patterns: Sequence[str]) -> None:
     """Every ``keep_float`` pattern must match at least one module name of ``model``."""
     names = [name for name, _ in model.named_modules() if name]
-    for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in names):
-            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-            raise QuantError(
-                f"keep_float pattern {pattern!r} matches no module of {type(model).__name__}; "
-                f"its modules are: {shown or '(none)'}"
-            )
+    if (pattern := first_unmatched(patterns, names)) is not None:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise QuantError(
+            f"keep_float pattern {pattern!r} matches no module of {type(model).__name__}; "
+            f"its modules are: {shown or '(none)'}"
+        )
 
 
 def _prepare(float_path: Path, tmp: Path) -> onnx.ModelProto:

@@ -63,7 +63,6 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from fnmatch import fnmatchcase
 from functools import singledispatch
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -76,6 +75,7 @@ from torch import Tensor, nn
 from spiralkit.data import DataSplits
 from spiralkit.distill.recovery import Distill, Finetune, freeze, recovery_objective
 from spiralkit.export.onnx import export_onnx
+from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import PerTensor, QuantError, QuantSpec, check_bits
 from spiralkit.quant.calibrate import MinMax, Observer
 from spiralkit.quant.weight_only import _swap
@@ -465,12 +465,11 @@ def _layers(model: nn.Module, keep_float: Sequence[str]) -> dict[str, nn.Linear 
     layers = {name: m for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, nn.Conv2d))}
     if not layers:
         raise QuantError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear submodule to quantize")
-    for pattern in keep_float:
-        if not any(fnmatchcase(name, pattern) for name in layers):
-            raise QuantError(
-                f"keep_float pattern {pattern!r} matches no Conv2d/Linear layer; layers are: {', '.join(layers)}"
-            )
-    chosen = {name: m for name, m in layers.items() if not any(fnmatchcase(name, p) for p in keep_float)}
+    if (pattern := first_unmatched(keep_float, layers)) is not None:
+        raise QuantError(
+            f"keep_float pattern {pattern!r} matches no Conv2d/Linear layer; layers are: {', '.join(layers)}"
+        )
+    chosen = {name: m for name, m in layers.items() if not matches_any(name, keep_float)}
     for name, layer in chosen.items():
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
             raise QuantError(f"layer {name!r}: QAT supports Conv2d with padding_mode='zeros', got "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import (
     PerChannel,
     PerGroup,
@@ -266,15 +266,12 @@ def quantize_weights_(
     layers = {name: m for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, nn.Conv2d))}
     if not layers:
         raise QuantError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d submodule to quantize")
-    for pattern in exclude:
-        if not any(fnmatchcase(name, pattern) for name in layers):
-            raise QuantError(
-                f"exclude pattern {pattern!r} matches no Linear/Conv2d layer; layers are: {', '.join(layers)}"
-            )
+    if (pattern := first_unmatched(exclude, layers)) is not None:
+        raise QuantError(f"exclude pattern {pattern!r} matches no Linear/Conv2d layer; layers are: {', '.join(layers)}")
     bits: dict[str, int] = {}
     replacements: dict[int, nn.Module] = {}
     for name, layer in layers.items():
-        if any(fnmatchcase(name, pattern) for pattern in exclude):
+        if matches_any(name, exclude):
             bits[name] = layer.weight.element_size() * 8
             continue
         cls = WeightOnlyLinear if isinstance(layer, nn.Linear) else WeightOnlyConv2d
