@@ -60,6 +60,7 @@ from spiralkit.train import NonFiniteLoss, Objective, Wrapped, supervised, train
 STATE_SCHEMA = "spiralkit.state/2"
 PLANS = "plan.json"
 STUDENT_WEIGHTS = "student.safetensors"
+_REFERENCE_CACHE_MB = 256.0  # the fidelity reference's outputs on the evaluation splits, kept in memory
 
 
 class RunState(BaseModel):
@@ -514,7 +515,7 @@ class Spiral:
             model = model if model is not None else load_model(recipe.model)
             _baseline(model, recipe, data, run_dir, trained=trained, console=console)
             teacher = freeze(copy.deepcopy(model))
-            with _teacher_cache(recipe) as cache, TeacherCache(budget_mb=256, disk_budget_mb=0) as outputs:
+            with _teacher_cache(recipe) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
                 ctx = RunContext(recipe=recipe, data=data, teacher=teacher, reference=CachedModel(teacher, outputs),
                                  example=_example_input(data, recipe.measure.batch_size), run_dir=run_dir,
                                  console=console, cache=cache)

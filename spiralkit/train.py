@@ -246,7 +246,7 @@ def _train(
         for epoch in range(config.epochs):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(seed + epoch)  # each round sees its own, reproducible order
-            epoch_loss, epoch_steps = 0.0, 0
+            epoch_loss, epoch_start = 0.0, steps
             for batch_index, (x, y) in enumerate(loader):
                 if batch_index >= per_epoch:
                     break
@@ -261,10 +261,10 @@ def _train(
                 optimizer.step()
                 scheduler.step()
                 steps += 1
-                epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
+                epoch_loss += loss_value
                 bar.update(job, advance=1, loss=loss_value)
             if log_epochs:
                 console.print(f"{description}: epoch {epoch + 1}/{config.epochs}, "
-                              f"mean loss {epoch_loss / max(1, epoch_steps):.4f}, {time.perf_counter() - start:.0f} s")
+                              f"mean loss {epoch_loss / max(1, steps - epoch_start):.4f}, {time.perf_counter() - start:.0f} s")
     model.eval()
     return TrainStats(epochs=config.epochs, steps=steps, last_loss=loss_value)

@@ -42,13 +42,22 @@ def test_a_freeze_pattern_matching_nothing_is_named() -> None:
         train(_model(), _loader(), config=config, objective=supervised(nn.functional.cross_entropy), seed=0)
 
 
-def test_progress_off_a_terminal_prints_one_line_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_off_a_terminal_prints_one_line_per_epoch_with_its_mean_loss(capsys: pytest.CaptureFixture[str]) -> None:
     config = TrainConfig(epochs=2, optimizer=OptimizerConfig(lr=0.1))
-    objective = supervised(nn.functional.cross_entropy)
+    supervised_loss = supervised(nn.functional.cross_entropy)
+    losses: list[float] = []
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = supervised_loss(model, x, y)
+        losses.append(loss.item())
+        return loss
+
     train(_model(), _loader(), config=config, objective=objective, seed=0, progress=True, description="recover")
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 2 and len(losses) == 8  # 32 rows in batches of 8, twice
     for epoch, line in enumerate(lines, start=1):
-        assert re.fullmatch(rf"recover: epoch {epoch}/2, mean loss \d+\.\d{{4}}, \d+ s", line), line
-    train(_model(), _loader(), config=config, objective=objective, seed=0, progress=False)
+        match = re.fullmatch(rf"recover: epoch {epoch}/2, mean loss (\d+\.\d{{4}}), \d+ s", line)
+        assert match, line
+        assert float(match.group(1)) == pytest.approx(sum(losses[4 * epoch - 4:4 * epoch]) / 4, abs=5e-5)
+    train(_model(), _loader(), config=config, objective=supervised_loss, seed=0, progress=False)
     assert capsys.readouterr().out == ""
