@@ -34,16 +34,9 @@ from torch import nn
 
 from bench.common import add_common_arguments, default_data_root, format_table, trained_lenet5
 from spiralkit.data import DataSpec, load_data
-from spiralkit.distill import (
-    Distill,
-    Finetune,
-    HintTerm,
-    LogitsTerm,
-    Recovery,
-    TeacherCache,
-    freeze,
-    recovery_objective,
-)
+from spiralkit.distill import HintTerm, LogitsTerm, TeacherCache
+from spiralkit.modules import freeze
+from spiralkit.spiral.recovery import Distill, Finetune, Recovery
 from spiralkit.models import mlp
 from spiralkit.tasks import Classification, evaluate
 from spiralkit.train import OptimizerConfig, TrainConfig, train
@@ -95,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with TeacherCache() as cache:  # one per setting (its taps), shared by the seeds
             for seed in range(args.seeds):
                 student = _student(seed)
-                objective = recovery_objective(recovery, task=task, teacher=teacher, cache=cache)
+                objective = recovery.objective(task=task, teacher=teacher, cache=cache)
                 start = time.perf_counter()
                 train(student, splits.train, config=recovery.train, objective=objective, seed=seed, progress=True,
                       description=f"{name} seed {seed}")

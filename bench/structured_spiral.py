@@ -19,14 +19,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from spiralkit.distill import Finetune
 from spiralkit.export import load_state
 from spiralkit.models import load_model
 from spiralkit.prune.schedules import OneShot
-from spiralkit.prune.stages import StructuredStage
-from spiralkit.recipe import Recipe, Targets, load_recipe
+from spiralkit.spiral.prune import StructuredStage
+from spiralkit.spiral.recipe import Recipe, Targets, load_recipe
+from spiralkit.spiral.recovery import Finetune
 from spiralkit.report import Metrics, Report
-from spiralkit.runner import Spiral
+from spiralkit.spiral.runner import Spiral
+from spiralkit.spiral.rundir import BASELINE, STATE
 
 from bench.common import format_table
 
@@ -57,7 +58,7 @@ def _run(recipe: Recipe, run_dir: Path, console: Console, **kwargs: object) -> R
     if (run_dir / "report.json").exists():
         console.print(f"reusing the finished run in {run_dir}")
         return Report.from_json((run_dir / "report.json").read_text())
-    resume = (run_dir / "state.json").exists()
+    resume = (run_dir / STATE).exists()
     return Spiral(recipe).run(run_dir, resume=resume, console=console, **kwargs)  # type: ignore[arg-type]
 
 
@@ -81,7 +82,7 @@ def main() -> None:
     spiral = _run(recipe, out / "spiral", console)
     epochs = recipe.recover.train.epochs * sum(1 for r in spiral.rounds if r.accepted)
     model = load_model(recipe.model)
-    model.load_state_dict(load_state(out / "spiral" / "baseline.safetensors"))
+    model.load_state_dict(load_state(out / "spiral" / BASELINE))
     oneshot = _run(one_shot_twin(recipe, epochs=epochs), out / "oneshot", console, model=model)
     assert spiral.final is not None and oneshot.final is not None
     metric = recipe.task.metric_name

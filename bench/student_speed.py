@@ -25,22 +25,23 @@ import torch
 from torch import Tensor, nn
 
 from spiralkit.data import load_data
-from spiralkit.distill.students import STUDENT_FILENAME, apply_student, read_layout
+from spiralkit.prune.students import apply_student, read_layout
 from spiralkit.export import load_state
 from spiralkit.measure import count_macs
 from spiralkit.models import load_model
-from spiralkit.recipe import load_recipe
+from spiralkit.spiral.recipe import load_recipe
+from spiralkit.spiral.rundir import BASELINE, RECIPE, STUDENT_LAYOUT, STUDENT_WEIGHTS
 
 from bench.common import format_table
 
 
 def models(run_dir: Path) -> tuple[nn.Module, nn.Module]:
     """The run's teacher (baseline) and student, in eval mode."""
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / RECIPE)
     teacher = load_model(recipe.model.model_copy(update={"checkpoint": None}))
-    teacher.load_state_dict(load_state(run_dir / "baseline.safetensors"))
-    student = apply_student(copy.deepcopy(teacher), read_layout(run_dir / STUDENT_FILENAME))
-    student.load_state_dict(load_state(run_dir / "student.safetensors"))
+    teacher.load_state_dict(load_state(run_dir / BASELINE))
+    student = apply_student(copy.deepcopy(teacher), read_layout(run_dir / STUDENT_LAYOUT))
+    student.load_state_dict(load_state(run_dir / STUDENT_WEIGHTS))
     return teacher.eval(), student.eval()
 
 
@@ -58,7 +59,7 @@ def alternate(first: nn.Module, second: nn.Module, x: Tensor, *, repeats: int, w
 
 
 def inputs(run_dir: Path, batch: int) -> dict[str, Tensor]:
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(run_dir / RECIPE)
     data = load_data(recipe.data, seed=recipe.seed)
     rows = torch.cat([x for x, _ in data.val])[:batch]
     cases = {"dev": rows}

@@ -27,7 +27,9 @@ from torch import nn
 
 from bench.common import default_data_root, format_table
 from spiralkit.data import DataSpec, load_data
-from spiralkit.distill import CacheStats, Distill, HintTerm, LogitsTerm, freeze, recovery_objective
+from spiralkit.distill import CacheStats, HintTerm, LogitsTerm
+from spiralkit.modules import freeze
+from spiralkit.spiral.recovery import Distill
 from spiralkit.models import lenet5, lenet300, resnet20
 from spiralkit.tasks import Classification
 from spiralkit.train import OptimizerConfig, TrainConfig, supervised, train
@@ -54,7 +56,7 @@ def _run(teacher: nn.Module, tap: str, loader: object, *, cache: bool, epochs: i
         cache_teacher=cache,
         train=TrainConfig(epochs=1, optimizer=OptimizerConfig(name="sgd", lr=0.05), lr_schedule="constant"),
     )
-    objective = recovery_objective(config, task=Classification(), teacher=teacher)
+    objective = config.objective(task=Classification(), teacher=teacher)
     seconds = []
     for epoch in range(epochs):
         start = time.perf_counter()

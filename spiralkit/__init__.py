@@ -4,8 +4,7 @@ The public API, re-exported explicitly; importing it has no side effects.
 """
 
 from spiralkit.data import DataSpec, DataSplits, load_data
-from spiralkit.distill import Distill, Finetune, Tap, TeacherCache, distill, kd_loss
-from spiralkit.distill.students import NarrowStudent, ShallowStudent, build_student
+from spiralkit.distill import Tap, TeacherCache, kd_loss
 from spiralkit.errors import DataError, ModelError, PruneError, RecipeError, SpiralError
 from spiralkit.models import ModelSpec, load_model
 from spiralkit.prune import (
@@ -18,11 +17,10 @@ from spiralkit.prune import (
     plan_pruning,
     prune,
 )
-from spiralkit.prune.stages import StructuredStage
+from spiralkit.prune.students import NarrowStudent, ShallowStudent, build_student
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
-from spiralkit.recipe import Recipe, load_recipe, parse_recipe
 from spiralkit.report import Report
-from spiralkit.runner import Spiral
+from spiralkit.spiral import Distill, Finetune, Recipe, Spiral, StructuredStage, distill, load_recipe, parse_recipe
 from spiralkit.tasks import Classification, EmbeddingFidelity, evaluate
 
 __all__ = [

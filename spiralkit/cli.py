@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 
 from spiralkit.errors import SpiralError
-from spiralkit.recipe import load_recipe, parse_recipe
 from spiralkit.report import Report, print_report
-from spiralkit.runner import Spiral, build_report, export_run, load_run_state
+from spiralkit.spiral import Spiral, build_report, export_run, load_recipe, load_run_state, parse_recipe
+from spiralkit.spiral.rundir import RECIPE, REPORT_JSON, STATE
 
 app = typer.Typer(
     name="spiral",
@@ -41,7 +41,7 @@ def demo(
         recipe = parse_recipe(text, source="spiralkit/demo.yaml")
         if fresh and out.exists():
             shutil.rmtree(out)
-        resume = (out / "state.json").exists()
+        resume = (out / STATE).exists()
         Spiral(recipe).run(out, resume=resume)
     except SpiralError as exc:
         raise _fail(exc) from None
@@ -56,7 +56,7 @@ def run(
     """Run a recipe, or resume a run that was interrupted."""
     try:
         if resume is not None:
-            loaded = load_recipe(resume / "recipe.yaml")
+            loaded = load_recipe(resume / RECIPE)
             Spiral(loaded).run(resume, resume=True)
             return
         if recipe is None:
@@ -71,11 +71,11 @@ def run(
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Print the report of a run (finished or not)."""
     try:
-        path = run_dir / "report.json"
+        path = run_dir / REPORT_JSON
         if path.exists():
             print_report(Report.from_json(path.read_text(encoding="utf-8")))
-        elif (run_dir / "recipe.yaml").exists():
-            print_report(build_report(load_recipe(run_dir / "recipe.yaml"), load_run_state(run_dir)))
+        elif (run_dir / RECIPE).exists():
+            print_report(build_report(load_recipe(run_dir / RECIPE), load_run_state(run_dir)))
         else:
             raise SpiralError(f"{run_dir} is not a run directory: it has no report.json or recipe.yaml")
     except SpiralError as exc:

@@ -25,3 +25,11 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     with preserve_modes(model):
         model.eval()
         yield
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with gradients off: a teacher that never changes."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

@@ -1,4 +1,4 @@
-"""Knowledge distillation: losses, feature taps, teacher caching and the recovery step of the spiral."""
+"""Knowledge distillation: losses, loss terms, feature taps and teacher caching (the spiral's recovery step composes them)."""
 
 from spiralkit.distill.adapters import make_adapter
 from spiralkit.distill.cache import CacheStats, TeacherCache
@@ -17,7 +17,6 @@ from spiralkit.distill.losses import (
     value_relation_loss,
     weighted_sum,
 )
-from spiralkit.distill.recovery import Distill, Finetune, Recovery, distill, freeze, recovery_objective
 from spiralkit.distill.taps import DistillError, FeatureTaps, Tap, capture
 from spiralkit.distill.terms import (
     AttentionProbsTerm,
@@ -38,11 +37,9 @@ __all__ = [
     "CRDLoss",
     "CRDTerm",
     "CacheStats",
-    "Distill",
     "DistillError",
     "DistillObjective",
     "FeatureTaps",
-    "Finetune",
     "HintLoss",
     "HintTerm",
     "LayerMapLoss",
@@ -50,7 +47,6 @@ __all__ = [
     "LogitsTerm",
     "OutputsTerm",
     "LossTerm",
-    "Recovery",
     "Tap",
     "TeacherCache",
     "TemperatureSchedule",
@@ -59,13 +55,10 @@ __all__ = [
     "attention_probs_loss",
     "attention_transfer_loss",
     "capture",
-    "distill",
-    "freeze",
     "hint_loss",
     "info_nce",
     "kd_loss",
     "make_adapter",
-    "recovery_objective",
     "value_relation",
     "value_relation_loss",
     "weighted_sum",

@@ -73,7 +73,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from spiralkit.data import DataSplits
-from spiralkit.distill.recovery import Distill, Finetune, freeze, recovery_objective
+from spiralkit.modules import freeze
+from spiralkit.spiral.recovery import Distill, Finetune
 from spiralkit.export.onnx import export_onnx
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import PerTensor, QuantError, QuantSpec, check_bits
@@ -634,7 +635,7 @@ def qat(
     else:
         recovery = Finetune(train=config.train)
         teacher = model  # not run by a fine-tuning objective
-    objective = recovery_objective(recovery, task=task, teacher=teacher)
+    objective = recovery.objective(task=task, teacher=teacher)
     train(student, loader, config=config.train, objective=objective, seed=seed, progress=progress,
           description=f"QAT {config.bits}-bit")
     return student

@@ -11,6 +11,8 @@ from rich.table import Table
 from spiralkit.export import atomic_write_text
 from spiralkit.report.types import Metrics, Report
 
+REPORT_JSON = "report.json"
+REPORT_MARKDOWN = "report.md"
 _COLUMNS = ("stage", "metric", "val", "sparsity", "nonzero", "size", "MACs", "ms", "kept", "s")
 _SHORT = {"sparsity": "sparse", "nonzero": "nnz"}
 
@@ -121,8 +123,8 @@ def markdown(report: Report) -> str:
 
 def write_report(report: Report, run_dir: Path) -> None:
     """Write ``report.json`` and ``report.md`` into ``run_dir`` (atomically)."""
-    atomic_write_text(Path(run_dir) / "report.json", report.to_json() + "\n")
-    atomic_write_text(Path(run_dir) / "report.md", markdown(report))
+    atomic_write_text(Path(run_dir) / REPORT_JSON, report.to_json() + "\n")
+    atomic_write_text(Path(run_dir) / REPORT_MARKDOWN, markdown(report))
 
 
 def print_report(report: Report, console: Console | None = None) -> None:

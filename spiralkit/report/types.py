@@ -85,25 +85,53 @@ class Measurement(BaseModel):
     repeats: int
 
 
-class Report(BaseModel):
-    """A spiral run's report; ``final`` is ``None`` until the run ends.
+class Outcome(BaseModel):
+    """What a run has measured so far: the part of a run that its report shows.
 
-    With a student stage, ``student`` is the distilled student before any pruning round.
-    With a quantize stage, ``pruned`` is the model before quantization and ``final`` after.
+    The runner's saved state extends it with its progress; the report adds its header.
+
+    Attributes:
+        baseline: the trained dense model.
+        student: with a student stage, the distilled student before any pruning round.
+        rounds: every round, kept or rolled back.
+        pruned: with a quantize stage, the model before quantization.
+        quantization: how the final model was quantized.
+        final: the final model; ``None`` until the run ends.
+        stopped: why the pruning rounds ended.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    schema_: str = Field(default=SCHEMA, alias="schema")
-    name: str
-    task: TaskInfo
-    measurement: Measurement
-    baseline: Metrics
+    baseline: Metrics | None = None
     student: Metrics | None = None
     rounds: list[RoundRecord] = Field(default_factory=list)
     pruned: Metrics | None = None
     quantization: QuantInfo | None = None
     final: Metrics | None = None
     stopped: str | None = None
+
+    def outcome(self) -> dict[str, object]:
+        """The `Outcome` fields alone, as keyword arguments."""
+        return {name: getattr(self, name) for name in Outcome.model_fields}
+
+
+class _ReportHeader(BaseModel):
+    """What a report says about the run before its results."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_: str = Field(default=SCHEMA, alias="schema")
+    name: str
+    task: TaskInfo
+    measurement: Measurement
+
+
+class Report(Outcome, _ReportHeader):
+    """A spiral run's report: its header, then the `Outcome`; ``final`` is ``None`` until the run ends.
+
+    With a student stage, ``student`` is the distilled student before any pruning round.
+    With a quantize stage, ``pruned`` is the model before quantization and ``final`` after.
+    """
+
+    baseline: Metrics
 
     def to_json(self) -> str:
         """The report as JSON, with ``schema`` as its first key."""

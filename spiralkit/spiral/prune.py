@@ -5,16 +5,17 @@ rounds that physically remove channels until the MACs target is met, then unstru
 rounds on what remains (a *hybrid* recipe). Every stage has a target on its own progress
 measure and a schedule over it:
 
-=================  ===========================================  ===============================
-stage              progress (0 → target)                         one round
-=================  ===========================================  ===============================
-`UnstructuredPrune`  sparsity of the selected weights               masks to the next sparsity
-`StructuredStage`    ``1 − size/size(baseline)``, size = MACs,      removes channels/heads, with
-                     parameters or measured latency                 the ratio searched to hit it
-=================  ===========================================  ===============================
+====================  ===========================================  ===============================
+stage                 progress (0 → target)                         one round
+====================  ===========================================  ===============================
+`UnstructuredStage`   sparsity of the selected weights               masks to the next sparsity
+`StructuredStage`     ``1 − size/size(baseline)``, size = MACs,      removes channels/heads, with
+                      parameters or measured latency                 the ratio searched to hit it
+====================  ===========================================  ===============================
 
-The three verbs (`stage_target`, `stage_progress`, `prune_round`) act by the stage config's
-type, so the runner's loop is the same for both.
+Each stage kind is one class implementing `PruneStage` (goal, progress, one cut, and its
+touch on the recovery objective), listed in `PRUNE_STAGES`; the runner's loop calls the
+protocol and never asks which kind it holds. A new kind is one class and one table line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
@@ -32,20 +33,122 @@ from spiralkit.prune.config import UnstructuredPrune, prune_to
 from spiralkit.prune.importance import LossFn, Magnitude
 from spiralkit.prune.schedules import AGP, Schedule
 from spiralkit.prune.structured import Planner, PrunePlan, StructuredPrune, apply_plan, planner
-from spiralkit.prune.structured_importance import ChannelCriterion
+from spiralkit.prune.structured_importance import ChannelCriterion, bn_l1_penalty
 from spiralkit.prune.unstructured import Masks, Scope, mask_sparsity
+from spiralkit.train import Objective, Wrapped
 
 __all__ = [
+    "PRUNE_STAGES",
     "PruneStage",
+    "PruneStageConfig",
     "RoundCut",
+    "SizeMeasure",
     "StageContext",
     "StructuredStage",
-    "prune_round",
-    "stage_progress",
-    "stage_target",
+    "UnstructuredStage",
+    "search_ratio",
 ]
 
 SizeMeasure = Literal["macs", "params", "latency"]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage needs to measure and prune a model.
+
+    Attributes:
+        example: the input batch for tracing and counting MACs.
+        batches: training batches, for data-driven criteria.
+        loss_fn: the task's loss, for data-driven criteria.
+        size: the stage's size measure of a model (MACs, parameters or latency).
+        baseline_size: the same measure of the unpruned baseline.
+    """
+
+    example: Tensor
+    batches: Iterable[tuple[Any, Tensor]]
+    loss_fn: LossFn
+    size: Callable[[nn.Module], float]
+    baseline_size: float
+
+
+@dataclass(frozen=True)
+class RoundCut:
+    """What one round's pruning did: the masks now in force, and the plan it removed (if any)."""
+
+    masks: Masks | None
+    plan: PrunePlan | None
+
+
+class PruneStage(Protocol):
+    """What the spiral asks of a pruning stage; each stage kind implements it.
+
+    Attributes:
+        kind: the recipe's name of the stage kind.
+        size_measure: the model size the stage's progress is measured on.
+        removes_structure: the stage makes the model physically smaller (it must come
+            before stages that only mask weights).
+    """
+
+    kind: str
+    size_measure: SizeMeasure
+    removes_structure: ClassVar[bool]
+
+    @property
+    def goal(self) -> float:
+        """The progress at which the stage is done."""
+        ...
+
+    @property
+    def progress_name(self) -> str:
+        """What the progress is, for the report (``sparsity``, ``macs reduction``…)."""
+        ...
+
+    @property
+    def schedule(self) -> Schedule:
+        """How the rounds approach the goal."""
+        ...
+
+    def progress(self, model: nn.Module, masks: Masks | None, ctx: StageContext) -> float:
+        """How far the stage has come with ``model`` (and the masks in force)."""
+        ...
+
+    def cut(self, model: nn.Module, masks: Masks | None, *, target: float, ctx: StageContext) -> RoundCut:
+        """Prune ``model`` in place until the stage's progress reaches ``target``."""
+        ...
+
+    def recovery(self, objective: Objective) -> Objective:
+        """The recovery objective of this stage's rounds, built on the recipe's."""
+        ...
+
+
+class UnstructuredStage(UnstructuredPrune):
+    """Unstructured spiral rounds: masks to the schedule's next sparsity (see `UnstructuredPrune`)."""
+
+    size_measure: ClassVar[SizeMeasure] = "macs"
+    removes_structure: ClassVar[bool] = False
+
+    @property
+    def goal(self) -> float:
+        """The target sparsity."""
+        return self.target_sparsity
+
+    @property
+    def progress_name(self) -> str:
+        """``sparsity``."""
+        return "sparsity"
+
+    def progress(self, model: nn.Module, masks: Masks | None, ctx: StageContext) -> float:
+        """The sparsity of the masks in force."""
+        return mask_sparsity(masks) if masks else 0.0
+
+    def cut(self, model: nn.Module, masks: Masks | None, *, target: float, ctx: StageContext) -> RoundCut:
+        """Prune the selected weights to sparsity ``target``; what ``masks`` pruned stays pruned."""
+        new_masks = prune_to(model, self, sparsity=target, existing=masks, batches=ctx.batches, loss_fn=ctx.loss_fn)
+        return RoundCut(masks=new_masks, plan=None)
+
+    def recovery(self, objective: Objective) -> Objective:
+        """The recipe's recovery, unchanged."""
+        return objective
 
 
 class StructuredStage(BaseModel):
@@ -73,6 +176,7 @@ class StructuredStage(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    removes_structure: ClassVar[bool] = True
     kind: Literal["structured"] = "structured"
     measure: SizeMeasure = "macs"
     target_reduction: float = Field(gt=0, lt=1)
@@ -86,6 +190,21 @@ class StructuredStage(BaseModel):
     max_ratio: float = Field(default=0.9, gt=0, lt=1)
     bn_penalty: float = Field(default=0.0, ge=0)
 
+    @property
+    def size_measure(self) -> SizeMeasure:
+        """The measure the target reduction is on."""
+        return self.measure
+
+    @property
+    def goal(self) -> float:
+        """The target reduction."""
+        return self.target_reduction
+
+    @property
+    def progress_name(self) -> str:
+        """``macs reduction``, ``params reduction`` or ``latency reduction``."""
+        return f"{self.measure} reduction"
+
     def step(self, ratio: float = 0.0) -> StructuredPrune:
         """The one-shot structured pruning config of a round with this channel ratio."""
         return StructuredPrune(
@@ -93,71 +212,36 @@ class StructuredStage(BaseModel):
             round_to=self.round_to, heads=self.heads,
         )
 
+    def progress(self, model: nn.Module, masks: Masks | None, ctx: StageContext) -> float:
+        """The reduction of the size measure against the baseline's."""
+        return 1.0 - ctx.size(model) / ctx.baseline_size
 
-PruneStage = Annotated[
-    UnstructuredPrune | StructuredStage, Field(discriminator="kind"), BeforeValidator(default_kind("unstructured"))
+    def cut(self, model: nn.Module, masks: Masks | None, *, target: float, ctx: StageContext) -> RoundCut:
+        """Remove the channels of the ratio that brings the size measure to ``target``."""
+        plan_for = planner(model, self.step(), example=ctx.example, batches=ctx.batches, loss_fn=ctx.loss_fn)
+        plan = search_ratio(plan_for, model, size=ctx.size, goal=(1.0 - target) * ctx.baseline_size,
+                            max_ratio=self.max_ratio)
+        apply_plan(model, plan, mode="remove")
+        return RoundCut(masks=None, plan=plan)
+
+    def recovery(self, objective: Objective) -> Objective:
+        """The recipe's recovery, plus network slimming's batch-norm penalty when asked for."""
+        if self.bn_penalty == 0:
+            return objective
+        strength = self.bn_penalty
+        return Wrapped(objective, lambda base, model, x, y: base(model, x, y) + bn_l1_penalty(model, strength))
+
+
+PRUNE_STAGES: dict[str, type[BaseModel]] = {
+    "unstructured": UnstructuredStage,
+    "structured": StructuredStage,
+}
+"""The pruning stage kinds a recipe can name."""
+
+PruneStageConfig = Annotated[
+    UnstructuredStage | StructuredStage, Field(discriminator="kind"), BeforeValidator(default_kind("unstructured"))
 ]
 """One pruning stage of a recipe; a mapping without ``kind`` is unstructured."""
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """What a stage needs to measure and prune a model.
-
-    Attributes:
-        example: the input batch for tracing and counting MACs.
-        batches: training batches, for data-driven criteria.
-        loss_fn: the task's loss, for data-driven criteria.
-        size: the structured stage's measure of a model (MACs, parameters or latency).
-        baseline_size: the same measure of the unpruned baseline.
-    """
-
-    example: Tensor
-    batches: Iterable[tuple[Any, Tensor]]
-    loss_fn: LossFn
-    size: Callable[[nn.Module], float]
-    baseline_size: float
-
-
-@dataclass(frozen=True)
-class RoundCut:
-    """What one round's pruning did: the masks now in force, and the plan it removed (if any)."""
-
-    masks: Masks | None
-    plan: PrunePlan | None
-
-
-def stage_target(stage: UnstructuredPrune | StructuredStage) -> float:
-    """The progress at which the stage is done."""
-    return stage.target_sparsity if isinstance(stage, UnstructuredPrune) else stage.target_reduction
-
-
-def stage_progress(
-    stage: UnstructuredPrune | StructuredStage, model: nn.Module, masks: Masks | None, ctx: StageContext
-) -> float:
-    """How far the stage has come: sparsity of the masks, or the reduction of the measure."""
-    if isinstance(stage, UnstructuredPrune):
-        return mask_sparsity(masks) if masks else 0.0
-    return 1.0 - ctx.size(model) / ctx.baseline_size
-
-
-def prune_round(
-    stage: UnstructuredPrune | StructuredStage,
-    model: nn.Module,
-    masks: Masks | None,
-    *,
-    target: float,
-    ctx: StageContext,
-) -> RoundCut:
-    """Prune ``model`` in place until the stage's progress reaches ``target``."""
-    if isinstance(stage, UnstructuredPrune):
-        new_masks = prune_to(model, stage, sparsity=target, existing=masks, batches=ctx.batches, loss_fn=ctx.loss_fn)
-        return RoundCut(masks=new_masks, plan=None)
-    plan_for = planner(model, stage.step(), example=ctx.example, batches=ctx.batches, loss_fn=ctx.loss_fn)
-    plan = search_ratio(plan_for, model, size=ctx.size, goal=(1.0 - target) * ctx.baseline_size,
-                        max_ratio=stage.max_ratio)
-    apply_plan(model, plan, mode="remove")
-    return RoundCut(masks=None, plan=plan)
 
 
 def search_ratio(

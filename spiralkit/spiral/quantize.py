@@ -1,6 +1,7 @@
 """The spiral's last stage: quantize the pruned model, falling back to QAT when PTQ loses too much.
 
-Each config type is one way to quantize; :func:`quantize_stage` dispatches on it:
+Each stage kind is one config class whose `run` method quantizes (`QuantizeStageKind`),
+listed in `QUANTIZE_STAGES`:
 
 * ``CompactQuant`` — Deep Compression's weight quantization (Han et al. 2016): the non-zero
   weights on a b-bit uniform grid, saved as the compact artefact (sparse positions, packed
@@ -15,16 +16,16 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import singledispatch
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from spiralkit.distill.recovery import Distill, recovery_objective
 from spiralkit.export import atomic_write_text
+from spiralkit.spiral.recovery import Distill
+from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY
 from spiralkit.export.compact import (
     fake_quantize_nonzero,
     quantize_nonzero_,
@@ -84,6 +85,10 @@ class CompactQuant(BaseModel):
     qat: Distill | None = Distill(
         train=TrainConfig(epochs=2, optimizer=OptimizerConfig(name="sgd", lr=0.002, momentum=0.9))
     )
+
+    def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
+        """Quantize ``model`` (not modified) and save the compact artefact."""
+        return _run_compact(self, model, inputs)
 
 
 
@@ -154,7 +159,7 @@ def _mixed_bits(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> 
     modules = dict(model.named_modules())
     nonzero = {name: int(modules[name].weight.count_nonzero()) for name in layers}
     budget = math.floor(sum(nonzero.values()) * config.bits.average_bits / 8)
-    atomic_write_text(inputs.directory / "sensitivity.json", table.to_json() + "\n")
+    atomic_write_text(inputs.directory / SENSITIVITY, table.to_json() + "\n")
     return choose_bits(table, size_of=nonzero, budget_bytes=budget, higher_is_better=inputs.task.higher_is_better)
 
 
@@ -163,37 +168,6 @@ def _acceptable(value: float, max_drop: float | None, inputs: StageInputs) -> bo
     if max_drop is None:
         return metric_drop(inputs.task, baseline=inputs.baseline_val, value=value) <= inputs.max_metric_drop
     return metric_drop(inputs.task, baseline=inputs.pruned_val, value=value) <= max_drop
-
-
-@singledispatch
-def quantize_stage(config: object, model: nn.Module, inputs: StageInputs) -> Quantized:
-    """Quantize ``model`` (not modified) as ``config`` says."""
-    raise TypeError(f"unknown quantize stage {type(config).__name__}")
-
-
-@quantize_stage.register
-def _(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> Quantized:
-    granularity = _granularity(config.granularity)
-    chosen = _mixed_bits(config, model, inputs) if isinstance(config.bits, MixedBits) else config.bits
-    param_bits = {n: b for n, b in weight_bits(model, chosen, config.exclude).items() if b is not None}
-    bits = {n.removesuffix(".weight"): b for n, b in param_bits.items()}  # by layer name
-    quantized = copy.deepcopy(model)
-    quantize_nonzero_(quantized, bits, granularity=granularity)
-    method: Literal["ptq", "qat"] = "ptq"
-    ptq_metric = inputs.evaluate(quantized)
-    if not _acceptable(ptq_metric, config.max_metric_drop, inputs) and config.qat is not None:
-        trained = copy.deepcopy(model)
-        objective = fake_quant_objective(
-            recovery_objective(config.qat, task=inputs.task, teacher=inputs.teacher), param_bits, granularity=granularity
-        )
-        train(trained, inputs.train_loader, config=config.qat.train, objective=objective, seed=inputs.seed,
-              masks=inputs.masks, progress=True, description="quantization-aware recovery")
-        quantize_nonzero_(trained, bits, granularity=granularity)
-        if metric_drop(inputs.task, baseline=ptq_metric, value=inputs.evaluate(trained)) < 0:  # QAT only if it helped
-            quantized, method = trained, "qat"
-    path = inputs.directory / "model.spkc"
-    size = save_compressed(quantized, path, spec=inputs.spec, bits=bits, granularity=granularity)
-    return Quantized(model=quantized.eval(), artefact=path, size_bytes=size, method=method, bits=bits)
 
 
 class StaticInt8Stage(StaticInt8):
@@ -209,26 +183,86 @@ class StaticInt8Stage(StaticInt8):
     max_metric_drop: float | None = Field(default=None, ge=0)
     qat: QATConfig | None = None
 
+    def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
+        """Quantize ``model`` (not modified) to an int8 ONNX Runtime model, with the QAT fallback."""
+        return _int8_qat_fallback(self, model, inputs, _int8_ptq(self, model, inputs))
 
-QuantizeStage = Annotated[CompactQuant | StaticInt8Stage | DynamicInt8, Field(discriminator="kind")]
 
 
-@quantize_stage.register(StaticInt8)
-@quantize_stage.register(DynamicInt8)
-def _(config: StaticInt8 | DynamicInt8, model: nn.Module, inputs: StageInputs) -> Quantized:
+
+def _int8_ptq(config: StaticInt8 | DynamicInt8, model: nn.Module, inputs: StageInputs) -> Quantized:
+    """Post-training int8 on ONNX Runtime's integer kernels."""
     result = quantize(model, config, inputs.train_loader, example=inputs.example,  # type: ignore[arg-type]
-                      workdir=inputs.directory / "int8", threads=inputs.threads)
+                      workdir=inputs.directory / INT8_DIR, threads=inputs.threads)
     bits = {name: 8 for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM))}
-    ptq = Quantized(model=result.model, artefact=result.path, size_bytes=result.size_bytes, method="ptq", bits=bits)
-    if not isinstance(config, StaticInt8Stage) or config.qat is None:
+    return Quantized(model=result.model, artefact=result.path, size_bytes=result.size_bytes, method="ptq", bits=bits)
+
+
+def _int8_qat_fallback(config: StaticInt8Stage, model: nn.Module, inputs: StageInputs, ptq: Quantized) -> Quantized:
+    """The post-training model, or the QAT model when PTQ lost too much and QAT did better."""
+    if config.qat is None:
         return ptq
     ptq_metric = inputs.evaluate(ptq.model)
     if _acceptable(ptq_metric, config.max_metric_drop, inputs):
         return ptq
     trained = qat(model, config.qat, inputs.train_loader, task=inputs.task, teacher=inputs.teacher,  # type: ignore[arg-type]
                   seed=inputs.seed, progress=True)
-    path = export_qat_onnx(trained, inputs.example, inputs.directory / "int8" / "model.qat.onnx")
+    path = export_qat_onnx(trained, inputs.example, inputs.directory / INT8_DIR / QAT_ONNX)
     candidate = OrtModel(path, threads=inputs.threads)
     if metric_drop(inputs.task, baseline=ptq_metric, value=inputs.evaluate(candidate)) >= 0:
         return ptq  # QAT did not help: keep the post-training model
-    return Quantized(model=candidate, artefact=path, size_bytes=path.stat().st_size, method="qat", bits=bits)
+    return Quantized(model=candidate, artefact=path, size_bytes=path.stat().st_size, method="qat", bits=ptq.bits)
+
+
+class DynamicInt8Stage(DynamicInt8):
+    """Dynamic int8 (weights int8, activations quantized at run time) as the spiral's last stage."""
+
+    def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
+        """Quantize ``model`` (not modified) to an int8 ONNX Runtime model."""
+        return _int8_ptq(self, model, inputs)
+
+
+class QuantizeStageKind(Protocol):
+    """What the spiral asks of a quantize stage; each stage kind implements it."""
+
+    kind: str
+
+    def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
+        """Quantize ``model`` (not modified): the quantized model, its artefact and how it was made."""
+        ...
+
+
+QUANTIZE_STAGES: dict[str, type[BaseModel]] = {
+    "compact": CompactQuant,
+    "static-int8": StaticInt8Stage,
+    "dynamic-int8": DynamicInt8Stage,
+}
+"""The quantize stage kinds a recipe can name."""
+
+QuantizeStage = Annotated[CompactQuant | StaticInt8Stage | DynamicInt8Stage, Field(discriminator="kind")]
+"""The recipe's quantize stage."""
+
+
+def _run_compact(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> Quantized:
+    """Quantize the non-zero weights (PTQ, then QAT with distillation if PTQ loses too much); save ``model.spkc``."""
+    granularity = _granularity(config.granularity)
+    chosen = _mixed_bits(config, model, inputs) if isinstance(config.bits, MixedBits) else config.bits
+    param_bits = {n: b for n, b in weight_bits(model, chosen, config.exclude).items() if b is not None}
+    bits = {n.removesuffix(".weight"): b for n, b in param_bits.items()}  # by layer name
+    quantized = copy.deepcopy(model)
+    quantize_nonzero_(quantized, bits, granularity=granularity)
+    method: Literal["ptq", "qat"] = "ptq"
+    ptq_metric = inputs.evaluate(quantized)
+    if not _acceptable(ptq_metric, config.max_metric_drop, inputs) and config.qat is not None:
+        trained = copy.deepcopy(model)
+        objective = fake_quant_objective(
+            config.qat.objective(task=inputs.task, teacher=inputs.teacher), param_bits, granularity=granularity
+        )
+        train(trained, inputs.train_loader, config=config.qat.train, objective=objective, seed=inputs.seed,
+              masks=inputs.masks, progress=True, description="quantization-aware recovery")
+        quantize_nonzero_(trained, bits, granularity=granularity)
+        if metric_drop(inputs.task, baseline=ptq_metric, value=inputs.evaluate(trained)) < 0:  # QAT only if it helped
+            quantized, method = trained, "qat"
+    path = inputs.directory / COMPACT
+    size = save_compressed(quantized, path, spec=inputs.spec, bits=bits, granularity=granularity)
+    return Quantized(model=quantized.eval(), artefact=path, size_bytes=size, method=method, bits=bits)

@@ -15,13 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spiralkit.data import DataSpec
-from spiralkit.distill.recovery import Distill, Recovery
-from spiralkit.distill.students import StudentSpec
 from spiralkit.errors import RecipeError
 from spiralkit.models import ModelSpec
-from spiralkit.prune.config import UnstructuredPrune
-from spiralkit.prune.stages import PruneStage, StructuredStage
-from spiralkit.quant.stage import CompactQuant, QuantizeStage
+from spiralkit.spiral.prune import PruneStageConfig
+from spiralkit.spiral.quantize import CompactQuant, QuantizeStage
+from spiralkit.spiral.recovery import Distill, Recovery
+from spiralkit.spiral.student import StudentStage
 from spiralkit.tasks import Classification, EmbeddingFidelity, Task
 from spiralkit.train import TrainConfig
 
@@ -41,21 +40,6 @@ class Targets(BaseModel):
     max_metric_drop: float = Field(default=0.5, ge=0)
     min_step: float = Field(default=0.005, gt=0, lt=1)
     max_rounds: int = Field(default=30, gt=0)
-
-
-class StudentStage(BaseModel):
-    """Distil a student built from the trained baseline before any pruning round.
-
-    Attributes:
-        architecture: how the student is built from the teacher: ``{kind: shallow, every: 2}``
-            keeps every 2nd layer of each layer stack with its weights (DistilBERT-style),
-            ``{kind: narrow, ratio: 0.5}`` removes channels/heads by structured pruning.
-        distill: the student's distillation (losses, epochs); fine-tuning also works.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    architecture: StudentSpec
-    distill: Recovery = Distill()
 
 
 class MeasureConfig(BaseModel):
@@ -100,7 +84,7 @@ class Recipe(BaseModel):
     task: Task = Classification()
     train: TrainConfig | None = None
     student: StudentStage | None = None
-    prune: tuple[PruneStage, ...] = ()
+    prune: tuple[PruneStageConfig, ...] = ()
     recover: Recovery = Distill()
     quantize: QuantizeStage | None = None
     targets: Targets = Targets()
@@ -114,12 +98,12 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _stages_in_order(self) -> Recipe:
         for index, stage in enumerate(self.prune):
-            if isinstance(stage, StructuredStage) and any(isinstance(s, UnstructuredPrune) for s in self.prune[:index]):
+            if stage.removes_structure and not all(s.removes_structure for s in self.prune[:index]):
                 raise ValueError(
                     f"prune stage {index + 1} is structured but follows an unstructured stage: "
                     "remove channels first, then prune weights"
                 )
-        if isinstance(self.quantize, CompactQuant) and any(isinstance(s, StructuredStage) for s in self.prune):
+        if isinstance(self.quantize, CompactQuant) and any(s.removes_structure for s in self.prune):
             raise ValueError("quantize kind 'compact' cannot follow structured pruning yet; use kind 'static-int8'")
         if self.data.name == "sst2" and self.data.kwargs.get("splice") and not isinstance(self.task, EmbeddingFidelity):
             raise ValueError(

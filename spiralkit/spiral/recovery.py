@@ -1,8 +1,11 @@
-"""Recovery after a pruning step: distil from the frozen teacher, or fine-tune on labels."""
+"""Recovery after a pruning step: distil from the frozen teacher, or fine-tune on labels.
+
+Each recovery kind is one config class whose `objective` method builds its training
+objective; `RECOVERIES` lists them for the recipe. `distill` is the verb, usable alone.
+"""
 
 from __future__ import annotations
 
-from functools import singledispatch
 from typing import Annotated, Literal
 
 import torch
@@ -11,8 +14,11 @@ from torch import nn
 
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.distill.terms import DistillObjective, LogitsTerm, LossTerm, TemperatureSchedule
+from spiralkit.modules import freeze
 from spiralkit.tasks import Classification, EmbeddingFidelity
 from spiralkit.train import Objective, TrainConfig, supervised, train
+
+Task = Classification | EmbeddingFidelity
 
 
 class Distill(BaseModel):
@@ -44,6 +50,29 @@ class Distill(BaseModel):
     cache_budget_mb: float = Field(default=512.0, ge=0)
     train: TrainConfig = TrainConfig()
 
+    def shared_cache(self) -> TeacherCache | None:
+        """A teacher cache for many recoveries from the same teacher on the same examples, if asked for."""
+        return TeacherCache(budget_mb=self.cache_budget_mb) if self.cache_teacher else None
+
+    def objective(self, *, task: Task, teacher: nn.Module, cache: TeacherCache | None = None) -> DistillObjective:
+        """The distillation objective from the frozen ``teacher``.
+
+        Args:
+            task: not used: the label term of every loss is cross-entropy (the signature is shared with `Finetune`).
+            teacher: the frozen teacher.
+            cache: a `TeacherCache` to reuse across calls (e.g. the rounds of a spiral, whose
+                teacher stays the same); ``None`` gives a distillation with ``cache_teacher``
+                a cache of its own, reused across its epochs.
+        """
+        own = cache is None and self.cache_teacher
+        if own:
+            cache = TeacherCache(budget_mb=self.cache_budget_mb)
+        return DistillObjective(
+            teacher, self.losses, alpha=self.alpha,
+            temperature=self.temperature_schedule or self.temperature,
+            cache=cache if self.cache_teacher else None, owns_cache=own,
+        )
+
 
 class Finetune(BaseModel):
     """Recover by fine-tuning on the labels alone."""
@@ -52,51 +81,19 @@ class Finetune(BaseModel):
     kind: Literal["finetune"] = "finetune"
     train: TrainConfig = TrainConfig()
 
+    def shared_cache(self) -> TeacherCache | None:
+        """None: fine-tuning never runs the teacher."""
+        return None
+
+    def objective(self, *, task: Task, teacher: nn.Module, cache: TeacherCache | None = None) -> Objective:
+        """The task's supervised loss; the teacher is not run."""
+        return supervised(task.loss)
+
+
+RECOVERIES: dict[str, type[BaseModel]] = {"distill": Distill, "finetune": Finetune}
+"""The recovery kinds a recipe can name."""
 
 Recovery = Annotated[Distill | Finetune, Field(discriminator="kind")]
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Put ``model`` in eval mode with gradients off: a teacher that never changes."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
-
-
-@singledispatch
-def recovery_objective(
-    recovery: object, *, task: Classification | EmbeddingFidelity, teacher: nn.Module, cache: TeacherCache | None = None
-) -> Objective:
-    """The training objective of a recovery config (dispatched on its type).
-
-    Args:
-        recovery: `Distill` or `Finetune`.
-        task: its loss is the fine-tuning objective.
-        teacher: the frozen teacher of a distillation.
-        cache: a `TeacherCache` to reuse across calls (e.g. the rounds of a spiral, whose
-            teacher stays the same); ``None`` gives a distillation with ``cache_teacher`` a
-            cache of its own, reused across its epochs.
-    """
-    raise TypeError(f"unknown recovery {type(recovery).__name__}")
-
-
-@recovery_objective.register
-def _(recovery: Finetune, *, task: Classification | EmbeddingFidelity, teacher: nn.Module, cache: TeacherCache | None = None) -> Objective:
-    return supervised(task.loss)
-
-
-@recovery_objective.register
-def _(recovery: Distill, *, task: Classification | EmbeddingFidelity, teacher: nn.Module,
-      cache: TeacherCache | None = None) -> DistillObjective:
-    own = cache is None and recovery.cache_teacher
-    if own:
-        cache = TeacherCache(budget_mb=recovery.cache_budget_mb)
-    return DistillObjective(
-        teacher, recovery.losses, alpha=recovery.alpha,
-        temperature=recovery.temperature_schedule or recovery.temperature,
-        cache=cache if recovery.cache_teacher else None, owns_cache=own,
-    )
 
 
 def distill(
@@ -105,7 +102,7 @@ def distill(
     loader: object,
     *,
     config: Distill | Finetune,
-    task: Classification | EmbeddingFidelity,
+    task: Task,
     seed: int = 0,
     masks: dict[str, torch.Tensor] | None = None,
     progress: bool = False,
@@ -118,7 +115,7 @@ def distill(
     Returns:
         The student, in eval mode.
     """
-    objective = recovery_objective(config, task=task, teacher=freeze(teacher))
+    objective = config.objective(task=task, teacher=freeze(teacher))
     try:
         train(student, loader, config=config.train, objective=objective, seed=seed,  # type: ignore[arg-type]
               masks=masks, progress=progress, description="distill")

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from spiralkit.data import TensorLoader
-from spiralkit.distill import Distill, HintTerm, LogitsTerm, TeacherCache, freeze, recovery_objective
+from spiralkit.distill import HintTerm, LogitsTerm, TeacherCache
+from spiralkit.modules import freeze
+from spiralkit.spiral.recovery import Distill
 from spiralkit.distill.cache import CachedModel, row_keys
 from spiralkit.tasks import Classification
 from spiralkit.train import OptimizerConfig, TrainConfig, train
@@ -113,7 +115,7 @@ def test_inputs_of_another_shape_bypass_the_cache() -> None:
 def _objective_losses(cached: bool, teacher: Counting, *, epochs: int = 3) -> list[float]:
     x, y = _data()
     config = Distill(losses=(LogitsTerm(), HintTerm(student="fc1", teacher="fc1", weight=0.5)), cache_teacher=cached)
-    objective = recovery_objective(config, task=Classification(), teacher=freeze(teacher))
+    objective = config.objective(task=Classification(), teacher=freeze(teacher))
     torch.manual_seed(0)
     student = nn.Sequential()
     student.add_module("fc1", nn.Linear(4, 2))
@@ -143,7 +145,7 @@ def test_a_shared_cache_serves_later_rounds() -> None:
     with TeacherCache() as cache:
         for round_seed in range(3):
             student = nn.Linear(4, 3)
-            objective = recovery_objective(config, task=Classification(), teacher=teacher, cache=cache)
+            objective = config.objective(task=Classification(), teacher=teacher, cache=cache)
             train(student, loader, config=config.train, objective=objective, seed=round_seed)
     assert teacher.rows == 40
 
@@ -170,12 +172,12 @@ def test_objectives_close_only_their_own_cache() -> None:
     teacher = freeze(Counting())
     x, _ = _data(8)
     with TeacherCache() as shared:
-        borrowed = recovery_objective(Distill(), task=Classification(), teacher=teacher, cache=shared)
+        borrowed = Distill().objective(task=Classification(), teacher=teacher, cache=shared)
         borrowed.cache.fetch(x, _logits(teacher))  # type: ignore[attr-defined]
         borrowed.close()  # type: ignore[attr-defined]
         assert shared.stats.stored_rows == 8
-    own = recovery_objective(Distill(), task=Classification(), teacher=teacher)
+    own = Distill().objective(task=Classification(), teacher=teacher)
     own.cache.fetch(x, _logits(teacher))  # type: ignore[attr-defined]
     own.close()  # type: ignore[attr-defined]
     assert own.cache.stats.stored_rows == 0  # type: ignore[attr-defined]
-    assert recovery_objective(Distill(cache_teacher=False), task=Classification(), teacher=teacher).cache is None  # type: ignore[attr-defined]
+    assert Distill(cache_teacher=False).objective(task=Classification(), teacher=teacher).cache is None  # type: ignore[attr-defined]

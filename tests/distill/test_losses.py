@@ -47,7 +47,7 @@ def test_kd_loss_bad_arguments(alpha: float, temperature: float, message: str) -
 
 def test_distill_verb_moves_student_towards_teacher() -> None:
     from spiralkit.data import TensorLoader
-    from spiralkit.distill import Distill
+    from spiralkit.spiral.recovery import Distill
     from spiralkit.tasks import Classification
     from spiralkit.train import OptimizerConfig, TrainConfig
     from spiralkit import distill

@@ -14,7 +14,6 @@ from spiralkit.distill import (
     AttentionProbsTerm,
     AttentionTransferTerm,
     CRDTerm,
-    Distill,
     DistillError,
     DistillObjective,
     HintTerm,
@@ -24,15 +23,14 @@ from spiralkit.distill import (
     TemperatureSchedule,
     Tap,
     attention_probs_loss,
-    distill,
-    freeze,
     kd_loss,
-    recovery_objective,
     value_relation_loss,
 )
 from spiralkit.errors import RecipeError
 from spiralkit.models import mlp
-from spiralkit.recipe import dump_recipe, parse_recipe
+from spiralkit.modules import freeze
+from spiralkit.spiral.recipe import dump_recipe, parse_recipe
+from spiralkit.spiral.recovery import Distill, distill
 from spiralkit.tasks import Classification
 from spiralkit.train import OptimizerConfig, TrainConfig, train
 
@@ -106,7 +104,7 @@ def test_default_losses_are_the_previous_logit_distillation() -> None:
     assert config.losses == (LogitsTerm(),)
     teacher, student = freeze(_mlp((5,), 0)), _mlp((5,), 1)
     x, y = _data(8)
-    objective = recovery_objective(config, task=Classification(), teacher=teacher)
+    objective = config.objective(task=Classification(), teacher=teacher)
     expected = kd_loss(student(x), teacher(x), y, alpha=0.7, temperature=3.0)
     assert objective(student, x, y).item() == pytest.approx(expected.item(), rel=1e-6)
     assert list(objective.parameters()) == []  # type: ignore[attr-defined]
@@ -181,7 +179,7 @@ def test_distill_with_hint_and_logits_learns_and_trains_the_adapter() -> None:
     x, y = _data(128)
     config = Distill(alpha=0.5, temperature=2.0, losses=(LogitsTerm(), HintTerm(student="relu1", teacher="relu1")),
                      train=TrainConfig(epochs=8, optimizer=OptimizerConfig(name="adam", lr=0.02)))
-    objective = recovery_objective(config, task=Classification(), teacher=teacher)
+    objective = config.objective(task=Classification(), teacher=teacher)
     objective.prepare(student, x)  # type: ignore[attr-defined]
     before = objective(student, x, y).item()
     hint_before = objective.last_terms["1:hint"]  # type: ignore[attr-defined]

@@ -9,8 +9,8 @@ import torch
 import transformers
 from rich.console import Console
 
-from spiralkit.recipe import parse_recipe
-from spiralkit.runner import Spiral, export_run
+from spiralkit.spiral.recipe import parse_recipe
+from spiralkit.spiral.runner import Spiral, export_run
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "movie", "the", "plot", "."]
 GOOD = ["a good movie .", "good plot", "the good movie", "a good good plot .", "good ."]

@@ -10,7 +10,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
-from spiralkit.distill.students import (
+from spiralkit.prune.students import (
     NarrowStudent,
     PrunedStudent,
     ShallowStudent,
@@ -204,7 +204,7 @@ def test_shallow_student_saves_as_data_and_rebuilds_from_the_teacher_spec(bert_s
 
 
 def test_module_function_teacher_rebuilds_and_missing_files_are_named(tmp_path: Path) -> None:
-    spec = ModelSpec(name="tests.distill.test_students:tiny_encoder", kwargs={"layers": 4})
+    spec = ModelSpec(name="tests.prune.test_students:tiny_encoder", kwargs={"layers": 4})
     student = build_student(ShallowStudent(every=2), load_model(spec))
     save_student(student, tmp_path, model_spec=spec, layout=plan_student(ShallowStudent(every=2), load_model(spec)))
     assert load_student(tmp_path).encoder.num_layers == 2

@@ -1,4 +1,4 @@
-"""Pruning stages: the ratio search behind structured rounds, and progress per stage type."""
+"""Pruning stages: the ratio search behind structured rounds, and progress per stage kind."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from spiralkit.measure import count_params
-from spiralkit.prune import UnstructuredPrune
-from spiralkit.prune.stages import StageContext, StructuredStage, prune_round, search_ratio, stage_progress, stage_target
+from spiralkit.spiral.prune import StageContext, StructuredStage, UnstructuredStage, search_ratio
 from spiralkit.prune.structured import apply_plan, planner
 
 
@@ -54,16 +53,16 @@ def test_structured_round_removes_to_the_target_and_reports_progress() -> None:
     model = mlp()
     ctx = context(model)
     stage = StructuredStage(measure="params", target_reduction=0.6)
-    assert stage_target(stage) == 0.6 and stage_progress(stage, model, None, ctx) == 0.0
-    cut = prune_round(stage, model, None, target=0.6, ctx=ctx)
+    assert stage.goal == 0.6 and stage.progress(model, None, ctx) == 0.0
+    cut = stage.cut(model, None, target=0.6, ctx=ctx)
     assert cut.masks is None and cut.plan is not None
     assert model[0].out_features < 64  # physically smaller
-    assert stage_progress(stage, model, None, ctx) >= 0.6
+    assert stage.progress(model, None, ctx) >= 0.6
 
 
 def test_unstructured_round_masks_to_the_sparsity() -> None:
     model = mlp()
-    stage = UnstructuredPrune(target_sparsity=0.5)
-    cut = prune_round(stage, model, None, target=0.3, ctx=context(model))
+    stage = UnstructuredStage(target_sparsity=0.5)
+    cut = stage.cut(model, None, target=0.3, ctx=context(model))
     assert cut.plan is None and cut.masks is not None
-    assert stage_progress(stage, model, cut.masks, context(model)) == pytest.approx(0.3, abs=0.01)
+    assert stage.progress(model, cut.masks, context(model)) == pytest.approx(0.3, abs=0.01)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from spiralkit.distill import Distill, Finetune
 from spiralkit.errors import RecipeError
 from spiralkit.prune import AGP, Taylor
 from spiralkit.prune import UnstructuredPrune
-from spiralkit.prune.stages import StructuredStage
-from spiralkit.recipe import dump_recipe, load_recipe, parse_recipe
+from spiralkit.spiral.prune import StructuredStage
+from spiralkit.spiral.recipe import dump_recipe, load_recipe, parse_recipe
+from spiralkit.spiral.recovery import Distill, Finetune
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """\
 name: t

@@ -11,9 +11,9 @@ from rich.console import Console
 
 from spiralkit.errors import ModelError, RecipeError, SpiralError
 from spiralkit.export import load_state
-from spiralkit.recipe import Recipe, parse_recipe
+from spiralkit.spiral.recipe import Recipe, parse_recipe
 from spiralkit.report import SCHEMA, Report
-from spiralkit.runner import Spiral, load_run_state
+from spiralkit.spiral.runner import Spiral, load_run_state
 
 BASE = """\
 name: tiny
@@ -99,7 +99,7 @@ def test_nan_loss_rolls_back(tmp_path: Path) -> None:
 def test_resume_after_interruption_gives_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = Spiral(recipe()).run(tmp_path / "ref", console=quiet())
 
-    import spiralkit.runner as runner
+    import spiralkit.spiral.runner as runner
 
     real_train = runner.train
     calls = {"n": 0}
@@ -215,7 +215,7 @@ def test_static_int8_falls_back_to_qat_exported_as_qdq(tmp_path: Path) -> None:
     from spiralkit.data import DataSpec, load_data
     from spiralkit.models import mlp
     from spiralkit.quant.ort import integer_ops
-    from spiralkit.quant.stage import StageInputs, StaticInt8Stage, quantize_stage
+    from spiralkit.spiral.quantize import StageInputs, StaticInt8Stage
     from spiralkit.tasks import Classification, evaluate
     from spiralkit.train import TrainConfig, supervised, train
 
@@ -231,7 +231,7 @@ def test_static_int8_falls_back_to_qat_exported_as_qdq(tmp_path: Path) -> None:
         baseline_val=1000.0, pruned_val=1000.0, max_metric_drop=0.0,  # nothing is acceptable: QAT must run
         seed=0, directory=tmp_path, example=next(iter(data.val))[0][:1], threads=1,
     )
-    result = quantize_stage(config, model, inputs)
+    result = config.run(model, inputs)
     qat_file = tmp_path / "int8" / "model.qat.onnx"
     assert qat_file.exists(), "the QAT fallback must have run and exported a QDQ model"
     assert sum(integer_ops(qat_file).values()) > 0
@@ -242,7 +242,7 @@ STRUCTURED = "[{kind: structured, measure: macs, target_reduction: 0.6, schedule
 
 
 def test_structured_rounds_reach_a_macs_target_and_shrink_the_model(tmp_path: Path) -> None:
-    from spiralkit.runner import export_run
+    from spiralkit.spiral.runner import export_run
 
     r = recipe(prune=STRUCTURED, model="{name: mlp, kwargs: {in_features: 64, widths: [64, 64]}}")
     report = Spiral(r).run(tmp_path / "run", console=quiet())
@@ -272,7 +272,7 @@ def test_hybrid_recipe_removes_channels_then_prunes_weights_and_resumes(
     assert reference.final is not None
     assert reference.final.macs <= 0.6 * reference.baseline.macs and reference.final.sparsity > 0.3
 
-    import spiralkit.runner as runner
+    import spiralkit.spiral.runner as runner
 
     real_train = runner.train
     calls = {"n": 0}
@@ -341,10 +341,10 @@ def stacked(width: int = 32, depth: int = 4) -> torch.nn.Module:
 
 
 def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> None:
-    from spiralkit.runner import export_run
+    from spiralkit.spiral.runner import export_run
 
     r = recipe(
-        model="{name: 'tests.test_runner:stacked'}",
+        model="{name: 'tests.spiral.test_runner:stacked'}",
         student="{architecture: {kind: shallow, every: 2}, distill: {kind: distill, train: {epochs: 4, optimizer: {name: adam, lr: 0.005}}}}",
         prune="[]",
     )
@@ -368,7 +368,7 @@ def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> 
 
 def test_structured_rounds_after_a_student_count_the_student_s_reduction(tmp_path: Path) -> None:
     r = recipe(
-        model="{name: 'tests.test_runner:stacked', kwargs: {width: 64}}",
+        model="{name: 'tests.spiral.test_runner:stacked', kwargs: {width: 64}}",
         student="{architecture: {kind: shallow, every: 2}, distill: {kind: distill, train: {epochs: 2, optimizer: {name: adam, lr: 0.005}}}}",
         # The student already has ~39% fewer MACs, past the schedule's first point (0.2): the
         # first round must aim beyond it, at the target.

@@ -1,0 +1,89 @@
+"""What every stage of a run works with (`RunContext`), and how the spiral measures a model."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from torch import Tensor, nn
+
+from spiralkit.data import DataSplits
+from spiralkit.distill.cache import TeacherCache
+from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
+from spiralkit.report import Metrics
+from spiralkit.spiral.prune import PruneStage, SizeMeasure, StageContext
+from spiralkit.tasks import evaluate
+
+if TYPE_CHECKING:  # the recipe names the stages, which use the context: no import cycle at run time
+    from spiralkit.spiral.recipe import Recipe
+
+__all__ = ["RunContext", "example_input", "measure_model", "stage_context"]
+
+
+@dataclass
+class RunContext:
+    """What every stage of a run works with, passed explicitly."""
+
+    recipe: Recipe
+    data: DataSplits
+    teacher: nn.Module
+    reference: nn.Module  # the teacher through a cache of its outputs, for tasks that compare with it
+    example: Tensor
+    run_dir: Path
+    console: Console
+    cache: TeacherCache | None = None
+
+
+def example_input(data: DataSplits, batch_size: int) -> Tensor:
+    """A fixed input of ``batch_size`` real examples, for MACs and latency."""
+    x, _ = next(iter(data.val))
+    repeats = -(-batch_size // x.shape[0])
+    return x.repeat(repeats, *([1] * (x.dim() - 1)))[:batch_size].clone()
+
+
+def _latency_ms(model: nn.Module, ctx: RunContext) -> float:
+    measure = ctx.recipe.measure
+    return measure_latency(
+        model, ctx.example, threads=measure.threads, warmup=measure.warmup, repeats=measure.repeats
+    ).median_ms
+
+
+def measure_model(model: nn.Module, ctx: RunContext) -> Metrics:
+    """Evaluate and measure ``model``: metric, parameters, size on disk, MACs, latency."""
+    recipe = ctx.recipe
+    held_out = ctx.data.test if ctx.data.test is not None else ctx.data.val
+    params = count_params(model)
+    with tempfile.TemporaryDirectory() as scratch:
+        size = size_on_disk(model, Path(scratch))
+    latency = _latency_ms(model, ctx)
+    return Metrics(
+        metric=evaluate(recipe.task, model, held_out, reference=ctx.reference).metric,
+        val_metric=evaluate(recipe.task, model, ctx.data.val, reference=ctx.reference).metric,
+        params=params.total,
+        nonzero_params=params.nonzero,
+        sparsity=params.sparsity,
+        size_bytes=size.best_bytes,
+        dense_size_bytes=size.dense_bytes,
+        macs=count_macs(model, ctx.example),
+        latency_ms=latency,
+    )
+
+
+def _size_measure(name: SizeMeasure, baseline: Metrics, ctx: RunContext) -> tuple[Callable[[nn.Module], float], float]:
+    """A stage's measure of a model's size, and the baseline's value of it."""
+    if name == "macs":
+        return (lambda m: float(count_macs(m, ctx.example))), float(baseline.macs)
+    if name == "params":
+        return (lambda m: float(count_params(m).total)), float(baseline.params)
+    return (lambda m: _latency_ms(m, ctx)), baseline.latency_ms
+
+
+def stage_context(stage: PruneStage, baseline: Metrics, ctx: RunContext) -> StageContext:
+    """What ``stage`` needs from the run to measure and prune a model."""
+    size, baseline_size = _size_measure(stage.size_measure, baseline, ctx)
+    return StageContext(example=ctx.example, batches=ctx.data.train, loss_fn=ctx.recipe.task.loss,
+                        size=size, baseline_size=baseline_size)

@@ -1,0 +1,166 @@
+"""The run directory: every file a run writes, named once here, with the helpers that save and load them.
+
+```
+RUN_DIR/recipe.yaml            the validated recipe (resume reads it from here)
+RUN_DIR/state.json             progress: baseline, rounds, current stage, progress and step scale
+RUN_DIR/baseline.safetensors   the trained dense model (the frozen teacher)
+RUN_DIR/student.json, student.safetensors  the student's layout and distilled weights, when
+                               the recipe builds a student from the baseline
+RUN_DIR/rounds/NNN/            weights, masks and structured plans of each kept round
+RUN_DIR/model.safetensors      the final pruned model (dense layout)
+RUN_DIR/model.sparse.safetensors  the same, in the compact sparse encoding
+RUN_DIR/plan.json              the structured plans, in order, when channels were removed:
+                               the recipe's model with these replayed takes model.safetensors
+RUN_DIR/model.spkc             the compact quantized artefact (quantize kind ``compact``)
+RUN_DIR/sensitivity.json       the per-layer bit-width scan (``bits: {kind: mixed}``)
+RUN_DIR/int8/                  the int8 ONNX models (quantize kinds ``static-int8``, ``dynamic-int8``)
+RUN_DIR/model.onnx             what ``spiral export`` writes
+RUN_DIR/report.json, report.md
+```
+
+Every file is written atomically and ``state.json`` last, so a kill at any moment leaves
+the previous consistent state.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ConfigDict, Field, ValidationError
+from torch import nn
+
+from spiralkit.errors import SpiralError
+from spiralkit.export import atomic_write_text, load_state, save_weights
+from spiralkit.prune import Masks
+from spiralkit.prune.structured import PrunePlan, read_plans, replay_plans, write_plans
+from spiralkit.report import Outcome
+from spiralkit.report.render import REPORT_JSON, REPORT_MARKDOWN
+
+__all__ = [
+    "BASELINE",
+    "COMPACT",
+    "INT8_DIR",
+    "MODEL",
+    "MODEL_SPARSE",
+    "ONNX",
+    "PLANS",
+    "QAT_ONNX",
+    "RECIPE",
+    "REPORT_JSON",
+    "REPORT_MARKDOWN",
+    "SENSITIVITY",
+    "STATE",
+    "STATE_SCHEMA",
+    "STUDENT_LAYOUT",
+    "STUDENT_WEIGHTS",
+    "Pruned",
+    "RunState",
+    "load_round",
+    "load_run_state",
+    "save_round",
+    "save_run_state",
+]
+
+RECIPE = "recipe.yaml"
+STATE = "state.json"
+BASELINE = "baseline.safetensors"
+STUDENT_LAYOUT = "student.json"
+STUDENT_WEIGHTS = "student.safetensors"
+ROUNDS = "rounds"
+MODEL = "model.safetensors"
+MODEL_SPARSE = "model.sparse.safetensors"
+PLANS = "plan.json"
+MASKS = "masks.safetensors"
+COMPACT = "model.spkc"
+SENSITIVITY = "sensitivity.json"
+INT8_DIR = "int8"
+QAT_ONNX = "model.qat.onnx"
+ONNX = "model.onnx"
+
+STATE_SCHEMA = "spiralkit.state/2"
+
+
+class RunState(Outcome):
+    """What a run has done so far; saved as ``state.json`` after every step.
+
+    The measured results are the report's `Outcome`; the rest is the spiral's progress.
+
+    Attributes:
+        accepted: rounds kept, over all stages.
+        stage: index of the pruning stage in progress.
+        stage_accepted: rounds kept in that stage (the schedule's clock).
+        progress: that stage's progress (sparsity, or reduction of MACs/params/latency).
+        scale: the step's scale; halved for good by every rolled-back round.
+        checkpoint: the directory of the last kept round, relative to the run directory.
+        stage_stops: why each finished stage ended.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_: str = Field(default=STATE_SCHEMA, alias="schema")
+    accepted: int = 0
+    stage: int = 0
+    stage_accepted: int = 0
+    progress: float = 0.0
+    scale: float = 1.0
+    checkpoint: str | None = None
+    stage_stops: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A model as the spiral has pruned it: weights, the masks in force, the structured plans applied."""
+
+    model: nn.Module
+    masks: Masks | None = None
+    plans: tuple[PrunePlan, ...] = ()
+
+
+def save_run_state(run_dir: Path, state: RunState) -> None:
+    """Write ``state.json`` atomically: the commit point of every step."""
+    atomic_write_text(run_dir / STATE, state.model_dump_json(by_alias=True, indent=2) + "\n")
+
+
+def load_run_state(run_dir: Path) -> RunState:
+    """The state of the run in ``run_dir`` (empty for a new run).
+
+    Raises:
+        SpiralError: ``state.json`` is not a spiralkit state of this version.
+    """
+    path = run_dir / STATE
+    if not path.exists():
+        return RunState()
+    try:
+        return RunState.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise SpiralError(f"{path} is not a run state spiralkit can resume ({exc.error_count()} error(s): "
+                          f"{exc.errors()[0]['msg']})") from None
+
+
+def _round_dir(run_dir: Path, index: int) -> Path:
+    return run_dir / ROUNDS / f"{index:03d}"
+
+
+def save_round(run_dir: Path, index: int, pruned: Pruned) -> str:
+    """Save kept round ``index``: weights, masks, plans; returns its directory relative to ``run_dir``."""
+    directory = _round_dir(run_dir, index)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(pruned.model, directory / MODEL)
+    if pruned.masks:
+        save_weights({name: m.to(torch.uint8) for name, m in pruned.masks.items()}, directory / MASKS)
+    if pruned.plans:
+        write_plans(directory / PLANS, pruned.plans)
+    return str(directory.relative_to(run_dir))
+
+
+def load_round(run_dir: Path, checkpoint: str, base: nn.Module) -> Pruned:
+    """The kept round in ``checkpoint``: ``base``'s architecture with its plans replayed, and its weights."""
+    directory = run_dir / checkpoint
+    plans = read_plans(directory / PLANS) if (directory / PLANS).exists() else ()
+    model = replay_plans(copy.deepcopy(base), plans)
+    model.load_state_dict(load_state(directory / MODEL))
+    masks_file = directory / MASKS
+    masks = {name: m.bool() for name, m in load_state(masks_file).items()} if masks_file.exists() else None
+    return Pruned(model=model.eval(), masks=masks, plans=plans)
