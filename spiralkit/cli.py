@@ -51,12 +51,12 @@ def demo(
 def run(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML file.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the killed run in this directory.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the killed run in this directory (with RECIPE: only if it is the recipe that started it).")] = None,
 ) -> None:
     """Run a recipe, or resume a run that was interrupted."""
     try:
-        if resume is not None:
-            loaded = load_recipe(resume / RECIPE)
+        if resume is not None:  # with a RECIPE too, it must be the recipe that started the run
+            loaded = load_recipe(recipe if recipe is not None else resume / RECIPE)
             Spiral(loaded).run(resume, resume=True)
             return
         if recipe is None:

@@ -25,6 +25,11 @@ the previous consistent state.
 from __future__ import annotations
 
 import copy
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +48,7 @@ __all__ = [
     "BASELINE",
     "COMPACT",
     "INT8_DIR",
+    "LOCK",
     "MODEL",
     "MODEL_SPARSE",
     "ONNX",
@@ -60,6 +66,7 @@ __all__ = [
     "RunState",
     "load_round",
     "load_run_state",
+    "run_lock",
     "save_round",
     "save_run_state",
 ]
@@ -164,3 +171,44 @@ def load_round(run_dir: Path, checkpoint: str, base: nn.Module) -> Pruned:
     masks_file = directory / MASKS
     masks = {name: m.bool() for name, m in load_state(masks_file).items()} if masks_file.exists() else None
     return Pruned(model=model.eval(), masks=masks, plans=plans)
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's exclusive lock while the block runs: one writer per run directory.
+
+    The lock is an advisory ``flock`` on ``RUN_DIR/.lock``, which the kernel releases when its
+    holder exits however it dies, so a lock left by a killed run is simply taken over. The
+    file records the holder's process id, for the message a second writer gets.
+
+    Raises:
+        SpiralError: another process holds the lock (the message names it), or the directory
+            cannot be created or written.
+    """
+    path = run_dir / LOCK
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+    except OSError as exc:
+        raise SpiralError(f"cannot lock run directory {run_dir}: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SpiralError(
+                f"{run_dir} is in use by {holder}: one run writes a run directory at a time; "
+                "wait for it to end, or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

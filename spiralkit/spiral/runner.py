@@ -30,6 +30,7 @@ from spiralkit.prune import next_sparsity
 from spiralkit.prune.students import apply_student, read_layout
 from spiralkit.prune.structured import read_plans, replay_plans, write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
+from spiralkit.spiral.fingerprint import check_fingerprint, fingerprint, read_fingerprint, write_fingerprint
 from spiralkit.spiral.context import RunContext, example_input, measure_model, stage_context
 from spiralkit.spiral.quantize import Quantized, StageInputs
 from spiralkit.spiral.recipe import Recipe, dump_recipe, load_recipe
@@ -46,6 +47,7 @@ from spiralkit.spiral.rundir import (
     RunState,
     load_round,
     load_run_state,
+    run_lock,
     save_round,
     save_run_state,
 )
@@ -265,14 +267,25 @@ def build_report(recipe: Recipe, state: RunState) -> Report:
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool) -> None:
-    if resume:
-        if not (run_dir / RECIPE).exists():
-            raise SpiralError(f"cannot resume {run_dir}: it holds no recipe.yaml (not a run directory)")
-        return
-    if (run_dir / STATE).exists():
+    """Check that ``recipe`` may write ``run_dir`` (the caller holds its lock); a new run saves its recipe.
+
+    A directory that holds a recipe is continued only by a recipe with the same fingerprint
+    (`spiralkit.spiral.fingerprint`): never by another recipe, even before its first state.
+    """
+    has_recipe = (run_dir / RECIPE).exists()
+    if resume and not has_recipe:
+        raise SpiralError(f"cannot resume {run_dir}: it holds no recipe.yaml (not a run directory)")
+    if not resume and (run_dir / STATE).exists():
         raise SpiralError(f"{run_dir} already holds a run; resume it with --resume or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if has_recipe:
+        saved = read_fingerprint(run_dir)
+        if saved is None:  # written before fingerprints: the saved recipe is the reference
+            saved = fingerprint(load_recipe(run_dir / RECIPE))
+            write_fingerprint(run_dir, saved)
+        check_fingerprint(run_dir, recipe, saved=saved)
+        return
     atomic_write_text(run_dir / RECIPE, dump_recipe(recipe))
+    write_fingerprint(run_dir, fingerprint(recipe))
 
 
 class Spiral:
@@ -305,7 +318,12 @@ class Spiral:
         """
         recipe, run_dir = self.recipe, Path(run_dir)
         console = console or Console()
-        _prepare_run_dir(recipe, run_dir, resume=resume)
+        with run_lock(run_dir):
+            _prepare_run_dir(recipe, run_dir, resume=resume)
+            return self._run(run_dir, model=model, data=data, console=console)
+
+    def _run(self, run_dir: Path, *, model: nn.Module | None, data: DataSplits | None, console: Console) -> Report:
+        recipe = self.recipe
         with _threads(recipe.threads):
             data = data or load_data(recipe.data, seed=recipe.seed)
             trained = model is not None

@@ -1,0 +1,138 @@
+"""The run directory: one writer at a time, and only the recipe that started it may continue it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from spiralkit.errors import SpiralError
+from spiralkit.spiral.fingerprint import FINGERPRINT, fingerprint, read_fingerprint
+from spiralkit.spiral.recipe import parse_recipe
+from spiralkit.spiral.rundir import LOCK, RunState, load_run_state, run_lock
+from spiralkit.spiral.runner import Spiral
+
+TINY = """\
+name: tiny
+seed: 1
+threads: 1
+model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}
+data: {name: digits, batch_size: 64, val_fraction: 0.2}
+train: {epochs: 1, optimizer: {name: adam, lr: 0.01}}
+prune: {target_sparsity: 0.5, schedule: {kind: one-shot}}
+recover: {kind: finetune, train: {epochs: 1, optimizer: {name: sgd, lr: 0.05}}}
+targets: {max_metric_drop: 50.0}
+measure: {repeats: 2, warmup: 0}
+"""
+
+
+def quiet() -> Console:
+    return Console(quiet=True)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path: Path) -> None:
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(SpiralError, match=r"run is in use by process \d+ on .*one run writes a run directory"):
+            with run_lock(tmp_path / "run"):
+                pass
+    with run_lock(tmp_path / "run"):  # released: free again
+        pass
+
+
+def test_a_concurrent_spiral_run_in_another_process_exits_with_the_lock_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    with run_lock(tmp_path / "run"):
+        result = subprocess.run([sys.executable, "-m", "spiralkit", "run", str(recipe), "--out", str(tmp_path / "run")],
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "is in use by process" in " ".join(result.stderr.split())
+    assert not (tmp_path / "run" / "recipe.yaml").exists(), "the refused run wrote nothing"
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK).write_text("process 999999 on elsewhere\n")  # the file stays; its flock died with it
+    with run_lock(run_dir):
+        holder = (run_dir / LOCK).read_text()
+        assert holder.startswith("process ") and "999999" not in holder
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(SpiralError, match=f"cannot lock run directory {target}"):
+        with run_lock(target):
+            pass
+
+
+def test_fingerprint_ignores_speed_and_data_root_but_not_results() -> None:
+    base = fingerprint(parse_recipe(TINY))
+    faster = fingerprint(parse_recipe(TINY.replace("threads: 1", "threads: 2").replace("repeats: 2", "repeats: 9")))
+    assert base.differences(faster) == []
+    other = fingerprint(parse_recipe(TINY.replace("seed: 1", "seed: 2").replace("target_sparsity: 0.5", "target_sparsity: 0.6")))
+    assert base.differences(other) == ["prune.0.target_sparsity", "seed"]
+
+
+def test_fingerprint_hashes_the_checkpoint_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+    from spiralkit.models import ModelSpec, load_model  # noqa: PLC0415
+
+    model = load_model(ModelSpec(name="mlp", kwargs={"in_features": 64, "widths": [16]}))
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    text = TINY.replace("model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}",
+                        f"model: {{name: mlp, kwargs: {{in_features: 64, widths: [16]}}, checkpoint: {weights}}}")
+    before = fingerprint(parse_recipe(text))
+    changed = {name: tensor + 1 for name, tensor in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in changed.items()}, weights)
+    assert before.differences(fingerprint(parse_recipe(text))) == ["model.checkpoint (file contents)"]
+
+
+def test_resume_with_a_changed_recipe_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    Spiral(parse_recipe(TINY)).run(run_dir, console=quiet())
+    assert read_fingerprint(run_dir) is not None
+    state = (run_dir / "state.json").read_text()
+    changed = parse_recipe(TINY.replace("seed: 1", "seed: 7").replace("widths: [16]", "widths: [32]"))
+    with pytest.raises(SpiralError, match=r"different recipe: model\.kwargs\.widths\.0, seed differ"):
+        Spiral(changed).run(run_dir, resume=True, console=quiet())
+    assert (run_dir / "state.json").read_text() == state, "nothing was touched"
+    # the same recipe with other threads and measurement settings resumes
+    Spiral(parse_recipe(TINY.replace("threads: 1", "threads: 2"))).run(run_dir, resume=True, console=quiet())
+
+
+def test_out_into_another_recipes_directory_is_refused_even_before_its_first_state(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(TINY)  # a run killed before its first state.json
+    with pytest.raises(SpiralError, match="different recipe: seed differ"):
+        Spiral(parse_recipe(TINY.replace("seed: 1", "seed: 2"))).run(run_dir, console=quiet())
+    assert (run_dir / "recipe.yaml").read_text() == TINY
+
+
+def test_a_run_directory_written_before_fingerprints_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    Spiral(parse_recipe(TINY)).run(run_dir, console=quiet())
+    (run_dir / FINGERPRINT).unlink()  # as written by spiralkit before fingerprints
+    report = Spiral(parse_recipe(TINY)).run(run_dir, resume=True, console=quiet())
+    assert report.final is not None and (run_dir / FINGERPRINT).exists()
+
+
+def test_state_written_before_the_refactor_loads(tmp_path: Path) -> None:
+    """state.json as spiralkit wrote it before RunState shared the report's Outcome (keys in the old order)."""
+    old = ('{"schema": "spiralkit.state/2", "baseline": null, "rounds": [], "accepted": 0, "stage": 0, '
+           '"stage_accepted": 0, "progress": 0.0, "scale": 1.0, "student": null, "checkpoint": null, '
+           '"stage_stops": [], "stopped": null, "pruned": null, "quantization": null, "final": null}')
+    (tmp_path / "state.json").write_text(old)
+    assert load_run_state(tmp_path) == RunState()
+
+
+def test_a_truncated_state_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"schema": "spiralkit.state/2", "rounds": [')
+    with pytest.raises(SpiralError, match=r"state\.json is not a run state spiralkit can resume"):
+        load_run_state(tmp_path)
