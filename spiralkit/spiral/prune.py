@@ -25,10 +25,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
+import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
 
 from spiralkit.configs import default_kind
+from spiralkit.errors import ConfigError, PruneError
 from spiralkit.prune.config import UnstructuredPrune, prune_to
 from spiralkit.prune.importance import LossFn, Magnitude
 from spiralkit.prune.schedules import AGP, Schedule
@@ -150,6 +152,13 @@ class UnstructuredStage(UnstructuredPrune):
         """The recipe's recovery, unchanged."""
         return objective
 
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """Every include/exclude pattern must match a prunable layer of ``model``."""
+        try:
+            self.selector.select(model)
+        except PruneError as exc:
+            raise ConfigError.naming(exc, exclude=self.exclude, include=self.include) from None
+
 
 class StructuredStage(BaseModel):
     """Structured spiral rounds: remove channels and heads until a MACs, parameter or latency target.
@@ -230,6 +239,19 @@ class StructuredStage(BaseModel):
             return objective
         strength = self.bn_penalty
         return Wrapped(objective, lambda base, model, x, y: base(model, x, y) + bn_l1_penalty(model, strength))
+
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """The stage plans on ``model``: its include/exclude patterns match layers it can prune.
+
+        Plans on a copy, by magnitude (no data needed) and with the random state restored,
+        so checking changes nothing in the run.
+        """
+        try:
+            with torch.random.fork_rng():
+                planner(copy.deepcopy(model), self.step().model_copy(update={"criterion": Magnitude(norm=2)}),
+                        example=example)
+        except PruneError as exc:
+            raise ConfigError.naming(exc, exclude=self.exclude, include=self.include) from None
 
 
 PRUNE_STAGES: dict[str, type[BaseModel]] = {

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from spiralkit.errors import ConfigError
 from spiralkit.export import atomic_write_text
+from spiralkit.patterns import first_unmatched
 from spiralkit.spiral.recovery import Distill
 from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY
 from spiralkit.export.compact import (
@@ -33,7 +35,7 @@ from spiralkit.export.compact import (
     weight_bits,
 )
 from spiralkit.models import ModelSpec
-from spiralkit.quant.affine import PerChannel, PerTensor
+from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan
 from spiralkit.export.onnx import OrtModel
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
@@ -61,6 +63,29 @@ class MixedBits(BaseModel):
     candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     average_bits: float = Field(gt=0, le=8)
 
+    @field_validator("candidates")
+    @classmethod
+    def _bits_in_range(cls, candidates: tuple[int, ...]) -> tuple[int, ...]:
+        for value in candidates:
+            _valid_bits(value)
+        return candidates
+
+
+def _valid_bits(bits: int) -> None:
+    """Raise ``ValueError`` (a recipe error at the key) for a width outside 2..8."""
+    try:
+        check_bits(bits)
+    except QuantError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_keep_float(model: nn.Module, keep_float: tuple[str, ...]) -> None:
+    """Every ``keep_float`` pattern names a module of ``model``."""
+    names = [name for name, _ in model.named_modules() if name]
+    if (pattern := first_unmatched(keep_float, names)) is not None:
+        raise ConfigError("keep_float", f"pattern {pattern!r} matches no module; modules are: {', '.join(names[:20])}"
+                          + (" …" if len(names) > 20 else ""))
+
 
 class CompactQuant(BaseModel):
     """Quantize the non-zero weights to ``bits`` and save the compact artefact.
@@ -86,9 +111,24 @@ class CompactQuant(BaseModel):
         train=TrainConfig(epochs=2, optimizer=OptimizerConfig(name="sgd", lr=0.002, momentum=0.9))
     )
 
+    @field_validator("bits")
+    @classmethod
+    def _bits_in_range(cls, bits: int | dict[str, int] | MixedBits) -> int | dict[str, int] | MixedBits:
+        for value in (bits.values() if isinstance(bits, dict) else [bits] if isinstance(bits, int) else []):
+            _valid_bits(value)
+        return bits
+
     def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
         """Quantize ``model`` (not modified) and save the compact artefact."""
         return _run_compact(self, model, inputs)
+
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """The ``bits`` keys and ``exclude`` patterns name Linear/Conv layers of ``model``."""
+        bits = 8 if isinstance(self.bits, MixedBits) else self.bits
+        try:
+            weight_bits(model, bits, self.exclude)
+        except QuantError as exc:
+            raise ConfigError.naming(exc, exclude=self.exclude, bits=list(bits) if isinstance(bits, dict) else []) from None
 
 
 
@@ -187,6 +227,15 @@ class StaticInt8Stage(StaticInt8):
         """Quantize ``model`` (not modified) to an int8 ONNX Runtime model, with the QAT fallback."""
         return _int8_qat_fallback(self, model, inputs, _int8_ptq(self, model, inputs))
 
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """The ``keep_float`` patterns (and the QAT fallback's) name modules of ``model``."""
+        _check_keep_float(model, self.keep_float)
+        if self.qat is not None:
+            try:
+                _check_keep_float(model, self.qat.keep_float)
+            except ConfigError as exc:
+                raise ConfigError(f"qat.{exc.key}", str(exc)) from None
+
 
 
 
@@ -221,6 +270,10 @@ class DynamicInt8Stage(DynamicInt8):
         """Quantize ``model`` (not modified) to an int8 ONNX Runtime model."""
         return _int8_ptq(self, model, inputs)
 
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """The ``keep_float`` patterns name modules of ``model``."""
+        _check_keep_float(model, self.keep_float)
+
 
 class QuantizeStageKind(Protocol):
     """What the spiral asks of a quantize stage; each stage kind implements it."""
@@ -229,6 +282,10 @@ class QuantizeStageKind(Protocol):
 
     def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
         """Quantize ``model`` (not modified): the quantized model, its artefact and how it was made."""
+        ...
+
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """Raise `ConfigError` (naming the key) when the stage cannot apply to ``model``; before any training."""
         ...
 
 

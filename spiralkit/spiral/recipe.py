@@ -7,22 +7,42 @@ keys, so a typo is an error that names the key, its path and its line in the fil
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import Tensor, nn
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from spiralkit.data import DataSpec
-from spiralkit.errors import RecipeError
+from spiralkit.errors import ConfigError, RecipeError
 from spiralkit.models import ModelSpec
+from spiralkit.models.loading import is_pretrained
 from spiralkit.spiral.prune import PruneStageConfig
 from spiralkit.spiral.quantize import CompactQuant, QuantizeStage
 from spiralkit.spiral.recovery import Distill, Recovery
 from spiralkit.spiral.student import StudentStage
 from spiralkit.tasks import Classification, EmbeddingFidelity, Task
 from spiralkit.train import TrainConfig
+
+
+@dataclass(frozen=True, eq=False)
+class _Origin:
+    """Where a recipe was read from (file name, YAML nodes), to give later errors their line.
+
+    Not part of what the recipe says: any two origins compare equal, so recipes compare by content.
+    """
+
+    source: str
+    root: yaml.Node | None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Origin)
+
+    def __hash__(self) -> int:
+        return 0
 
 
 class Targets(BaseModel):
@@ -89,6 +109,31 @@ class Recipe(BaseModel):
     quantize: QuantizeStage | None = None
     targets: Targets = Targets()
     measure: MeasureConfig = MeasureConfig()
+    _origin: _Origin = PrivateAttr(default_factory=lambda: _Origin("<recipe>", None))
+
+    def check_model(self, model: nn.Module, example: Tensor) -> None:
+        """The checks that need the model (its layer names), run before any training.
+
+        Raises:
+            RecipeError: a pattern or layer name that matches nothing; names the key and line.
+        """
+        stages: list[tuple[str, Any]] = [(f"prune.{index}", stage) for index, stage in enumerate(self.prune)]
+        if self.quantize is not None:
+            stages.append(("quantize", self.quantize))
+        for key, stage in stages:
+            try:
+                stage.check(model, example)
+            except ConfigError as exc:
+                raise self.error(f"{key}.{exc.key}", str(exc)) from None
+
+    def error(self, key: str, message: str) -> RecipeError:
+        """A `RecipeError` about ``key`` (dotted, e.g. ``prune.0.exclude``), with its file and line."""
+        path: list[str | int] = [int(part) if part.isdigit() else part for part in key.split(".")]
+        if path and path[0] == "prune" and (len(path) == 1 or isinstance(path[1], str)):
+            path.insert(1, 0)  # `prune:` written as one mapping is stage 0
+        _, line = _locate(self._origin.root, path)
+        where = f"{self._origin.source}, line {line}" if line else self._origin.source
+        return RecipeError(f"{where}: key {key!r}: {message}")
 
     @field_validator("prune", mode="before")
     @classmethod
@@ -105,6 +150,12 @@ class Recipe(BaseModel):
                 )
         if isinstance(self.quantize, CompactQuant) and any(s.removes_structure for s in self.prune):
             raise ValueError("quantize kind 'compact' cannot follow structured pruning yet; use kind 'static-int8'")
+        if self.train is not None and self.train.epochs == 0 and self.model.checkpoint is None \
+                and not is_pretrained(self.model):
+            raise ValueError(
+                f"train.epochs is 0 and model {self.model.name!r} has no checkpoint: the run would compress "
+                "an untrained model; give 'model.checkpoint' or train for at least one epoch"
+            )
         if self.data.name == "sst2" and self.data.kwargs.get("splice") and not isinstance(self.task, EmbeddingFidelity):
             raise ValueError(
                 "data.kwargs.splice adds unlabeled sentences, which only task 'fidelity' trains on "
@@ -171,7 +222,34 @@ def _describe(error: Any, root: yaml.Node | None, source: str) -> str:
     return f"{where}: key {dotted!r}: {error['msg']} (got {error.get('input')!r})"
 
 
-def _check_duplicates(node: yaml.Node | None, source: str) -> None:
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe file larger than this is refused (recipes are a few kilobytes)."""
+MAX_RECIPE_NODES = 100_000
+"""A recipe whose YAML nodes, with every alias expanded, number more than this is refused:
+a few nested aliases ("billion laughs") would otherwise expand into billions of values."""
+
+
+def _expanded_nodes(root: yaml.Node | None) -> int:
+    """How many nodes the document has with its aliases expanded, counted without expanding them."""
+    counts: dict[int, int] = {}
+
+    def count(node: yaml.Node) -> int:
+        if id(node) not in counts:
+            counts[id(node)] = 0  # a recursive alias counts once, not forever
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            counts[id(node)] = min(1 + sum(count(child) for child in children), MAX_RECIPE_NODES + 1)
+        return counts[id(node)]
+
+    return count(root) if root is not None else 0
+
+
+def _check_duplicates(node: yaml.Node | None, source: str, seen_nodes: set[int] | None = None) -> None:
+    """Refuse a mapping that repeats a key; each node is visited once, however many aliases share it."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if node is None or id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key, value in node.value:
@@ -179,32 +257,51 @@ def _check_duplicates(node: yaml.Node | None, source: str) -> None:
             if key.value in seen:
                 raise RecipeError(f"{source}, line {line}: duplicate key {key.value!r} (first on line {seen[key.value]})")
             seen[key.value] = line
-            _check_duplicates(value, source)
+            _check_duplicates(value, source, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _check_duplicates(item, source)
+            _check_duplicates(item, source, seen_nodes)
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> RecipeError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return RecipeError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else ""))
 
 
 def parse_recipe(text: str, *, source: str = "<recipe>") -> Recipe:
     """Validate a YAML recipe.
 
     Raises:
-        RecipeError: bad YAML, a duplicate, unknown or missing key, or a bad value; the
-            message names the key and its line in ``source``.
+        RecipeError: bad YAML, a document too large or with too many expanded aliases, a
+            duplicate, unknown or missing key, or a bad value; the message names the key
+            and its line in ``source``.
     """
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: {len(text):,} characters; a recipe may have at most {MAX_RECIPE_BYTES:,}")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    if _expanded_nodes(root) > MAX_RECIPE_NODES:
+        raise RecipeError(f"{source}: more than {MAX_RECIPE_NODES:,} values once its aliases are expanded; "
+                          "write the recipe out without nested aliases")
+    _check_duplicates(root, source)
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: not valid YAML: {exc}") from None
-    _check_duplicates(root, source)
+        raise _yaml_error(exc, source) from None
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of keys, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         messages = [_describe(error, root, source) for error in exc.errors()]
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(messages)) from None
+    recipe._origin = _Origin(source, root)
+    return recipe
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -217,6 +314,12 @@ def load_recipe(path: Path) -> Recipe:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {exc.start}): is it a YAML file?") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     return parse_recipe(text, source=str(path))
 
 

@@ -329,11 +329,14 @@ class Spiral:
             trained = model is not None
             torch.manual_seed(recipe.seed)  # the model's random init is part of the run
             model = model if model is not None else load_model(recipe.model)
+            example = example_input(data, recipe.measure.batch_size)
+            if recipe.student is None:  # a student's layer names are known once it is built
+                recipe.check_model(model, example)
             _baseline(model, recipe, data, run_dir, trained=trained, console=console)
             teacher = freeze(copy.deepcopy(model))
             with _teacher_cache(recipe) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
                 ctx = RunContext(recipe=recipe, data=data, teacher=teacher, reference=CachedModel(teacher, outputs),
-                                 example=example_input(data, recipe.measure.batch_size), run_dir=run_dir,
+                                 example=example, run_dir=run_dir,
                                  console=console, cache=cache)
                 state = load_run_state(run_dir)
                 if state.baseline is None:

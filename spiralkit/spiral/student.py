@@ -54,6 +54,7 @@ def run_student(stage: StudentStage, model: nn.Module, state: RunState, ctx: Run
     Records the student's metrics in ``state`` and saves the state.
     """
     student = apply_student(copy.deepcopy(model), _layout(stage, ctx))
+    ctx.recipe.check_model(student, ctx.example)
     weights = ctx.run_dir / STUDENT_WEIGHTS
     if state.student is not None:
         student.load_state_dict(load_state(weights))
