@@ -13,7 +13,8 @@ from rich.console import Console
 
 from spiralkit.errors import SpiralError
 from spiralkit.report import Report, print_report
-from spiralkit.spiral import Spiral, build_report, export_run, load_recipe, load_run_state, parse_recipe
+from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
+from spiralkit.spiral.export import export_run
 from spiralkit.spiral.rundir import RECIPE, REPORT_JSON, STATE
 
 app = typer.Typer(
@@ -95,11 +96,12 @@ def export_command(
 ) -> None:
     """Export a run's compressed model (ONNX, checked against ONNX Runtime)."""
     try:
-        path, check = export_run(run_dir)
+        exported = export_run(run_dir)
     except SpiralError as exc:
         raise _fail(exc) from None
-    Console().print(f"wrote {path}: ONNX Runtime matches PyTorch (max |diff| {check.max_abs_diff:.2e}, "
-                    f"cosine {check.cosine:.6f})")
+    check = exported.check
+    Console().print(f"wrote {exported.path}: {exported.note}; ONNX Runtime agrees (max |diff| "
+                    f"{check.max_abs_diff:.2e}, cosine {check.cosine:.6f})", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from spiralkit.spiral.prune import PRUNE_STAGES, PruneStage, StructuredStage, Un
 from spiralkit.spiral.quantize import QUANTIZE_STAGES, CompactQuant, DynamicInt8Stage, StaticInt8Stage
 from spiralkit.spiral.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
 from spiralkit.spiral.recovery import RECOVERIES, Distill, Finetune, Recovery, distill
-from spiralkit.spiral.runner import Spiral, build_report, export_run
+from spiralkit.spiral.runner import Spiral, build_report
 from spiralkit.spiral.rundir import RunState, load_run_state
 from spiralkit.spiral.student import StudentStage
 
@@ -35,7 +35,6 @@ __all__ = [
     "build_report",
     "distill",
     "dump_recipe",
-    "export_run",
     "load_recipe",
     "load_run_state",
     "parse_recipe",

@@ -22,13 +22,11 @@ from spiralkit.data import DataSplits, load_data
 from spiralkit.distill.cache import CachedModel, TeacherCache
 from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
-from spiralkit.export.onnx import VerifyResult, export_onnx, verify_onnx
-from spiralkit.models import load_model, load_weights
+from spiralkit.models import load_model
 from spiralkit.models.loading import is_pretrained
 from spiralkit.modules import freeze
 from spiralkit.prune import next_sparsity
-from spiralkit.prune.students import apply_student, read_layout
-from spiralkit.prune.structured import read_plans, replay_plans, write_plans
+from spiralkit.prune.structured import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.spiral.fingerprint import check_fingerprint, fingerprint, read_fingerprint, write_fingerprint
 from spiralkit.spiral.context import RunContext, example_input, measure_model, stage_context
@@ -352,28 +350,3 @@ class Spiral:
         write_report(report, run_dir)
         print_report(report, console)
         return report
-
-
-def export_run(run_dir: Path) -> tuple[Path, VerifyResult]:
-    """Export a finished run's pruned model to ``RUN_DIR/model.onnx``, verified against PyTorch.
-
-    The architecture comes from the run's recipe, the weights from ``model.safetensors``;
-    ONNX Runtime's outputs on a validation batch are compared with the model's.
-
-    Raises:
-        SpiralError: the directory holds no finished run.
-    """
-    run_dir = Path(run_dir)
-    weights = run_dir / MODEL
-    if not weights.exists():
-        raise SpiralError(f"{run_dir} holds no finished run: {weights} is missing")
-    recipe = load_recipe(run_dir / RECIPE)
-    model = load_model(recipe.model.model_copy(update={"checkpoint": None}))
-    if (run_dir / STUDENT_LAYOUT).exists():
-        apply_student(model, read_layout(run_dir / STUDENT_LAYOUT))
-    if (run_dir / PLANS).exists():
-        replay_plans(model, read_plans(run_dir / PLANS))
-    load_weights(model, weights)
-    example = example_input(load_data(recipe.data, seed=recipe.seed), 8)
-    path = export_onnx(model, example, run_dir / ONNX)
-    return path, verify_onnx(model, path, example)

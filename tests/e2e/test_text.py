@@ -10,7 +10,8 @@ import transformers
 from rich.console import Console
 
 from spiralkit.spiral.recipe import parse_recipe
-from spiralkit.spiral.runner import Spiral, export_run
+from spiralkit.spiral.export import export_run
+from spiralkit.spiral.runner import Spiral
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "movie", "the", "plot", "."]
 GOOD = ["a good movie .", "good plot", "the good movie", "a good good plot .", "good ."]
@@ -87,7 +88,7 @@ def test_fine_tune_then_distil_a_shallow_student_that_exports(bert: Path, data_r
     assert report.baseline.metric >= 90.0  # the fine-tuned teacher separates "good" from "bad"
     assert report.student is not None and report.student.metric >= 80.0
     assert report.student.macs < 0.75 * report.baseline.macs and report.student.params < report.baseline.params
-    _, check = export_run(tmp_path / "run")  # 2 of 4 layers rebuilt from student.json; ONNX matches
+    check = export_run(tmp_path / "run").check  # 2 of 4 layers rebuilt from student.json; ONNX matches
     assert check.max_abs_diff < 1e-4
 
 

@@ -242,7 +242,7 @@ STRUCTURED = "[{kind: structured, measure: macs, target_reduction: 0.6, schedule
 
 
 def test_structured_rounds_reach_a_macs_target_and_shrink_the_model(tmp_path: Path) -> None:
-    from spiralkit.spiral.runner import export_run
+    from spiralkit.spiral.export import export_run
 
     r = recipe(prune=STRUCTURED, model="{name: mlp, kwargs: {in_features: 64, widths: [64, 64]}}")
     report = Spiral(r).run(tmp_path / "run", console=quiet())
@@ -256,7 +256,7 @@ def test_structured_rounds_reach_a_macs_target_and_shrink_the_model(tmp_path: Pa
     weights = load_state(tmp_path / "run" / "model.safetensors")
     assert weights["fc1.weight"].shape[0] < 64
     assert (tmp_path / "run" / "plan.json").exists()
-    _, check = export_run(tmp_path / "run")  # the recipe's model with the plans replayed loads the weights
+    check = export_run(tmp_path / "run").check  # the recipe's model with the plans replayed loads the weights
     assert check.max_abs_diff < 1e-4
 
 
@@ -341,7 +341,7 @@ def stacked(width: int = 32, depth: int = 4) -> torch.nn.Module:
 
 
 def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> None:
-    from spiralkit.spiral.runner import export_run
+    from spiralkit.spiral.export import export_run
 
     r = recipe(
         model="{name: 'tests.spiral.test_runner:stacked'}",
@@ -356,7 +356,7 @@ def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> 
     assert "| student |" in (tmp_path / "run" / "report.md").read_text()
     weights = load_state(tmp_path / "run" / "model.safetensors")
     assert {k for k in weights if k.startswith("3.")} == {"3.0.fc.weight", "3.0.fc.bias", "3.1.fc.weight", "3.1.fc.bias"}
-    _, check = export_run(tmp_path / "run")  # rebuilt from the recipe's model and student.json
+    check = export_run(tmp_path / "run").check  # rebuilt from the recipe's model and student.json
     assert check.max_abs_diff < 1e-4
     # A second run resumes from the saved student instead of distilling again.
     again = Spiral(r).run(tmp_path / "run", resume=True, console=quiet())
