@@ -31,6 +31,13 @@ def _fail(exc: SpiralError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _interrupted(run_dir: Path) -> typer.Exit:
+    """Ctrl-C: every step so far is saved; say how to go on. Exit status 130, as for SIGINT."""
+    Console(stderr=True).print(f"interrupted: the run is saved up to its last finished step; continue it with "
+                               f"`spiral run --resume {run_dir}`", highlight=False, soft_wrap=True)
+    return typer.Exit(code=130)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
@@ -46,6 +53,8 @@ def demo(
         Spiral(recipe).run(out, resume=resume)
     except SpiralError as exc:
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        raise _interrupted(out) from None
 
 
 @app.command()
@@ -55,6 +64,7 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the killed run in this directory (with RECIPE: only if it is the recipe that started it).")] = None,
 ) -> None:
     """Run a recipe, or resume a run that was interrupted."""
+    run_dir = resume
     try:
         if resume is not None:  # with a RECIPE too, it must be the recipe that started the run
             loaded = load_recipe(recipe if recipe is not None else resume / RECIPE)
@@ -63,9 +73,14 @@ def run(
         if recipe is None:
             raise SpiralError("give a RECIPE file, or --resume RUN_DIR")
         loaded = load_recipe(recipe)
-        Spiral(loaded).run(out or Path("runs") / loaded.name)
+        run_dir = out or Path("runs") / loaded.name
+        Spiral(loaded).run(run_dir)
     except SpiralError as exc:
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        if run_dir is None:
+            raise typer.Exit(code=130) from None
+        raise _interrupted(run_dir) from None
 
 
 @app.command()
@@ -74,13 +89,20 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
     try:
         path = run_dir / REPORT_JSON
         if path.exists():
-            print_report(Report.from_json(path.read_text(encoding="utf-8")))
+            print_report(_read_report(path))
         elif (run_dir / RECIPE).exists():
             print_report(build_report(load_recipe(run_dir / RECIPE), load_run_state(run_dir)))
         else:
             raise SpiralError(f"{run_dir} is not a run directory: it has no report.json or recipe.yaml")
     except SpiralError as exc:
         raise _fail(exc) from None
+
+
+def _read_report(path: Path) -> Report:
+    try:
+        return Report.from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # pydantic's ValidationError and UnicodeDecodeError are ValueErrors
+        raise SpiralError(f"{path} is not a readable spiralkit report: {str(exc).splitlines()[0]}") from None
 
 
 class ExportFormat(str, Enum):

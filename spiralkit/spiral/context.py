@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+import torch
 from torch import Tensor, nn
 
 from spiralkit.data import DataSplits
 from spiralkit.distill.cache import TeacherCache
+from spiralkit.errors import SpiralError
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.report import Metrics
 from spiralkit.spiral.prune import PruneStage, SizeMeasure, StageContext
@@ -21,7 +23,7 @@ from spiralkit.tasks import evaluate
 if TYPE_CHECKING:  # the recipe names the stages, which use the context: no import cycle at run time
     from spiralkit.spiral.recipe import Recipe
 
-__all__ = ["RunContext", "example_input", "measure_model", "stage_context"]
+__all__ = ["RunContext", "diverged", "example_input", "measure_model", "stage_context"]
 
 
 @dataclass
@@ -87,3 +89,20 @@ def stage_context(stage: PruneStage, baseline: Metrics, ctx: RunContext) -> Stag
     size, baseline_size = _size_measure(stage.size_measure, baseline, ctx)
     return StageContext(example=ctx.example, batches=ctx.data.train, loss_fn=ctx.recipe.task.loss,
                         size=size, baseline_size=baseline_size)
+
+
+def _first_nonfinite_batch(batches: Iterable[tuple[object, Tensor]]) -> int | None:
+    """The index of the first batch whose floating-point inputs hold NaN or inf, or None."""
+    for index, (x, _) in enumerate(batches):
+        if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            return index
+    return None
+
+
+def diverged(what: str, error: Exception, batches: Iterable[tuple[object, Tensor]], *, key: str) -> SpiralError:
+    """The error for a training whose loss turned NaN/inf: the data's fault when its inputs are not
+    finite, else the learning rate named by recipe ``key``."""
+    bad = _first_nonfinite_batch(batches)
+    if bad is not None:
+        return SpiralError(f"{what} cannot work: training batch {bad} holds NaN or inf inputs; clean the data")
+    return SpiralError(f"{what} diverged ({error}); lower recipe key {key!r}")

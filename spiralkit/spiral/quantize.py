@@ -41,7 +41,7 @@ from spiralkit.export.onnx import OrtModel
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
 from spiralkit.tasks import Classification, metric_drop
-from spiralkit.train import Objective, OptimizerConfig, TrainConfig, Wrapped, train
+from spiralkit.train import NonFiniteLoss, Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -254,8 +254,11 @@ def _int8_qat_fallback(config: StaticInt8Stage, model: nn.Module, inputs: StageI
     ptq_metric = inputs.evaluate(ptq.model)
     if _acceptable(ptq_metric, config.max_metric_drop, inputs):
         return ptq
-    trained = qat(model, config.qat, inputs.train_loader, task=inputs.task, teacher=inputs.teacher,  # type: ignore[arg-type]
-                  seed=inputs.seed, progress=True)
+    try:
+        trained = qat(model, config.qat, inputs.train_loader, task=inputs.task, teacher=inputs.teacher,  # type: ignore[arg-type]
+                      seed=inputs.seed, progress=True)
+    except NonFiniteLoss:
+        return ptq  # QAT diverged: the post-training model stands
     path = export_qat_onnx(trained, inputs.example, inputs.directory / INT8_DIR / QAT_ONNX)
     candidate = OrtModel(path, threads=inputs.threads)
     if metric_drop(inputs.task, baseline=ptq_metric, value=inputs.evaluate(candidate)) >= 0:
@@ -315,11 +318,15 @@ def _run_compact(config: CompactQuant, model: nn.Module, inputs: StageInputs) ->
         objective = fake_quant_objective(
             config.qat.objective(task=inputs.task, teacher=inputs.teacher), param_bits, granularity=granularity
         )
-        train(trained, inputs.train_loader, config=config.qat.train, objective=objective, seed=inputs.seed,
-              masks=inputs.masks, progress=True, description="quantization-aware recovery")
-        quantize_nonzero_(trained, bits, granularity=granularity)
-        if metric_drop(inputs.task, baseline=ptq_metric, value=inputs.evaluate(trained)) < 0:  # QAT only if it helped
-            quantized, method = trained, "qat"
+        try:
+            train(trained, inputs.train_loader, config=config.qat.train, objective=objective, seed=inputs.seed,
+                  masks=inputs.masks, progress=True, description="quantization-aware recovery")
+        except NonFiniteLoss:
+            trained = None  # QAT diverged: the post-training model stands
+        if trained is not None:
+            quantize_nonzero_(trained, bits, granularity=granularity)
+            if metric_drop(inputs.task, baseline=ptq_metric, value=inputs.evaluate(trained)) < 0:  # QAT only if it helped
+                quantized, method = trained, "qat"
     path = inputs.directory / COMPACT
     size = save_compressed(quantized, path, spec=inputs.spec, bits=bits, granularity=granularity)
     return Quantized(model=quantized.eval(), artefact=path, size_bytes=size, method=method, bits=bits)

@@ -29,7 +29,7 @@ from spiralkit.prune import next_sparsity
 from spiralkit.prune.structured import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.spiral.fingerprint import check_fingerprint, fingerprint, read_fingerprint, write_fingerprint
-from spiralkit.spiral.context import RunContext, example_input, measure_model, stage_context
+from spiralkit.spiral.context import RunContext, diverged, example_input, measure_model, stage_context
 from spiralkit.spiral.quantize import Quantized, StageInputs
 from spiralkit.spiral.recipe import Recipe, dump_recipe, load_recipe
 from spiralkit.spiral.rundir import (
@@ -92,7 +92,7 @@ def _baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path,
             train(model, data.train, config=recipe.train, objective=supervised(recipe.task.loss),
                   seed=recipe.seed, progress=True, description="baseline")
         except NonFiniteLoss as exc:
-            raise SpiralError(f"baseline training diverged ({exc}); lower recipe key 'train.optimizer.lr'") from None
+            raise diverged("baseline training", exc, data.train, key="train.optimizer.lr") from None
     elif recipe.model.checkpoint is None and not trained and not is_pretrained(recipe.model):
         raise RecipeError(
             f"model {recipe.model.name!r} has no 'model.checkpoint' and the recipe has no 'train' section: "

@@ -11,10 +11,9 @@ import copy
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from spiralkit.errors import SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_weights
 from spiralkit.prune.students import StudentLayout, StudentSpec, apply_student, plan_student, read_layout
-from spiralkit.spiral.context import RunContext, measure_model
+from spiralkit.spiral.context import RunContext, diverged, measure_model
 from spiralkit.spiral.recovery import Distill, Recovery, distill
 from spiralkit.spiral.rundir import STUDENT_LAYOUT, STUDENT_WEIGHTS, RunState, save_run_state
 from spiralkit.train import NonFiniteLoss
@@ -64,7 +63,7 @@ def run_student(stage: StudentStage, model: nn.Module, state: RunState, ctx: Run
         distill(student, ctx.teacher, ctx.data.train, config=stage.distill, task=ctx.recipe.task,
                 seed=ctx.recipe.seed + 500, progress=True)
     except NonFiniteLoss as exc:
-        raise SpiralError(f"student distillation diverged ({exc}); lower recipe key 'student.distill.train.optimizer.lr'") from None
+        raise diverged("student distillation", exc, ctx.data.train, key="student.distill.train.optimizer.lr") from None
     save_weights(student, weights)
     state.student = measure_model(student, ctx)
     save_run_state(ctx.run_dir, state)
