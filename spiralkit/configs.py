@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, GetCoreSchemaHandler
 from pydantic_core import PydanticCustomError, PydanticKnownError, core_schema
 
 __all__ = ["KindTable", "by_kind", "default_kind", "kind_from_string"]
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def kind_from_string(value: Any) -> Any:
@@ -29,13 +31,13 @@ def default_kind(kind: str) -> Callable[[Any], Any]:
     return fill
 
 
-def by_kind(*classes: type[BaseModel]) -> dict[str, type[BaseModel]]:
+def by_kind(*classes: type[M]) -> dict[str, type[M]]:
     """A table of config classes keyed by their ``kind`` field's default, in the order given.
 
     Raises:
         TypeError: a class has no ``kind`` default, or two classes share one.
     """
-    table: dict[str, type[BaseModel]] = {}
+    table: dict[str, type[M]] = {}
     for cls in classes:
         kind = cls.model_fields["kind"].default if "kind" in cls.model_fields else None
         if not isinstance(kind, str):

@@ -24,12 +24,15 @@ from spiralkit.distill.terms import (
     AttentionTransferTerm,
     CRDTerm,
     DistillObjective,
+    LOSS_TERMS,
     HintTerm,
     LayersTerm,
     LogitsTerm,
     OutputsTerm,
     LossTerm,
     TemperatureSchedule,
+    Term,
+    TermBatch,
 )
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "Finetune",
     "HintLoss",
     "HintTerm",
+    "LOSS_TERMS",
     "LayerMapLoss",
     "LayersTerm",
     "LogitsTerm",
@@ -54,6 +58,8 @@ __all__ = [
     "Tap",
     "TeacherCache",
     "TemperatureSchedule",
+    "Term",
+    "TermBatch",
     "anneal",
     "attention_map",
     "attention_probs_loss",
