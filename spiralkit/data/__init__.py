@@ -6,7 +6,7 @@ Nothing here downloads: built-in data sets are bundled with dependencies (``mnis
 """
 
 from spiralkit.data.loaders import Loader, TensorLoader
-from spiralkit.data.sources import load_data
+from spiralkit.data.sources import DATA_SOURCES, load_data
 from spiralkit.data.spec import DataSpec, DataSplits
 
-__all__ = ["DataSpec", "DataSplits", "Loader", "TensorLoader", "load_data"]
+__all__ = ["DATA_SOURCES", "DataSpec", "DataSplits", "Loader", "TensorLoader", "load_data"]

@@ -34,7 +34,7 @@ from spiralkit.data.splits import count_of, stratified_split
 from spiralkit.data.sst2 import UNLABELED, encode_sst2, find_sst2_files, read_sst2, splice_sentences, sst2_options
 from spiralkit.errors import DataError
 
-__all__ = ["DATA_DIR_ENV", "load_data"]
+__all__ = ["DATA_DIR_ENV", "DATA_SOURCES", "load_data"]
 
 DATA_DIR_ENV = "SPIRALKIT_DATA_DIR"
 
@@ -73,12 +73,12 @@ def load_data(spec: DataSpec, *, seed: int = 0) -> DataSplits:
         DataError: Unknown name, missing or corrupt files, or a ``module:function`` source
             that cannot be imported or returns something other than loaders.
     """
-    source = _BUILTIN_SOURCES.get(spec.name)
+    source = DATA_SOURCES.get(spec.name)
     if source is not None:
         return source(spec, seed)
     if ":" in spec.name:
         return _load_callable(spec)
-    known = ", ".join(sorted(_BUILTIN_SOURCES))
+    known = ", ".join(sorted(DATA_SOURCES))
     raise DataError(
         f"unknown data set {spec.name!r}; known: {known}, or 'package.module:function'"
     )
@@ -206,9 +206,15 @@ def _longest_first(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x[order], y[order]
 
 
-_BUILTIN_SOURCES: Mapping[str, Callable[[DataSpec, int], DataSplits]] = MappingProxyType(
-    {"digits": _load_digits, "mnist": _load_mnist, "mnist-sample": _load_mnist_sample, "sst2": _load_sst2}
+DATA_SOURCES: Mapping[str, Callable[[DataSpec, int], DataSplits]] = MappingProxyType(
+    {
+        "digits": _load_digits,
+        "mnist": _load_mnist,
+        "mnist-sample": _load_mnist_sample,
+        "sst2": _load_sst2,
+    }
 )
+"""Built-in data sets by name: ``loader(spec, seed)`` (read-only). Any ``a.b:c`` name is imported."""
 
 
 # --------------------------------------------------------------------------- MNIST files

@@ -23,12 +23,15 @@ from spiralkit.distill.terms import (
     AttentionTransferTerm,
     CRDTerm,
     DistillObjective,
+    LOSS_TERMS,
     HintTerm,
     LayersTerm,
     LogitsTerm,
     OutputsTerm,
     LossTerm,
     TemperatureSchedule,
+    Term,
+    TermBatch,
 )
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "FeatureTaps",
     "HintLoss",
     "HintTerm",
+    "LOSS_TERMS",
     "LayerMapLoss",
     "LayersTerm",
     "LogitsTerm",
@@ -50,6 +54,8 @@ __all__ = [
     "Tap",
     "TeacherCache",
     "TemperatureSchedule",
+    "Term",
+    "TermBatch",
     "anneal",
     "attention_map",
     "attention_probs_loss",

@@ -10,6 +10,10 @@ A recipe lists the terms of its distillation loss; each is a typed config chosen
         - {kind: hint, student: fc1, teacher: fc1, weight: 0.5}
         - {kind: layers, map: [[fc1, fc1], [fc2, fc2]], weight: 0.1}
 
+Each term is one `Term` class that owns its taps (`Term.tap_pairs`), its learned part
+(`Term.build`) and its loss (`Term.compute`); `LOSS_TERMS` lists the kinds a recipe can
+name, and `LossTerm`, the type of a recipe's ``losses``, is built from it.
+
 `DistillObjective` runs the frozen teacher (through a `TeacherCache` when given) and the
 student with feature taps, and returns ``Σ_k w_k·L_k``. The learned parts of the terms
 (adapters, CRD projections) are built from the first batch's shapes by `prepare` and
@@ -22,15 +26,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import singledispatch
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from spiralkit.configs import kind_from_string
+from spiralkit.configs import KindTable, by_kind
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.distill.losses import (
     CRDLoss,
@@ -50,11 +53,14 @@ __all__ = [
     "CRDTerm",
     "DistillObjective",
     "HintTerm",
+    "LOSS_TERMS",
     "LayersTerm",
     "LogitsTerm",
     "LossTerm",
     "OutputsTerm",
     "TemperatureSchedule",
+    "Term",
+    "TermBatch",
 ]
 
 _OUTPUT = "<output>"  # the teacher's logits among its cached tensors (no module name has '<')
@@ -79,14 +85,83 @@ class TemperatureSchedule(BaseModel):
         return anneal(self.start, self.end, progress, shape=self.shape)
 
 
-class _Term(BaseModel):
-    """What every term has: a weight in the sum."""
+@dataclass(frozen=True)
+class TermBatch:
+    """One batch as the terms see it: inputs, labels, outputs and tapped features of both models."""
+
+    x: Any
+    y: Tensor | None
+    student_output: Tensor
+    teacher_output: Tensor
+    student: Mapping[str, Tensor]
+    teacher: Mapping[str, Tensor]
+
+    def pair(self, student: Tap, teacher: Tap) -> tuple[Tensor, Tensor]:
+        """The student's and the teacher's features at two taps."""
+        return self.student[tap_key(student)], self.teacher[tap_key(teacher)]
+
+
+class Term(BaseModel):
+    """A loss term: a weight in the sum, the taps it compares, its learned part and its loss.
+
+    A new term is a subclass with a ``kind`` literal that overrides `compute` (and `tap_pairs`,
+    `build` where it taps features or learns), plus one line in `LOSS_TERMS`.
+
+    Attributes:
+        weight: ``w_k`` of the term in ``Σ_k w_k·L_k``.
+        kind: the term's name in `LOSS_TERMS` (a literal in each subclass).
+        learns: whether `build` may return a learned module (`DistillObjective.prepare` then
+            runs a batch to build it).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    learns: ClassVar[bool] = False
     weight: float = Field(default=1.0, ge=0)
+    kind: str  # each term's literal; after weight, where the fields have always been
+
+    def tap_pairs(self) -> list[tuple[Tap, Tap]]:
+        """The (student, teacher) taps the term compares (none: it compares outputs)."""
+        return []
+
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        """The learned module of the term (``None`` if it has none), sized from one batch; checks shapes.
+
+        Raises:
+            DistillError: the batch's features do not fit the term.
+        """
+        return None
+
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        """``L_k`` on one batch.
+
+        Args:
+            batch: the batch's outputs and tapped features.
+            learned: what `build` returned.
+            alpha: the objective's default ``α`` (for logit terms).
+            temperature: the objective's current default temperature (for logit terms).
+        """
+        raise NotImplementedError(f"loss term {self.kind!r} defines no loss")
+
+    def _name(self, student: Tap, teacher: Tap) -> str:
+        return f"{self.kind} {tap_key(student)!r} -> {tap_key(teacher)!r}"
+
+    def _check_same_outputs(self, batch: TermBatch) -> None:
+        if batch.student_output.shape != batch.teacher_output.shape:
+            raise DistillError(f"{self.kind}: student outputs {tuple(batch.student_output.shape)} and teacher "
+                               f"outputs {tuple(batch.teacher_output.shape)} differ")
 
 
-class LogitsTerm(_Term):
+class _PairTerm(Term):
+    """A term comparing one student tap with one teacher tap."""
+
+    student: TapSpec
+    teacher: TapSpec
+
+    def tap_pairs(self) -> list[tuple[Tap, Tap]]:
+        return [(self.student, self.teacher)]
+
+
+class LogitsTerm(Term):
     """Hinton logit distillation with cross-entropy on labels (`kd_loss`).
 
     Attributes:
@@ -98,26 +173,52 @@ class LogitsTerm(_Term):
     alpha: float | None = Field(default=None, ge=0, le=1)
     temperature: float | None = Field(default=None, gt=0)
 
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        self._check_same_outputs(batch)
+        return None
 
-class HintTerm(_Term):
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        if batch.y is None:
+            raise DistillError("logits: the term needs labels y")
+        return kd_loss(batch.student_output, batch.teacher_output, batch.y,
+                       alpha=alpha if self.alpha is None else self.alpha,
+                       temperature=temperature if self.temperature is None else self.temperature)
+
+
+class HintTerm(_PairTerm):
     """FitNets hint (`HintLoss`): MSE between a student layer, through a learned adapter when
     the widths differ, and a teacher layer."""
 
+    learns: ClassVar[bool] = True
     kind: Literal["hint"] = "hint"
-    student: TapSpec
-    teacher: TapSpec
+
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        s, t = batch.pair(self.student, self.teacher)
+        return HintLoss(s.shape, t.shape, name=self._name(self.student, self.teacher))
+
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        assert learned is not None
+        return learned(*batch.pair(self.student, self.teacher))
 
 
-class AttentionTransferTerm(_Term):
+class AttentionTransferTerm(_PairTerm):
     """Attention transfer (`attention_transfer_loss`) between two conv features of equal spatial size."""
 
     kind: Literal["attention_transfer"] = "attention_transfer"
-    student: TapSpec
-    teacher: TapSpec
     p: float = Field(default=2.0, gt=0)
 
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        s, t = batch.pair(self.student, self.teacher)
+        if s.ndim != 4 or t.ndim != 4 or s.shape[2:] != t.shape[2:]:
+            raise DistillError(f"{self._name(self.student, self.teacher)}: needs (B, C, H, W) features of equal "
+                               f"H, W; got student {tuple(s.shape)} and teacher {tuple(t.shape)}")
+        return None
 
-class AttentionProbsTerm(_Term):
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        return attention_transfer_loss(*batch.pair(self.student, self.teacher), p=self.p)
+
+
+class AttentionProbsTerm(_PairTerm):
     """MiniLM attention-distribution transfer (`attention_probs_loss`), optionally with value relations.
 
     Attributes:
@@ -133,14 +234,53 @@ class AttentionProbsTerm(_Term):
     """
 
     kind: Literal["attention_probs"] = "attention_probs"
-    student: TapSpec
-    teacher: TapSpec
     pad_token: int | None = None
     values: tuple[TapSpec, TapSpec] | None = None
     value_heads: int | None = Field(default=None, gt=0)
 
+    def tap_pairs(self) -> list[tuple[Tap, Tap]]:
+        return [(self.student, self.teacher), *([self.values] if self.values else [])]
 
-class CRDTerm(_Term):
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        s, t = batch.pair(self.student, self.teacher)
+        if s.shape != t.shape or s.ndim != 4:
+            raise DistillError(f"{self._name(self.student, self.teacher)}: needs equal (B, heads, L, L) attention "
+                               f"probabilities; got student {tuple(s.shape)} and teacher {tuple(t.shape)}")
+        if self.values is not None:
+            vs, vt = batch.pair(*self.values)
+            heads = self.value_heads or t.shape[1]
+            if vs.ndim != 3 or vt.ndim != 3 or vs.shape[-1] % heads or vt.shape[-1] % heads:
+                raise DistillError(f"{self._name(*self.values)}: needs (B, L, D) values with D divisible by "
+                                   f"{heads} heads; got student {tuple(vs.shape)} and teacher {tuple(vt.shape)}")
+        self._padding_mask(batch.x, t.shape[-1])
+        return None
+
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        s, t = batch.pair(self.student, self.teacher)
+        mask = self._padding_mask(batch.x, t.shape[-1])
+        loss = attention_probs_loss(s, t, mask=mask)
+        if self.values is not None:
+            loss = loss + value_relation_loss(*batch.pair(*self.values), heads=self.value_heads or t.shape[1],
+                                              mask=mask)
+        return loss
+
+    def _padding_mask(self, x: Any, length: int | None = None) -> Tensor | None:
+        """Which tokens are real: from packed ``[input_ids; attention_mask]`` rows, or from ``pad_token``.
+
+        ``length`` crops the mask to the attention's sequence length (models that trim
+        all-padding columns per batch attend over fewer positions than the input has).
+        """
+        if isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == 2 and not x.is_floating_point():
+            return x[:, 1, :length].bool()
+        if self.pad_token is None:
+            return None
+        if not isinstance(x, Tensor) or x.ndim != 2 or x.is_floating_point():
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise DistillError(f"attention_probs: pad_token needs token ids (B, L) as inputs, got {shape}")
+        return x != self.pad_token
+
+
+class CRDTerm(_PairTerm):
     """Contrastive representation distillation (`CRDLoss`) with in-batch negatives.
 
     Attributes:
@@ -148,14 +288,21 @@ class CRDTerm(_Term):
         temperature: InfoNCE temperature ``τ``.
     """
 
+    learns: ClassVar[bool] = True
     kind: Literal["crd"] = "crd"
-    student: TapSpec
-    teacher: TapSpec
     dim: int = Field(default=128, gt=0)
     temperature: float = Field(default=0.07, gt=0)
 
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        s, t = batch.pair(self.student, self.teacher)
+        return CRDLoss(s[0].numel(), t[0].numel(), dim=self.dim, temperature=self.temperature)
 
-class LayersTerm(_Term):
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        assert learned is not None
+        return learned(*batch.pair(self.student, self.teacher))
+
+
+class LayersTerm(Term):
     """Layer-wise distillation (`LayerMapLoss`): MSE per ``[student, teacher]`` pair of ``map``.
 
     Attributes:
@@ -163,12 +310,26 @@ class LayersTerm(_Term):
         adapt: learn adapters where widths differ; without, shapes must match.
     """
 
+    learns: ClassVar[bool] = True
     kind: Literal["layers"] = "layers"
     map: tuple[tuple[TapSpec, TapSpec], ...] = Field(min_length=1)
     adapt: bool = True
 
+    def tap_pairs(self) -> list[tuple[Tap, Tap]]:
+        return list(self.map)
 
-class OutputsTerm(_Term):
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        shapes = [tuple(tuple(f.shape) for f in batch.pair(s, t)) for s, t in self.map]
+        names = [f"layers pair {i} ({tap_key(s)!r} -> {tap_key(t)!r})" for i, (s, t) in enumerate(self.map)]
+        return LayerMapLoss(shapes, names=names, adapt=self.adapt)  # type: ignore[arg-type]
+
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        assert learned is not None
+        pairs = [batch.pair(s, t) for s, t in self.map]
+        return learned([s for s, _ in pairs], [t for _, t in pairs])
+
+
+class OutputsTerm(Term):
     """Match the teacher's outputs directly: embeddings, or logits by regression.
 
     ``cosine``: ``mean(1 − cos(s, t))`` over the last dimension — for sentence embeddings,
@@ -183,197 +344,34 @@ class OutputsTerm(_Term):
     kind: Literal["outputs"] = "outputs"
     loss: Literal["cosine", "mse"] = "cosine"
 
+    def build(self, batch: TermBatch) -> nn.Module | None:
+        self._check_same_outputs(batch)
+        return None
 
-LossTerm = Annotated[
-    LogitsTerm | HintTerm | AttentionTransferTerm | AttentionProbsTerm | CRDTerm | LayersTerm | OutputsTerm,
-    Field(discriminator="kind"),
-    BeforeValidator(kind_from_string),
-]
+    def compute(self, batch: TermBatch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
+        student, teacher = batch.student_output, batch.teacher_output.detach()
+        if self.loss == "mse":
+            return F.mse_loss(student, teacher)
+        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
-# --------------------------------------------------------------------------- which taps a term needs
+LOSS_TERMS: dict[str, type[Term]] = by_kind(
+    LogitsTerm,
+    HintTerm,
+    AttentionTransferTerm,
+    AttentionProbsTerm,
+    CRDTerm,
+    LayersTerm,
+    OutputsTerm,
+)
+"""The loss terms a recipe can name, by ``kind``: a new term is a `Term` subclass and a line here."""
 
-
-def _pairs(term: object) -> list[tuple[Tap, Tap]]:
-    """The (student, teacher) taps a term compares."""
-    if isinstance(term, LayersTerm):
-        return list(term.map)
-    if isinstance(term, AttentionProbsTerm):
-        return [(term.student, term.teacher), *([term.values] if term.values else [])]
-    if isinstance(term, (HintTerm, AttentionTransferTerm, CRDTerm)):
-        return [(term.student, term.teacher)]
-    return []
+LossTerm = Annotated[Term, KindTable(LOSS_TERMS, what="loss term")]
+"""A recipe field holding one of the `LOSS_TERMS`, chosen by its ``kind``."""
 
 
 def _unique(taps: Sequence[Tap]) -> list[Tap]:
     return list({tap_key(t): t for t in taps}.values())
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """One batch as the terms see it: inputs, labels, outputs and tapped features of both models."""
-
-    x: Any
-    y: Tensor | None
-    student_output: Tensor
-    teacher_output: Tensor
-    student: Mapping[str, Tensor]
-    teacher: Mapping[str, Tensor]
-
-    def pair(self, student: Tap, teacher: Tap) -> tuple[Tensor, Tensor]:
-        return self.student[tap_key(student)], self.teacher[tap_key(teacher)]
-
-
-def _name(term: object, student: Tap, teacher: Tap) -> str:
-    return f"{getattr(term, 'kind', type(term).__name__)} {tap_key(student)!r} -> {tap_key(teacher)!r}"
-
-
-def _padding_mask(term: AttentionProbsTerm, x: Any, length: int | None = None) -> Tensor | None:
-    """Which tokens are real: from packed ``[input_ids; attention_mask]`` rows, or from ``pad_token``.
-
-    ``length`` crops the mask to the attention's sequence length (models that trim
-    all-padding columns per batch attend over fewer positions than the input has).
-    """
-    if isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == 2 and not x.is_floating_point():
-        return x[:, 1, :length].bool()
-    if term.pad_token is None:
-        return None
-    if not isinstance(x, Tensor) or x.ndim != 2 or x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise DistillError(f"attention_probs: pad_token needs token ids (B, L) as inputs, got {shape}")
-    return x != term.pad_token
-
-
-# --------------------------------------------------------------------------- building learned parts
-
-
-@singledispatch
-def _build(term: object, batch: _Batch) -> nn.Module | None:
-    """The learned module of a term (``None`` if it has none), sized from one batch; checks shapes."""
-    raise TypeError(f"unknown loss term {type(term).__name__}")
-
-
-def _check_same_outputs(kind: str, batch: _Batch) -> None:
-    if batch.student_output.shape != batch.teacher_output.shape:
-        raise DistillError(f"{kind}: student outputs {tuple(batch.student_output.shape)} and teacher outputs "
-                           f"{tuple(batch.teacher_output.shape)} differ")
-
-
-@_build.register
-def _(term: LogitsTerm, batch: _Batch) -> nn.Module | None:
-    _check_same_outputs(term.kind, batch)
-    return None
-
-
-@_build.register
-def _(term: HintTerm, batch: _Batch) -> nn.Module | None:
-    s, t = batch.pair(term.student, term.teacher)
-    return HintLoss(s.shape, t.shape, name=_name(term, term.student, term.teacher))
-
-
-@_build.register
-def _(term: AttentionTransferTerm, batch: _Batch) -> nn.Module | None:
-    s, t = batch.pair(term.student, term.teacher)
-    if s.ndim != 4 or t.ndim != 4 or s.shape[2:] != t.shape[2:]:
-        raise DistillError(f"{_name(term, term.student, term.teacher)}: needs (B, C, H, W) features of equal H, W; "
-                           f"got student {tuple(s.shape)} and teacher {tuple(t.shape)}")
-    return None
-
-
-@_build.register
-def _(term: AttentionProbsTerm, batch: _Batch) -> nn.Module | None:
-    s, t = batch.pair(term.student, term.teacher)
-    if s.shape != t.shape or s.ndim != 4:
-        raise DistillError(f"{_name(term, term.student, term.teacher)}: needs equal (B, heads, L, L) attention "
-                           f"probabilities; got student {tuple(s.shape)} and teacher {tuple(t.shape)}")
-    if term.values is not None:
-        vs, vt = batch.pair(*term.values)
-        heads = term.value_heads or t.shape[1]
-        if vs.ndim != 3 or vt.ndim != 3 or vs.shape[-1] % heads or vt.shape[-1] % heads:
-            raise DistillError(f"{_name(term, *term.values)}: needs (B, L, D) values with D divisible by "
-                               f"{heads} heads; got student {tuple(vs.shape)} and teacher {tuple(vt.shape)}")
-    _padding_mask(term, batch.x, t.shape[-1])
-    return None
-
-
-@_build.register
-def _(term: CRDTerm, batch: _Batch) -> nn.Module | None:
-    s, t = batch.pair(term.student, term.teacher)
-    return CRDLoss(s[0].numel(), t[0].numel(), dim=term.dim, temperature=term.temperature)
-
-
-@_build.register
-def _(term: LayersTerm, batch: _Batch) -> nn.Module | None:
-    shapes = [tuple(tuple(f.shape) for f in batch.pair(s, t)) for s, t in term.map]
-    names = [f"layers pair {i} ({tap_key(s)!r} -> {tap_key(t)!r})" for i, (s, t) in enumerate(term.map)]
-    return LayerMapLoss(shapes, names=names, adapt=term.adapt)  # type: ignore[arg-type]
-
-
-@_build.register
-def _(term: OutputsTerm, batch: _Batch) -> nn.Module | None:
-    _check_same_outputs(term.kind, batch)
-    return None
-
-
-# --------------------------------------------------------------------------- the loss of each term
-
-
-@singledispatch
-def _loss(term: object, batch: _Batch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
-    raise TypeError(f"unknown loss term {type(term).__name__}")
-
-
-@_loss.register
-def _(term: LogitsTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
-    if batch.y is None:
-        raise DistillError("logits: the term needs labels y")
-    return kd_loss(batch.student_output, batch.teacher_output, batch.y,
-                   alpha=alpha if term.alpha is None else term.alpha,
-                   temperature=temperature if term.temperature is None else term.temperature)
-
-
-@_loss.register
-def _(term: HintTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
-    assert learned is not None
-    return learned(*batch.pair(term.student, term.teacher))
-
-
-@_loss.register
-def _(term: AttentionTransferTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float,
-      temperature: float) -> Tensor:
-    return attention_transfer_loss(*batch.pair(term.student, term.teacher), p=term.p)
-
-
-@_loss.register
-def _(term: AttentionProbsTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float,
-      temperature: float) -> Tensor:
-    s, t = batch.pair(term.student, term.teacher)
-    mask = _padding_mask(term, batch.x, t.shape[-1])
-    loss = attention_probs_loss(s, t, mask=mask)
-    if term.values is not None:
-        loss = loss + value_relation_loss(*batch.pair(*term.values), heads=term.value_heads or t.shape[1], mask=mask)
-    return loss
-
-
-@_loss.register
-def _(term: CRDTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
-    assert learned is not None
-    return learned(*batch.pair(term.student, term.teacher))
-
-
-@_loss.register
-def _(term: LayersTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
-    assert learned is not None
-    pairs = [batch.pair(s, t) for s, t in term.map]
-    return learned([s for s, _ in pairs], [t for _, t in pairs])
-
-
-@_loss.register
-def _(term: OutputsTerm, batch: _Batch, learned: nn.Module | None, *, alpha: float, temperature: float) -> Tensor:
-    student, teacher = batch.student_output, batch.teacher_output.detach()
-    if term.loss == "mse":
-        return F.mse_loss(student, teacher)
-    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
 def _logits(output: Any) -> Tensor:
@@ -422,12 +420,12 @@ class DistillObjective:
         self.temperature = temperature
         self.cache = cache
         self._owns_cache = owns_cache
-        pairs = [pair for term in self.terms for pair in _pairs(term)]
+        pairs = [pair for term in self.terms for pair in term.tap_pairs()]
         self._student_taps = _unique([s for s, _ in pairs])
         self._teacher_taps = _unique([t for _, t in pairs])
         FeatureTaps(teacher, self._teacher_taps, role="teacher")  # names checked now
         self.learned = nn.ModuleDict()
-        self._learns = any(isinstance(term, (HintTerm, CRDTerm, LayersTerm)) for term in self.terms)
+        self._learns = any(term.learns for term in self.terms)
         self._built = False
         self._progress = 0.0
         self.last_terms: dict[str, float] = {}
@@ -468,8 +466,8 @@ class DistillObjective:
         if not self._built:
             self._build(batch)
         values = [
-            _loss(term, batch, self.learned[str(i)] if str(i) in self.learned else None,
-                  alpha=self.alpha, temperature=self.current_temperature)
+            term.compute(batch, self.learned[str(i)] if str(i) in self.learned else None,
+                         alpha=self.alpha, temperature=self.current_temperature)
             for i, term in enumerate(self.terms)
         ]
         self.last_terms = {f"{i}:{term.kind}": float(v.detach()) for i, (term, v) in enumerate(zip(self.terms, values))}
@@ -497,15 +495,15 @@ class DistillObjective:
 
         return self.cache.fetch(x, run) if self.cache is not None else run(x)
 
-    def _batch(self, model: nn.Module, x: Any, y: Tensor | None) -> _Batch:
+    def _batch(self, model: nn.Module, x: Any, y: Tensor | None) -> TermBatch:
         teacher = self._teacher_outputs(x)
         output, student = capture(model, x, self._student_taps, role="student") if self._student_taps else (model(x), {})
-        return _Batch(x=x, y=y, student_output=_logits(output), teacher_output=teacher.pop(_OUTPUT),
+        return TermBatch(x=x, y=y, student_output=_logits(output), teacher_output=teacher.pop(_OUTPUT),
                       student=student, teacher=teacher)
 
-    def _build(self, batch: _Batch) -> None:
+    def _build(self, batch: TermBatch) -> None:
         for index, term in enumerate(self.terms):
-            module = _build(term, batch)
+            module = term.build(batch)
             if module is not None:
                 reference = batch.student_output  # adapters follow the student's device and float dtype
                 dtype = reference.dtype if reference.is_floating_point() else None

@@ -2,12 +2,13 @@
 
 from spiralkit.models.hf import HFTextModel, encode_texts, hf_model, load_tokenizer, set_attention
 from spiralkit.models.lenet import LeNet5, lenet5, lenet300
-from spiralkit.models.loading import ZOO, ModelSpec, load_model, load_weights
+from spiralkit.models.loading import MODEL_SOURCES, ZOO, ModelSpec, load_model, load_weights
 from spiralkit.models.mlp import MLP, mlp
 from spiralkit.models.resnet_cifar import BasicBlock, CifarResNet, resnet20, resnet56
 
 __all__ = [
     "MLP",
+    "MODEL_SOURCES",
     "ZOO",
     "BasicBlock",
     "CifarResNet",

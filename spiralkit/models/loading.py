@@ -27,7 +27,7 @@ from spiralkit.models.lenet import lenet5, lenet300
 from spiralkit.models.mlp import mlp
 from spiralkit.models.resnet_cifar import resnet20, resnet56
 
-__all__ = ["ZOO", "ModelSpec", "is_pretrained", "load_model", "load_weights"]
+__all__ = ["MODEL_SOURCES", "ZOO", "ModelSpec", "is_pretrained", "load_model", "load_weights"]
 
 ZOO: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
     {
@@ -40,7 +40,6 @@ ZOO: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
 )
 """Built-in models by name (read-only)."""
 
-_TORCHVISION_PREFIX = "torchvision:"
 _HF_NAME = "hf"
 _HF_PREFIX = "hf:"
 _MAX_LISTED = 5
@@ -119,15 +118,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def _resolve_builder(name: str) -> Callable[..., Any]:
-    """The callable that builds the model called ``name``."""
-    if name.startswith(_TORCHVISION_PREFIX):
-        return _torchvision_builder(name.removeprefix(_TORCHVISION_PREFIX))
+    """The callable that builds the model called ``name``: a `MODEL_SOURCES` prefix, an import, or a `ZOO` name."""
+    prefix, colon, rest = name.partition(":")
+    if colon:
+        source = MODEL_SOURCES.get(prefix)
+        return source(rest) if source is not None else _import_builder(name)
     if name == _HF_NAME:
         return hf_model
-    if name.startswith(_HF_PREFIX):
-        return packaged_builder(name.removeprefix(_HF_PREFIX))
-    if ":" in name:
-        return _import_builder(name)
     if name in ZOO:
         return ZOO[name]
     close = difflib.get_close_matches(name, ZOO.keys(), n=3)
@@ -157,6 +154,18 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
         return torchvision.models.get_model(name, weights=None, **kwargs)
 
     return build
+
+
+MODEL_SOURCES: Mapping[str, Callable[[str], Callable[..., Any]]] = types.MappingProxyType(
+    {
+        "torchvision": _torchvision_builder,
+        "hf": packaged_builder,
+    }
+)
+"""Model sources by the prefix of ``PREFIX:NAME``: each gives the builder of ``NAME`` (read-only).
+
+Any other ``a.b:c`` name is imported (``package.module:function``).
+"""
 
 
 def _import_builder(name: str) -> Callable[..., Any]:

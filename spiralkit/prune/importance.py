@@ -1,34 +1,75 @@
 """Importance criteria for unstructured pruning: one score per weight, low is pruned first.
 
-Criteria are typed configs (``Magnitude``, ``Random``, ``Taylor``); :func:`score_weights`
-dispatches on the config's type. Each criterion is also a plain function usable alone.
+Criteria are typed configs (``Magnitude``, ``Random``, ``Taylor``), each one class whose
+`weight_scores` method scores weights (and whose `structure_scores` scores channels and heads:
+these three are also criteria of structured pruning). `WEIGHT_CRITERIA` is the table a
+recipe's ``criterion`` is typed from; :func:`score_weights` calls the criterion's method.
+Each criterion is also a plain function usable alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from functools import singledispatch
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from spiralkit.configs import kind_from_string
+from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import PruneError
+from spiralkit.graph.groups import ModelGroups
+from spiralkit.prune.channel_scoring import (
+    Batch,
+    LossFn,
+    StructureScores,
+    norm_scores,
+    random_structure_scores,
+    taylor_structure_scores,
+)
 
 Scores = dict[str, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@runtime_checkable
+class WeightCriterion(Protocol):
+    """A criterion that scores single weights: a config with a ``kind`` and `weight_scores`."""
+
+    kind: str
+
+    def weight_scores(
+        self,
+        *,
+        model: nn.Module,
+        weights: Mapping[str, nn.Parameter],
+        batches: Iterable[tuple[Tensor, Tensor]],
+        loss_fn: LossFn | None,
+    ) -> Scores:
+        """One score per weight of each of ``weights`` (see `score_weights`)."""
+        ...
 
 
 class Magnitude(BaseModel):
-    """``|w|`` (L1) or ``w²`` (L2): small weights matter least (Han et al. 2015)."""
+    """``|w|`` (L1) or ``w²`` (L2): small weights matter least (Han et al. 2015).
+
+    Of a channel or head: ``(Σ |w|^p)^(1/p)`` over the weights that compute it (Li et al. 2017).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["magnitude"] = "magnitude"
     norm: Literal[1, 2] = 1
+
+    def weight_scores(self, *, model: nn.Module, weights: Mapping[str, nn.Parameter],
+                      batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn | None) -> Scores:
+        """`magnitude_scores` of ``weights``."""
+        return magnitude_scores(weights, norm=self.norm)
+
+    def structure_scores(self, *, model: nn.Module, groups: ModelGroups, inputs: Sequence[Batch],
+                         batches: Iterable[tuple[Batch, Tensor]], loss_fn: LossFn | None) -> StructureScores:
+        """`norm_scores` of every channel and head."""
+        return norm_scores(model, groups, self.norm)
 
 
 class Random(BaseModel):
@@ -37,6 +78,16 @@ class Random(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["random"] = "random"
     seed: int = 0
+
+    def weight_scores(self, *, model: nn.Module, weights: Mapping[str, nn.Parameter],
+                      batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn | None) -> Scores:
+        """`random_scores` of ``weights``."""
+        return random_scores(weights, seed=self.seed)
+
+    def structure_scores(self, *, model: nn.Module, groups: ModelGroups, inputs: Sequence[Batch],
+                         batches: Iterable[tuple[Batch, Tensor]], loss_fn: LossFn | None) -> StructureScores:
+        """`random_structure_scores` of every channel and head."""
+        return random_structure_scores(groups, seed=self.seed)
 
 
 class Taylor(BaseModel):
@@ -49,10 +100,26 @@ class Taylor(BaseModel):
     kind: Literal["taylor"] = "taylor"
     batches: int = Field(default=8, gt=0)
 
+    def weight_scores(self, *, model: nn.Module, weights: Mapping[str, nn.Parameter],
+                      batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn | None) -> Scores:
+        """`taylor_scores` of ``weights`` over the first ``self.batches`` batches."""
+        if loss_fn is None:
+            raise PruneError("taylor importance needs a loss function")
+        return taylor_scores(model, weights, islice(batches, self.batches), loss_fn=loss_fn)
 
-Criterion = Annotated[
-    Magnitude | Random | Taylor, Field(discriminator="kind"), BeforeValidator(kind_from_string)
-]
+    def structure_scores(self, *, model: nn.Module, groups: ModelGroups, inputs: Sequence[Batch],
+                         batches: Iterable[tuple[Batch, Tensor]], loss_fn: LossFn | None) -> StructureScores:
+        """`taylor_structure_scores` over the first ``self.batches`` batches (Molchanov et al. 2019)."""
+        if loss_fn is None:
+            raise PruneError("taylor importance needs a loss function (loss_fn)")
+        return taylor_structure_scores(model, groups, islice(batches, self.batches), loss_fn=loss_fn)
+
+
+WEIGHT_CRITERIA: dict[str, type[BaseModel]] = by_kind(Magnitude, Random, Taylor)
+"""The criteria of unstructured pruning, by ``kind``: a new one is a class with `weight_scores` and a line here."""
+
+Criterion = Annotated[WeightCriterion, KindTable(WEIGHT_CRITERIA, what="pruning criterion")]
+"""A recipe field holding one of the `WEIGHT_CRITERIA`, chosen by its ``kind`` (or named alone)."""
 
 
 def magnitude_scores(weights: Mapping[str, Tensor], *, norm: int = 1) -> Scores:
@@ -104,7 +171,6 @@ def taylor_scores(
     return {name: (w.detach() * grads[name]).abs() for name, w in weights.items()}
 
 
-@singledispatch
 def score_weights(
     criterion: object,
     *,
@@ -113,22 +179,11 @@ def score_weights(
     batches: Iterable[tuple[Tensor, Tensor]] = (),
     loss_fn: LossFn | None = None,
 ) -> Scores:
-    """Score ``weights`` with the criterion given by the config's type."""
-    raise PruneError(f"unknown pruning criterion {type(criterion).__name__}")
+    """Score ``weights`` with ``criterion`` (its `WeightCriterion.weight_scores`).
 
-
-@score_weights.register
-def _(criterion: Magnitude, *, model, weights, batches=(), loss_fn=None) -> Scores:  # type: ignore[no-untyped-def]
-    return magnitude_scores(weights, norm=criterion.norm)
-
-
-@score_weights.register
-def _(criterion: Random, *, model, weights, batches=(), loss_fn=None) -> Scores:  # type: ignore[no-untyped-def]
-    return random_scores(weights, seed=criterion.seed)
-
-
-@score_weights.register
-def _(criterion: Taylor, *, model, weights, batches=(), loss_fn=None) -> Scores:  # type: ignore[no-untyped-def]
-    if loss_fn is None:
-        raise PruneError("taylor importance needs a loss function")
-    return taylor_scores(model, weights, islice(batches, criterion.batches), loss_fn=loss_fn)
+    Raises:
+        PruneError: ``criterion`` cannot score weights, or lacks the data or loss it needs.
+    """
+    if not isinstance(criterion, WeightCriterion):
+        raise PruneError(f"unknown pruning criterion {type(criterion).__name__}")
+    return criterion.weight_scores(model=model, weights=weights, batches=batches, loss_fn=loss_fn)

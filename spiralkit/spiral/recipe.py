@@ -16,6 +16,7 @@ import yaml
 from torch import Tensor, nn
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from spiralkit.configs import KindTable
 from spiralkit.data import DataSpec
 from spiralkit.errors import ConfigError, RecipeError
 from spiralkit.models import ModelSpec
@@ -192,7 +193,10 @@ def _locate(root: yaml.Node | None, loc: Sequence[str | int]) -> tuple[list[str 
 
 
 def _models_in(annotation: Any) -> list[Any]:
-    """The pydantic models an annotation can hold: through unions, ``Annotated``, tuples and lists."""
+    """The pydantic models an annotation can hold: through unions, ``Annotated``, kind tables, tuples and lists."""
+    tables = [meta for meta in getattr(annotation, "__metadata__", ()) if isinstance(meta, KindTable)]
+    if tables:
+        return [model for table in tables for model in table.models()]
     if hasattr(annotation, "model_fields"):
         return [annotation]
     return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
@@ -205,7 +209,7 @@ def _known_keys(path: Sequence[str | int]) -> list[str]:
         if isinstance(part, int):
             continue
         fields = [m.model_fields[part] for m in models if part in m.model_fields]
-        models = [m for field in fields for m in _models_in(field.annotation)]
+        models = [m for field in fields for m in _models_in(field.rebuild_annotation())]
     return list(dict.fromkeys(name for m in models for name in m.model_fields))
 
 
