@@ -48,7 +48,7 @@ def by_kind(*classes: type[M]) -> dict[str, type[M]]:
     return table
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality and hash: `KindTable(...) | None` must hash
 class KindTable:
     """``Annotated`` metadata that makes a config field one of a table's classes, chosen by ``kind``.
 

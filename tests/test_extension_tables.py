@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from spiralkit.configs import KindTable, by_kind
-from spiralkit.distill import LOSS_TERMS, Distill, LogitsTerm, Tap, Term, TermBatch, freeze, kd_loss, recovery_objective
+from spiralkit.distill import LOSS_TERMS, LogitsTerm, Tap, Term, TermBatch, kd_loss
+from spiralkit.modules import freeze
+from spiralkit.spiral.recovery import Distill
 from spiralkit.distill.taps import TapSpec
 from spiralkit.errors import RecipeError
 from spiralkit.graph.groups import ModelGroups
@@ -32,7 +34,7 @@ from spiralkit.prune import (
     score_weights,
 )
 from spiralkit.prune.structured import StructuredPrune, plan_pruning
-from spiralkit.recipe import Recipe, dump_recipe, parse_recipe
+from spiralkit.spiral.recipe import Recipe, dump_recipe, parse_recipe
 from spiralkit.tasks import Classification
 
 RECIPE = """\
@@ -159,7 +161,7 @@ def test_a_new_loss_term_is_one_class_and_one_line(added: Callable[..., None]) -
     torch.manual_seed(0)
     teacher, student = freeze(_mlp()), _mlp()
     x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    objective = recovery_objective(config, task=Classification(), teacher=teacher)
+    objective = config.objective(task=Classification(), teacher=teacher)
     expected = (kd_loss(student(x), teacher(x), y, alpha=config.alpha, temperature=config.temperature)
                 + 2 * (student.fc1(x).mean() - teacher.fc1(x).mean()).abs())
     assert objective(student, x, y).item() == pytest.approx(expected.item(), rel=1e-6)

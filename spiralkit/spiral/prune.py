@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from spiralkit.configs import default_kind
+from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError, PruneError
 from spiralkit.prune.config import UnstructuredPrune, prune_to
 from spiralkit.prune.importance import LossFn, Magnitude
@@ -254,15 +254,10 @@ class StructuredStage(BaseModel):
             raise ConfigError.naming(exc, exclude=self.exclude, include=self.include) from None
 
 
-PRUNE_STAGES: dict[str, type[BaseModel]] = {
-    "unstructured": UnstructuredStage,
-    "structured": StructuredStage,
-}
-"""The pruning stage kinds a recipe can name."""
+PRUNE_STAGES: dict[str, type[BaseModel]] = by_kind(UnstructuredStage, StructuredStage)
+"""The pruning stage kinds a recipe can name: a new kind is a `PruneStage` class and a line here."""
 
-PruneStageConfig = Annotated[
-    UnstructuredStage | StructuredStage, Field(discriminator="kind"), BeforeValidator(default_kind("unstructured"))
-]
+PruneStageConfig = Annotated[PruneStage, KindTable(PRUNE_STAGES, what="pruning stage", default="unstructured")]
 """One pruning stage of a recipe; a mapping without ``kind`` is unstructured."""
 
 

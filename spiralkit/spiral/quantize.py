@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError
 from spiralkit.export import atomic_write_text
 from spiralkit.patterns import first_unmatched
@@ -292,14 +293,10 @@ class QuantizeStageKind(Protocol):
         ...
 
 
-QUANTIZE_STAGES: dict[str, type[BaseModel]] = {
-    "compact": CompactQuant,
-    "static-int8": StaticInt8Stage,
-    "dynamic-int8": DynamicInt8Stage,
-}
-"""The quantize stage kinds a recipe can name."""
+QUANTIZE_STAGES: dict[str, type[BaseModel]] = by_kind(CompactQuant, StaticInt8Stage, DynamicInt8Stage)
+"""The quantize stage kinds a recipe can name: a new kind is a `QuantizeStageKind` class and a line here."""
 
-QuantizeStage = Annotated[CompactQuant | StaticInt8Stage | DynamicInt8Stage, Field(discriminator="kind")]
+QuantizeStage = Annotated[QuantizeStageKind, KindTable(QUANTIZE_STAGES, what="quantize stage")]
 """The recipe's quantize stage."""
 
 

@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from spiralkit.configs import KindTable, by_kind
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.distill.terms import DistillObjective, LogitsTerm, LossTerm, TemperatureSchedule
 from spiralkit.modules import freeze
@@ -90,10 +91,11 @@ class Finetune(BaseModel):
         return supervised(task.loss)
 
 
-RECOVERIES: dict[str, type[BaseModel]] = {"distill": Distill, "finetune": Finetune}
-"""The recovery kinds a recipe can name."""
+RECOVERIES: dict[str, type[BaseModel]] = by_kind(Distill, Finetune)
+"""The recovery kinds a recipe can name: a new kind is a class with `objective` and a line here."""
 
-Recovery = Annotated[Distill | Finetune, Field(discriminator="kind")]
+Recovery = Annotated[Distill | Finetune, KindTable(RECOVERIES, what="recovery")]
+"""A recipe field holding one of the `RECOVERIES`, chosen by its ``kind``."""
 
 
 def distill(
