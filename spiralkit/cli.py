@@ -62,19 +62,20 @@ def run(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML file.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the killed run in this directory (with RECIPE: only if it is the recipe that started it).")] = None,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the recipe name code to import and run (model or data 'package.module:function'). Only for recipes you trust.")] = False,
 ) -> None:
     """Run a recipe, or resume a run that was interrupted."""
     run_dir = resume
     try:
         if resume is not None:  # with a RECIPE too, it must be the recipe that started the run
             loaded = load_recipe(recipe if recipe is not None else resume / RECIPE)
-            Spiral(loaded).run(resume, resume=True)
+            Spiral(loaded, allow_code=allow_code).run(resume, resume=True)
             return
         if recipe is None:
             raise SpiralError("give a RECIPE file, or --resume RUN_DIR")
         loaded = load_recipe(recipe)
         run_dir = out or Path("runs") / loaded.name
-        Spiral(loaded).run(run_dir)
+        Spiral(loaded, allow_code=allow_code).run(run_dir)
     except SpiralError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
@@ -115,10 +116,11 @@ class ExportFormat(str, Enum):
 def export_command(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     fmt: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.ONNX,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the run's recipe name code to import and run. Only for run directories you trust.")] = False,
 ) -> None:
     """Export a run's compressed model (ONNX, checked against ONNX Runtime)."""
     try:
-        exported = export_run(run_dir)
+        exported = export_run(run_dir, allow_code=allow_code)
     except SpiralError as exc:
         raise _fail(exc) from None
     check = exported.check

@@ -57,6 +57,11 @@ _MNIST_FILES = (
 )
 
 
+def imports_code(name: str) -> bool:
+    """Whether data set ``name`` is a ``package.module:function`` to import and call (not a built-in)."""
+    return name not in DATA_SOURCES and ":" in name
+
+
 def load_data(spec: DataSpec, *, seed: int = 0) -> DataSplits:
     """Load the data set a spec names.
 

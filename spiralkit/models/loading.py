@@ -27,7 +27,7 @@ from spiralkit.models.lenet import lenet5, lenet300
 from spiralkit.models.mlp import mlp
 from spiralkit.models.resnet_cifar import resnet20, resnet56
 
-__all__ = ["MODEL_SOURCES", "ZOO", "ModelSpec", "is_pretrained", "load_model", "load_weights"]
+__all__ = ["MODEL_SOURCES", "ZOO", "ModelSpec", "imports_code", "is_pretrained", "load_model", "load_weights"]
 
 ZOO: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
     {
@@ -115,6 +115,12 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- builders
+
+
+def imports_code(name: str) -> bool:
+    """Whether model ``name`` is a ``package.module:function`` to import and call (not a zoo or source name)."""
+    prefix, colon, _ = name.partition(":")
+    return bool(colon) and prefix not in MODEL_SOURCES
 
 
 def _resolve_builder(name: str) -> Callable[..., Any]:

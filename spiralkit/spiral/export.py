@@ -60,7 +60,7 @@ def _finished(run_dir: Path) -> RunState:
     return state
 
 
-def export_run(run_dir: Path) -> Exported:
+def export_run(run_dir: Path, *, allow_code: bool = False) -> Exported:
     """Export the model a finished run's report calls final to ``RUN_DIR/model.onnx``, verified.
 
     * no quantize stage: the pruned model, exported and checked against PyTorch;
@@ -69,15 +69,22 @@ def export_run(run_dir: Path) -> Exported:
     * ``compact``: ONNX has no b-bit weights, so the compact artefact's decoded weights are
       exported in float, and checked against the decoded model.
 
+    Args:
+        run_dir: the run directory.
+        allow_code: the run's recipe may name code to import (``package.module:function``);
+            off by default, since run directories come from others.
+
     Raises:
         SpiralError: the directory holds no finished run (a run killed during quantization
-            included), or a file is missing.
+            included), or a file is missing; `RecipeError` when its recipe names code and
+            ``allow_code`` is off.
     """
     run_dir = Path(run_dir)
     if not (run_dir / RECIPE).exists():
         raise SpiralError(f"{run_dir} is not a run directory: it holds no {RECIPE}")
     state = _finished(run_dir)
     recipe = load_recipe(run_dir / RECIPE)
+    recipe.check_code(allow_code=allow_code)
     example = example_input(load_data(recipe.data, seed=recipe.seed), _EXAMPLES)
     quantization = state.quantization
     if quantization is not None and quantization.kind == "compact":

@@ -20,6 +20,8 @@ from spiralkit.configs import KindTable
 from spiralkit.data import DataSpec
 from spiralkit.errors import ConfigError, RecipeError
 from spiralkit.models import ModelSpec
+from spiralkit.data.sources import imports_code as data_imports_code
+from spiralkit.models.loading import imports_code as model_imports_code
 from spiralkit.models.loading import is_pretrained
 from spiralkit.spiral.prune import PruneStageConfig
 from spiralkit.spiral.quantize import CompactQuant, QuantizeStage
@@ -111,6 +113,23 @@ class Recipe(BaseModel):
     targets: Targets = Targets()
     measure: MeasureConfig = MeasureConfig()
     _origin: _Origin = PrivateAttr(default_factory=lambda: _Origin("<recipe>", None))
+
+    def code_references(self) -> list[str]:
+        """The keys naming code to import and run (``package.module:function``), e.g. ``["model.name"]``."""
+        return [key for key, imports in (("model.name", model_imports_code(self.model.name)),
+                                         ("data.name", data_imports_code(self.data.name))) if imports]
+
+    def check_code(self, *, allow_code: bool) -> None:
+        """Refuse a recipe that names code to import unless ``allow_code``; nothing is imported here.
+
+        Raises:
+            RecipeError: the key and line of the first code name.
+        """
+        if allow_code or not (keys := self.code_references()):
+            return
+        value = self.model.name if keys[0] == "model.name" else self.data.name
+        raise self.error(keys[0], f"{value!r} names Python code that the run would import and call; run a recipe "
+                                  "that imports code only if you trust it, with --allow-code (API: allow_code=True)")
 
     def check_model(self, model: nn.Module, example: Tensor) -> None:
         """The checks that need the model (its layer names), run before any training.

@@ -291,10 +291,13 @@ class Spiral:
 
     Args:
         recipe: the validated recipe.
+        allow_code: run a recipe whose model or data is ``package.module:function`` (imported
+            and called). Off by default: a recipe file from someone else runs no code of theirs.
     """
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, *, allow_code: bool = False) -> None:
         self.recipe = recipe
+        self.allow_code = allow_code
 
     def run(
         self,
@@ -310,11 +313,18 @@ class Spiral:
         Args:
             run_dir: where checkpoints, state and the report go.
             resume: continue the run already in ``run_dir``.
+
+        Raises:
+            RecipeError: the recipe names code and ``allow_code`` is off, or does not fit
+                the model; nothing is trained or written then.
+            SpiralError: another process is writing ``run_dir``, or it holds another
+                recipe's run.
             model: a trained model to compress instead of ``recipe.model`` (used as is).
             data: data splits to use instead of ``recipe.data``.
             console: where progress is printed.
         """
         recipe, run_dir = self.recipe, Path(run_dir)
+        recipe.check_code(allow_code=self.allow_code)
         console = console or Console()
         with run_lock(run_dir):
             _prepare_run_dir(recipe, run_dir, resume=resume)

@@ -138,3 +138,18 @@ def test_demo_meets_its_promise(tmp_path: Path) -> None:
     assert report["final"]["sparsity"] >= 0.90
     assert report["baseline"]["nonzero_params"] / report["final"]["nonzero_params"] >= 10
     assert report["final"]["metric"] >= report["baseline"]["metric"] - 0.5
+
+
+def test_a_recipe_naming_code_exits_before_importing_anything(tmp_path: Path) -> None:
+    """The command contract: without --allow-code, `package.module:function` exits non-zero, importing nothing."""
+    marker = tmp_path / "imported"
+    module = tmp_path / "evil_module.py"
+    module.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\ndef build():\n    raise SystemExit\n")
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(TINY.replace("model: {name: mlp, kwargs: {in_features: 64, widths: [64]}}", "model: {name: 'evil_module:build'}"))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "spiralkit", "run", str(recipe), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert "names Python code" in result.stderr and "--allow-code" in " ".join(result.stderr.split())
+    assert not marker.exists(), "the module was imported"

@@ -348,7 +348,7 @@ def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> 
         student="{architecture: {kind: shallow, every: 2}, distill: {kind: distill, train: {epochs: 4, optimizer: {name: adam, lr: 0.005}}}}",
         prune="[]",
     )
-    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    report = Spiral(r, allow_code=True).run(tmp_path / "run", console=quiet())
     assert report.student is not None and report.final is not None and not report.rounds
     assert report.student.params < report.baseline.params and report.student.macs < report.baseline.macs
     assert report.final.metric == report.student.metric
@@ -356,14 +356,14 @@ def test_student_stage_distils_a_shallow_student_and_exports(tmp_path: Path) -> 
     assert "| student |" in (tmp_path / "run" / "report.md").read_text()
     weights = load_state(tmp_path / "run" / "model.safetensors")
     assert {k for k in weights if k.startswith("3.")} == {"3.0.fc.weight", "3.0.fc.bias", "3.1.fc.weight", "3.1.fc.bias"}
-    check = export_run(tmp_path / "run").check  # rebuilt from the recipe's model and student.json
+    check = export_run(tmp_path / "run", allow_code=True).check  # rebuilt from the recipe's model and student.json
     assert check.max_abs_diff < 1e-4
     # A second run resumes from the saved student instead of distilling again.
-    again = Spiral(r).run(tmp_path / "run", resume=True, console=quiet())
+    again = Spiral(r, allow_code=True).run(tmp_path / "run", resume=True, console=quiet())
     assert again.student == report.student
     (tmp_path / "run" / "student.json").write_text('{"spec": {"kind": "shallow"}}')
     with pytest.raises(ModelError, match=r"student.json: not a student layout"):
-        export_run(tmp_path / "run")
+        export_run(tmp_path / "run", allow_code=True)
 
 
 def test_structured_rounds_after_a_student_count_the_student_s_reduction(tmp_path: Path) -> None:
@@ -375,8 +375,19 @@ def test_structured_rounds_after_a_student_count_the_student_s_reduction(tmp_pat
         prune="{kind: structured, measure: macs, target_reduction: 0.45, schedule: {kind: iterative, step: 0.2}}",
         targets="{max_metric_drop: 100.0, min_step: 0.01, max_rounds: 3}",
     )
-    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    report = Spiral(r, allow_code=True).run(tmp_path / "run", console=quiet())
     assert report.student is not None and report.final is not None
     assert 0.3 < 1 - report.student.macs / report.baseline.macs < 0.45
     assert [x.target for x in report.rounds] == [pytest.approx(0.45)]
     assert report.final.macs <= 0.55 * report.baseline.macs
+
+
+def test_a_recipe_naming_code_is_refused_without_the_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is imported: the module named does not even exist, and the error is the opt-in's."""
+    r = recipe(model="{name: 'not_a_module_anywhere:build'}")
+    with pytest.raises(RecipeError, match=r"key 'model\.name': 'not_a_module_anywhere:build' names Python code .*--allow-code"):
+        Spiral(r).run(tmp_path / "run", console=quiet())
+    assert not (tmp_path / "run").exists(), "refused before the run directory was made"
+    data = recipe(data="{name: 'not_a_module_anywhere:loaders'}")
+    with pytest.raises(RecipeError, match=r"key 'data\.name': .*names Python code"):
+        Spiral(data).run(tmp_path / "run", console=quiet())
