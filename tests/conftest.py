@@ -6,11 +6,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import os
+import tempfile
 
 import pytest
 import torch
 
+# Hypothesis keeps caches in this directory: outside the source tree (see no_files_left_behind).
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "spiralkit-hypothesis"))
+from hypothesis import HealthCheck, settings  # noqa: E402 - after the storage directory is set
+
 ROOT = Path(__file__).resolve().parents[1]
+# Property tests: no example database in the source tree, no per-example deadline (a loaded
+# CI machine is slow), a bounded number of examples per test.
+settings.register_profile("spiralkit", database=None, deadline=None, max_examples=150,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("spiralkit")
 # The offline data sets beside the project (see the README); `make test` sets the same.
 os.environ.setdefault("SPIRALKIT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
