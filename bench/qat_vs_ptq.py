@@ -7,7 +7,7 @@ holding ``mnist/``) for two epochs, or loaded from ``--checkpoint``. Then, every
 measured in the same run on the 10,000 test images:
 
 (a) 4-bit and 2-bit weights (per output channel, symmetric), float activations:
-    round-to-nearest PTQ (`spiralkit.export.compact.quantize_nonzero_`) vs QAT with logit
+    round-to-nearest PTQ (`spiralkit.quant.nonzero.quantize_nonzero_`) vs QAT with logit
     distillation from the float model (one epoch; min/max scales and LSQ learned scales at
     4 bits, LSQ at 2 bits).
 (b) Mixed precision at the size of uniform 4-bit weights: a sensitivity scan on the
@@ -36,10 +36,10 @@ from torch import nn
 from bench.common import add_common_arguments, default_data_root, trained_lenet5
 from bench.common import format_table as common_table
 from spiralkit.data import DataSpec, DataSplits, load_data
-from spiralkit.export.compact import quantize_nonzero_
 from spiralkit.export.onnx import OrtModel
 from spiralkit.quant.affine import PerChannel
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan, weight_counts
+from spiralkit.quant.nonzero import quantize_nonzero_
 from spiralkit.quant.ort import integer_ops
 from spiralkit.quant.ptq import StaticInt8, quantize
 from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat

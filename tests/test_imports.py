@@ -8,7 +8,8 @@ import sys
 
 # The packages that import each other (export ↔ quant ↔ models ↔ measure): the first one
 # imported decides the order, so each is tried first in its own interpreter.
-MODULES = ["spiralkit.measure", "spiralkit.export", "spiralkit.models", "spiralkit.quant", "spiralkit.quant.stage",
+MODULES = ["spiralkit.measure", "spiralkit.export", "spiralkit.models", "spiralkit.quant", "spiralkit.quant.compact",
+           "spiralkit.quant.nonzero", "spiralkit.quant.stage",
            "spiralkit.cli"]
 
 

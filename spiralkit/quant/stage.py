@@ -25,15 +25,11 @@ from torch.func import functional_call
 
 from spiralkit.distill.recovery import Distill, recovery_objective
 from spiralkit.export import atomic_write_text
-from spiralkit.export.compact import (
-    fake_quantize_nonzero,
-    quantize_nonzero_,
-    save_compressed,
-    weight_bits,
-)
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor
+from spiralkit.quant.compact import save_compressed
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan
+from spiralkit.quant.nonzero import fake_quantize_nonzero, quantize_nonzero_, weight_bits
 from spiralkit.export.onnx import OrtModel
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
