@@ -36,6 +36,7 @@ from spiralkit.quant.affine import (
     check_bits,
     choose_qparams,
     dequantize,
+    fake_quantize,
     quantize,
 )
 
@@ -171,11 +172,17 @@ def fake_quantize_nonzero(
 ) -> Tensor:
     """``weight`` on the quantizer's grid, with a straight-through gradient.
 
-    The forward value is exactly what `quantize_nonzero_` would store; the backward pass is
-    the identity (Bengio et al. 2013's straight-through estimator), so training with it —
-    Deep Compression's "trained quantization" step — moves the float weights under the grid.
-    Zeros map to zero, so pruned weights stay pruned.
+    `spiralkit.quant.affine.fake_quantize` with this quantizer's spec and bfloat16 scale: the
+    forward value is exactly what `quantize_nonzero_` would store; the backward pass is the
+    identity (Bengio et al. 2013's straight-through estimator; no weight is clamped, since
+    ``max|w| / s ≤ Q + 0.25``), so training with it — Deep Compression's "trained
+    quantization" step — moves the float weights under the grid. Zeros map to zero, so
+    pruned weights stay pruned.
+
+    Returns:
+        A tensor of ``weight``'s dtype.
     """
     granularity = check_granularity(granularity)
-    codes, scale = weight_codes(weight.detach(), bits, granularity, name=name)
-    return weight + (weight_values(codes, scale, granularity, weight.dtype) - weight).detach()
+    spec = nonzero_spec(bits, granularity)
+    scale, zero_point = _scale(weight.detach(), spec, name)
+    return fake_quantize(weight, scale, zero_point, spec, name=name).to(weight.dtype)
