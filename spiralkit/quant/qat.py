@@ -67,21 +67,18 @@ kernels may saturate on x86 CPUs without VNNI (see `spiralkit.quant.ptq`).
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import singledispatch
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 
-from spiralkit.data import DataSplits
-from spiralkit.distill.recovery import Distill, Finetune, freeze, recovery_objective
 from spiralkit.export.onnx import export_onnx
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import (
@@ -95,8 +92,6 @@ from spiralkit.quant.affine import (
 )
 from spiralkit.quant.calibrate import MinMax, Observer
 from spiralkit.quant.weight_only import _swap
-from spiralkit.tasks import Classification
-from spiralkit.train import TrainConfig, train
 
 __all__ = [
     "ExportChannelFakeQuant",
@@ -110,7 +105,6 @@ __all__ = [
     "export_qat_onnx",
     "freeze_qat",
     "prepare_qat",
-    "qat",
 ]
 
 EXPORT_BITS = 8
@@ -122,7 +116,10 @@ floor is float32's epsilon, for the training quantizers too (the frozen copy kee
 
 
 class QATConfig(BaseModel):
-    """Quantization-aware training of Conv2d and Linear layers.
+    """How `prepare_qat` fake-quantizes Conv2d and Linear layers (quantization settings only).
+
+    Training settings belong to the caller (the spiral's `spiralkit.qat_training.QATRecovery`
+    extends this config with them).
 
     Attributes:
         bits: Bit width of the weights, 2..8 (8 is the only width that exports to ONNX).
@@ -133,10 +130,6 @@ class QATConfig(BaseModel):
             gives weight-only QAT (which does not export to integer kernels).
         keep_float: ``fnmatch`` patterns of layer names left in float (``"fc2"``,
             ``"layer1.*"``); each must match a Conv2d/Linear layer.
-        calibration_batches: Training batches `qat` calibrates activation ranges on.
-        alpha: Weight of the distillation term (0: plain fine-tuning on labels).
-        temperature: Distillation temperature ``T``.
-        train: Epochs, optimizer and schedule of the recovery.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -147,10 +140,6 @@ class QATConfig(BaseModel):
     learn_scales: bool = False
     quantize_activations: bool = True
     keep_float: tuple[str, ...] = ()
-    calibration_batches: int = Field(default=8, gt=0)
-    alpha: float = Field(default=0.9, ge=0, le=1)
-    temperature: float = Field(default=4.0, gt=0)
-    train: TrainConfig = TrainConfig()
 
     @field_validator("bits", "activation_bits")
     @classmethod
@@ -604,7 +593,7 @@ def _weight_quant(weight: Tensor, config: QATConfig) -> WeightQuant:
 def prepare_qat(
     model: nn.Module, config: QATConfig, *, calibration_batches: Iterable[Tensor | tuple[Tensor, Tensor]]
 ) -> nn.Module:
-    """A copy of ``model`` with its Conv2d/Linear layers swapped for fake-quantized ones.
+    """QAT's prepare step: a copy of ``model`` with its Conv2d/Linear layers swapped for fake-quantized ones.
 
     Weight scales start at min/max (symmetric, per channel by default); activation ranges
     (each wrapped layer's input and output) come from a min/max observer run on the float
@@ -640,62 +629,6 @@ def prepare_qat(
         wrapped = cls(layer, weight_quant=_weight_quant(layer.weight, config), **quantizers)  # type: ignore[arg-type]
         replacements[id(layer)] = wrapped.train(layer.training)
     _swap(student, replacements)
-    return student
-
-
-# --------------------------------------------------------------------------- train
-
-
-class _Loader(Protocol):
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
-    def __len__(self) -> int: ...
-
-
-def qat(
-    model: nn.Module,
-    config: QATConfig,
-    data: DataSplits | _Loader,
-    *,
-    task: Classification,
-    teacher: nn.Module | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> nn.Module:
-    """Quantization-aware training: `prepare_qat`, then recovery by logit distillation.
-
-    The student is trained on ``α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(z_s, y)``
-    (`spiralkit.distill.kd_loss`; Hinton et al. 2015) with ``z_t`` from the frozen teacher;
-    with ``alpha = 0`` it is plain fine-tuning on the labels and the teacher is not run.
-
-    Args:
-        model: The trained float model (not modified).
-        config: Quantization and training settings.
-        data: `DataSplits` (its ``train`` loader is used) or a loader of ``(x, y)`` batches.
-            Activation ranges are calibrated on its first ``config.calibration_batches``.
-        task: The task (its loss is the label term).
-        teacher: The model to distil from; frozen in place (eval mode, no gradients).
-            Default: a frozen copy of ``model``.
-        seed: Seed of the training run.
-        progress: Show a progress bar.
-
-    Returns:
-        The trained fake-quantized model, in eval mode.
-
-    Raises:
-        QuantError: As `prepare_qat`.
-        spiralkit.train.NonFiniteLoss: The loss became NaN or infinite.
-    """
-    loader = data.train if isinstance(data, DataSplits) else data
-    student = prepare_qat(model, config, calibration_batches=itertools.islice(loader, config.calibration_batches))
-    if config.alpha > 0:
-        recovery: Distill | Finetune = Distill(alpha=config.alpha, temperature=config.temperature, train=config.train)
-        teacher = freeze(copy.deepcopy(model) if teacher is None else teacher)
-    else:
-        recovery = Finetune(train=config.train)
-        teacher = model  # not run by a fine-tuning objective
-    objective = recovery_objective(recovery, task=task, teacher=teacher)
-    train(student, loader, config=config.train, objective=objective, seed=seed, progress=progress,
-          description=f"QAT {config.bits}-bit")
     return student
 
 
@@ -778,7 +711,7 @@ def _check_exportable(model: nn.Module) -> None:
 
 
 def export_qat_onnx(qat_model: nn.Module, example: Tensor, path: Path) -> Path:
-    """Export an 8-bit QAT model as an ONNX QDQ file that ONNX Runtime runs on integer kernels.
+    """QAT's convert step: an 8-bit QAT model as an ONNX QDQ file that ONNX Runtime runs on integer kernels.
 
     The model is frozen (`freeze_qat`) and exported by `spiralkit.export.onnx.export_onnx`
     (torch's dynamo exporter, one self-contained file, dynamic batch). Every fake quantizer
@@ -790,7 +723,7 @@ def export_qat_onnx(qat_model: nn.Module, example: Tensor, path: Path) -> Path:
     quantization, stay float ops.
 
     Args:
-        qat_model: A model from `prepare_qat` / `qat` (not modified).
+        qat_model: A model from `prepare_qat`, trained or not (not modified).
         example: An example input batch.
         path: The ``.onnx`` file to write.
 

@@ -31,8 +31,9 @@ from spiralkit.quant.compact import save_compressed
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan
 from spiralkit.quant.nonzero import fake_quantize_nonzero, quantize_nonzero_, weight_bits
 from spiralkit.export.onnx import OrtModel
+from spiralkit.qat_training import QATRecovery, qat
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
-from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
+from spiralkit.quant.qat import export_qat_onnx
 from spiralkit.tasks import Classification, metric_drop
 from spiralkit.train import Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
@@ -203,7 +204,7 @@ class StaticInt8Stage(StaticInt8):
     """
 
     max_metric_drop: float | None = Field(default=None, ge=0)
-    qat: QATConfig | None = None
+    qat: QATRecovery | None = None
 
 
 QuantizeStage = Annotated[CompactQuant | StaticInt8Stage | DynamicInt8, Field(discriminator="kind")]
