@@ -41,6 +41,9 @@ for every code, and ``|x − x̂| ≤ s/2`` for every ``x`` inside the range.
 
 Training through the rounding uses the straight-through estimator (`fake_quantize`,
 Bengio et al. 2013) or LSQ's learned step size (`lsq_fake_quantize`, Esser et al. 2020).
+The two share one implementation, spiralkit's only fake-quantizer: the QAT modules
+(`spiralkit.quant.qat`) and Deep Compression's trained quantization
+(`spiralkit.quant.nonzero.fake_quantize_nonzero`) call them.
 """
 
 from __future__ import annotations
