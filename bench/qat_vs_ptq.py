@@ -7,7 +7,7 @@ holding ``mnist/``) for two epochs, or loaded from ``--checkpoint``. Then, every
 measured in the same run on the 10,000 test images:
 
 (a) 4-bit and 2-bit weights (per output channel, symmetric), float activations:
-    round-to-nearest PTQ (`spiralkit.export.compact.quantize_nonzero_`) vs QAT with logit
+    round-to-nearest PTQ (`spiralkit.quant.nonzero.quantize_nonzero_`) vs QAT with logit
     distillation from the float model (one epoch; min/max scales and LSQ learned scales at
     4 bits, LSQ at 2 bits).
 (b) Mixed precision at the size of uniform 4-bit weights: a sensitivity scan on the
@@ -36,13 +36,14 @@ from torch import nn
 from bench.common import add_common_arguments, default_data_root, trained_lenet5
 from bench.common import format_table as common_table
 from spiralkit.data import DataSpec, DataSplits, load_data
-from spiralkit.export.compact import quantize_nonzero_
 from spiralkit.export.onnx import OrtModel
+from spiralkit.spiral.qat import QATRecovery, qat
 from spiralkit.quant.affine import PerChannel
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan, weight_counts
+from spiralkit.quant.nonzero import quantize_nonzero_
 from spiralkit.quant.ort import integer_ops
 from spiralkit.quant.ptq import StaticInt8, quantize
-from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
+from spiralkit.quant.qat import export_qat_onnx
 from spiralkit.tasks import Classification, evaluate
 from spiralkit.train import OptimizerConfig, TrainConfig
 
@@ -76,7 +77,7 @@ def _recovery(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _qat(model: nn.Module, config: QATConfig, splits: DataSplits, label: str) -> tuple[nn.Module, float]:
+def _qat(model: nn.Module, config: QATRecovery, splits: DataSplits, label: str) -> tuple[nn.Module, float]:
     start = time.perf_counter()
     student = qat(model, config, splits, task=TASK, progress=True)
     seconds = time.perf_counter() - start
@@ -97,7 +98,7 @@ def bench_low_bits(args: argparse.Namespace, model: nn.Module, splits: DataSplit
     quantize_nonzero_(ptq, bits, granularity=PerChannel())
     rows = [Row(setting, "PTQ round-to-nearest", f"{_error(ptq, splits):.2f}", "no training")]
     for learn in (True,) if lsq_only else (False, True):
-        config = QATConfig(bits=bits, quantize_activations=False, learn_scales=learn, train=_recovery(args))
+        config = QATRecovery(bits=bits, quantize_activations=False, learn_scales=learn, train=_recovery(args))
         student, seconds = _qat(model, config, splits, f"QAT {bits}-bit{' LSQ' if learn else ''}")
         method = "QAT + distillation" + (", LSQ scales" if learn else ", min/max scales")
         rows.append(Row(setting, method, f"{_error(student, splits):.2f}", f"{_length(config.train)}, {seconds:.0f} s"))
@@ -124,7 +125,7 @@ def bench_8bit(args: argparse.Namespace, model: nn.Module, splits: DataSplits, w
     q = quantize(model, StaticInt8(calibration_batches=8), splits.train, example=EXAMPLE, workdir=workdir / "ptq")
     rows = [Row("W8A8, ONNX Runtime", "PTQ static int8", f"{_error(q.model, splits):.2f}",
                 f"kernels {dict(integer_ops(q.path))}")]
-    student, seconds = _qat(model, QATConfig(bits=8, train=_recovery(args)), splits, "QAT 8-bit")
+    student, seconds = _qat(model, QATRecovery(bits=8, train=_recovery(args)), splits, "QAT 8-bit")
     path = export_qat_onnx(student, EXAMPLE, workdir / "qat8.onnx")
     ort_model = OrtModel(path, threads=THREADS)
     rows.append(Row("W8A8, PyTorch fake-quant", "QAT + distillation", f"{_error(student, splits):.2f}",

@@ -1,6 +1,10 @@
-"""Saving and loading models: dense and sparse safetensors files, the compact artefact, atomic writes."""
+"""Low-level model files: dense and sparse safetensors, ONNX export and ONNX Runtime, atomic writes.
 
-from spiralkit.export.compact import compressed_size, load_compressed, quantize_nonzero_, save_compressed
+This package sits below `spiralkit.models` and the algorithm packages and imports none of
+them; the compact (pruned + quantized) artefact is quantization's format,
+`spiralkit.quant.compact`.
+"""
+
 from spiralkit.export.onnx import ExportError, OrtModel, VerifyResult, export_onnx, verify_onnx
 from spiralkit.export.weights import (
     atomic_write_bytes,
@@ -17,10 +21,6 @@ __all__ = [
     "VerifyResult",
     "export_onnx",
     "verify_onnx",
-    "compressed_size",
-    "load_compressed",
-    "quantize_nonzero_",
-    "save_compressed",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_sparse",

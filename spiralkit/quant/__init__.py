@@ -1,13 +1,16 @@
-"""Quantization: affine maths, calibration, weight-only, post-training static/dynamic int8.
+"""Quantization: affine maths, calibration, weight-only, Deep Compression's compact artefact.
 
 This package's namespace holds the maths that everything else builds on (affine
-quantization, observers, weight-only layers). The model-level verbs live in their modules,
-imported by path — they build on `spiralkit.export`, which itself uses the maths:
+quantization, observers, weight-only layers), Deep Compression's non-zero-weight quantizer
+(`spiralkit.quant.nonzero`) and its storage format, the compact artefact
+(`spiralkit.quant.compact`: `save_compressed` / `load_compressed`). The model-level verbs
+live in their modules, imported by path:
 
 * `spiralkit.quant.ptq.quantize` — a model to an int8 ONNX Runtime model (static or dynamic);
-* `spiralkit.quant.qat` — quantization-aware training and its QDQ export;
-* `spiralkit.quant.mixed` — sensitivity scan and per-layer bit widths under a budget;
-* `spiralkit.quant.stage` — the spiral's quantize stage.
+* `spiralkit.quant.qat` — quantization-aware training's prepare and convert steps (QDQ export);
+* `spiralkit.quant.mixed` — sensitivity scan and per-layer bit widths under a budget.
+
+The spiral's quantize stages, and QAT's training, are in `spiralkit.spiral`.
 """
 
 from spiralkit.quant.affine import (
@@ -26,6 +29,8 @@ from spiralkit.quant.affine import (
     quantize,
 )
 from spiralkit.quant.calibrate import MSE, Calibration, MinMax, Observer, Percentile, calibrate
+from spiralkit.quant.compact import compressed_size, load_compressed, save_compressed
+from spiralkit.quant.nonzero import fake_quantize_nonzero, quantize_nonzero_, weight_bits
 from spiralkit.quant.weight_only import (
     WeightOnlyConfig,
     WeightOnlyConv2d,
@@ -53,12 +58,18 @@ __all__ = [
     "calibrate",
     "check_bits",
     "choose_qparams",
+    "compressed_size",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_nonzero",
+    "load_compressed",
     "lsq_fake_quantize",
     "pack_int4",
     "qparams_from_range",
     "quantize",
+    "quantize_nonzero_",
     "quantize_weights_",
+    "save_compressed",
     "unpack_int4",
+    "weight_bits",
 ]

@@ -41,6 +41,9 @@ for every code, and ``|x − x̂| ≤ s/2`` for every ``x`` inside the range.
 
 Training through the rounding uses the straight-through estimator (`fake_quantize`,
 Bengio et al. 2013) or LSQ's learned step size (`lsq_fake_quantize`, Esser et al. 2020).
+The two share one implementation, spiralkit's only fake-quantizer: the QAT modules
+(`spiralkit.quant.qat`) and Deep Compression's trained quantization
+(`spiralkit.quant.nonzero.fake_quantize_nonzero`) call them.
 """
 
 from __future__ import annotations
@@ -397,13 +400,36 @@ def dequantize(
     return (q.float() - z) * s
 
 
+def _fake_quantized(x: Tensor, s: Tensor, z: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fake-quantized value of ``x`` (no gradient), its in-range mask, ``v = x / s`` and ``round(v) + z``.
+
+    ``s`` and ``z`` are already broadcast to ``x`` (`expand_qparam`) and carry no gradient.
+    """
+    v = x.detach().float() / s
+    unclamped = torch.round(v) + z
+    inside = (unclamped >= spec.qmin) & (unclamped <= spec.qmax)
+    return (torch.clamp(unclamped, spec.qmin, spec.qmax) - z) * s, inside, v, unclamped
+
+
 def fake_quantize(
-    x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *, name: str | None = None
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    spec: QuantSpec,
+    *,
+    name: str | None = None,
+    reject_nonfinite: bool = True,
 ) -> Tensor:
     """Quantize then dequantize, with a straight-through gradient (Bengio et al. 2013).
 
-    The value is exactly ``dequantize(quantize(x))``. The gradient with respect to ``x`` is
-    the clipped straight-through estimator used by PyTorch's ``fake_quantize_*``:
+    The one fake-quantizer of spiralkit: the QAT modules (`spiralkit.quant.qat`) and Deep
+    Compression's trained quantization (`spiralkit.quant.nonzero.fake_quantize_nonzero`)
+    call it, and `lsq_fake_quantize` shares its value. The value is exactly
+    ``dequantize(quantize(x))``: ``x / s`` is a true division, as in ONNX's
+    ``QuantizeLinear`` (torch's ``fake_quantize_*`` kernels multiply by ``1 / s`` instead,
+    which can round the other way when ``x / s`` is within float rounding of a half-integer).
+    The gradient with respect to ``x`` is the clipped straight-through estimator used by
+    PyTorch's ``fake_quantize_*``:
 
     ``∂x̂/∂x = 1`` where ``qmin ≤ round(x/s) + z ≤ qmax`` and ``0`` where the value is
     clamped. ``scale`` and ``zero_point`` get no gradient (see `lsq_fake_quantize`).
@@ -414,31 +440,21 @@ def fake_quantize(
         zero_point: Zero point(s), same shape.
         spec: The quantization spec.
         name: What ``x`` is, for error messages.
+        reject_nonfinite: Raise on NaN/inf in ``x``. Training quantizers turn it off: a
+            non-finite activation there surfaces as a non-finite loss, which the training
+            loop reports.
 
     Returns:
         A float32 tensor of ``x``'s shape.
     """
-    check_finite(x, name)
+    if reject_nonfinite:
+        check_finite(x, name)
     s, z = _expanded(x, scale.detach(), zero_point.detach(), spec.granularity)
-    unclamped = torch.round(x.detach().float() / s) + z
-    inside = (unclamped >= spec.qmin) & (unclamped <= spec.qmax)
-    value = (torch.clamp(unclamped, spec.qmin, spec.qmax) - z) * s
+    value, inside, _, _ = _fake_quantized(x, s, z, spec)
     x32 = x.float()
     # value + 0·(…): the forward result is the quantized value; the backward pass sees
     # ∂/∂x = 1 inside the range and 0 outside.
     return value + (x32 - x32.detach()) * inside
-
-
-class _RoundSTE(torch.autograd.Function):
-    """``round(v)`` forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx: Any, v: Tensor) -> Tensor:
-        return torch.round(v)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -462,19 +478,22 @@ def lsq_fake_quantize(
     *,
     grad_scale: float | None = None,
     name: str | None = None,
+    reject_nonfinite: bool = True,
 ) -> Tensor:
     """Fake quantization with a learnable step size: LSQ (Esser et al. 2020, "Learned Step
     Size Quantization").
 
-    The value is exactly ``dequantize(quantize(x))``. Gradients, with ``v = x / s``:
+    The value is exactly that of `fake_quantize`, ``dequantize(quantize(x))``. Gradients,
+    with ``v = x / s``:
 
-    * ``∂x̂/∂x = 1`` inside the range, ``0`` where clamped (straight-through estimator);
+    * ``∂x̂/∂x = 1`` inside the range (``qmin ≤ round(v) + z ≤ qmax``), ``0`` where clamped
+      (straight-through estimator);
     * ``∂x̂/∂s = round(v) − v`` inside, ``qmin − z`` below, ``qmax − z`` above,
       then multiplied by ``g = 1 / sqrt(N · qmax)`` where ``N`` is the number of elements
       sharing one scale (``x.numel()`` per tensor, ``x.numel() / C`` per channel) — the
       paper's gradient scaling, which keeps the step size's updates on the scale of the
       weights' updates. With ``z = 0`` and ``qmin = −Q_N``, ``qmax = Q_P`` this is the
-      paper's Eq. 3.
+      paper's Eq. 3, and the gradient of torch's ``_fake_quantize_learnable_*`` kernels.
 
     The zero point gets no gradient.
 
@@ -485,15 +504,20 @@ def lsq_fake_quantize(
         spec: The quantization spec.
         grad_scale: Override ``g``.
         name: What ``x`` is, for error messages.
+        reject_nonfinite: Raise on NaN/inf in ``x`` (see `fake_quantize`).
 
     Returns:
         A float32 tensor of ``x``'s shape.
     """
-    check_finite(x, name)
+    if reject_nonfinite:
+        check_finite(x, name)
     if grad_scale is None:
         per_scale = max(x.numel() // max(scale.numel(), 1), 1)
         grad_scale = 1.0 / math.sqrt(per_scale * spec.qmax)
     s = expand_qparam(_ScaleGrad.apply(scale.float(), grad_scale), x.shape, spec.granularity)
     z = expand_qparam(torch.as_tensor(zero_point).detach().float(), x.shape, spec.granularity)
-    codes = torch.clamp(_RoundSTE.apply(x.float() / s) + z, spec.qmin, spec.qmax)
-    return (codes - z) * s
+    value, inside, v, unclamped = _fake_quantized(x, s.detach(), z, spec)
+    slope = torch.where(inside, torch.round(v) - v, torch.where(unclamped < spec.qmin, spec.qmin - z, spec.qmax - z))
+    x32 = x.float()
+    # Both added terms are 0 forward; backward they give ∂/∂x = inside and ∂/∂s = slope.
+    return value + (x32 - x32.detach()) * inside + (s - s.detach()) * slope

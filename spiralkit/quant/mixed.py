@@ -7,7 +7,7 @@ Two steps, each a plain function:
    per-layer sensitivity analysis of e.g. HAWQ (Dong et al. 2019) and of Wu et al. 2020
    ("Integer Quantization for Deep Learning Inference"), measured directly rather than
    estimated from the Hessian. The quantizer is the compact artefact's
-   (`spiralkit.export.compact.quantize_nonzero_`: symmetric, per output channel by default,
+   (`spiralkit.quant.nonzero.quantize_nonzero_`: symmetric, per output channel by default,
    zeros kept), so the table predicts what `save_compressed` will store.
 2. `choose_bits` picks one width per layer minimising the predicted total loss — the sum of
    the per-layer drops, i.e. assuming the layers' errors add up — subject to the size
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from spiralkit.export.compact import quantize_nonzero_
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
+from spiralkit.quant.nonzero import quantize_nonzero_
 
 __all__ = [
     "FLOAT_BITS",
@@ -157,7 +157,7 @@ def sensitivity_scan(
     """Measure the metric with only one layer's weights quantized, for every layer and width.
 
     Each entry is ``evaluate(m)`` where ``m`` is a copy of ``model`` whose layer ``l`` has
-    weights ``ŵ = q·s`` at ``b`` bits (`spiralkit.export.compact.quantize_nonzero_`; zeros
+    weights ``ŵ = q·s`` at ``b`` bits (`spiralkit.quant.nonzero.quantize_nonzero_`; zeros
     stay zero) and every other tensor is float. ``model`` is never modified: the scan works
     on one copy and restores the layer's weight after each entry. Costs
     ``1 + len(layers)·len(bits)`` calls of ``evaluate``.

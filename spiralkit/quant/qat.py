@@ -1,4 +1,4 @@
-"""Quantization-aware training: fake-quantized Conv2d/Linear, recovery by distillation, QDQ export.
+"""Quantization-aware training, prepare and convert: fake-quantized Conv2d/Linear, QDQ export.
 
 `prepare_qat` copies a float model and swaps every ``nn.Conv2d`` / ``nn.Linear`` (except
 those named in `QATConfig.keep_float`) for a wrapper (`QATConv2d`, `QATLinear`) that
@@ -30,26 +30,34 @@ a parameter trained by LSQ (Esser et al. 2020, "Learned Step Size Quantization")
 paper's gradient scale ``g = 1 / sqrt(N · qmax)`` (``N`` elements share the scale: one
 output channel's weights, or one example's features).
 
-The forward passes use torch's built-in kernels (``torch.fake_quantize_per_tensor_affine``,
-``torch.fake_quantize_per_channel_affine`` and, for LSQ, ``torch._fake_quantize_learnable_*``).
-For the ONNX export (8 bits only: ``QuantizeLinear`` is int8/uint8), `freeze_qat` makes a
-copy in which every quantizer holds its current scale as a constant and computes the same
-values with ops torch's dynamo exporter writes as ``QuantizeLinear → DequantizeLinear``:
+Every training quantizer computes with spiralkit's one fake-quantizer,
+`spiralkit.quant.affine.fake_quantize` (and `lsq_fake_quantize` for learned scales): ``x / s``
+is a true division, as in ONNX's ``QuantizeLinear``. For the ONNX export (8 bits only:
+``QuantizeLinear`` is int8/uint8), `freeze_qat` makes a copy in which every quantizer is
+replaced by an *export-only* form holding its current scale as a constant, written with ops
+torch's dynamo exporter turns into ``QuantizeLinear → DequantizeLinear`` (they are not
+training quantizers: no gradient reaches the scales):
 
-* per-channel weights keep ``torch.fake_quantize_per_channel_affine`` (exports as is);
+* per-channel quantizers become `ExportChannelFakeQuant`
+  (``torch.fake_quantize_per_channel_affine``, exported as is);
 * per-tensor quantizers become `ExportFakeQuant`: torch's ``quantized_decomposed``
   quantize/dequantize pair with Python-number qparams. ``torch.fake_quantize_per_tensor_affine``
   itself exports only with a *static* batch size (torch 2.14: its ``cachemask`` decomposition
   has no fake kernel for symbolic shapes; the TorchScript exporter, ``dynamo=False``, handles
   it but is deprecated and slated for removal);
-* LSQ's learnable kernels have no ONNX translation in either exporter; frozen, they are
-  plain quantizers with the learned scales.
+* learned (LSQ) scales are copied; frozen, they are plain quantizers.
+
+Run eagerly in PyTorch, the export forms multiply by ``1 / s`` (torch's kernels), so where
+``x / s`` sits within float rounding of a half-integer they may round one step away from the
+training quantizer; the ONNX file itself divides, as the training quantizer does.
 
 A model trained at 2–7 bits does not export; it is evaluated in PyTorch, where its
 fake-quantized forward *is* the b-bit model.
 
-`qat` runs the recovery: logit distillation (Hinton et al. 2015) from the frozen float
-model through `spiralkit.train.train`.
+QAT is two steps here, as torchao's ``QATConfig(step="prepare" | "convert")``: `prepare_qat`
+(fake-quantized layers, calibrated activation ranges) and `export_qat_onnx` (`freeze_qat`, then
+the QDQ export). Training the prepared model is the caller's: `spiralkit.spiral.qat.qat`
+is the spiral's recovery by logit distillation.
 
 Limitations: BatchNorm after a convolution stays a float op (it is not folded into the
 quantized weights; fold it before QAT for integer-only inference); ONNX Runtime's U8S8
@@ -59,31 +67,34 @@ kernels may saturate on x86 CPUs without VNNI (see `spiralkit.quant.ptq`).
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import singledispatch
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 
-from spiralkit.data import DataSplits
-from spiralkit.modules import freeze
-from spiralkit.spiral.recovery import Distill, Finetune
 from spiralkit.export.onnx import export_onnx
 from spiralkit.patterns import first_unmatched, matches_any
-from spiralkit.quant.affine import PerTensor, QuantError, QuantSpec, check_bits
+from spiralkit.quant.affine import (
+    PerChannel,
+    PerTensor,
+    QuantError,
+    QuantSpec,
+    check_bits,
+    fake_quantize,
+    lsq_fake_quantize,
+)
 from spiralkit.quant.calibrate import MinMax, Observer
 from spiralkit.quant.weight_only import _swap
-from spiralkit.tasks import Classification
-from spiralkit.train import TrainConfig, train
 
 __all__ = [
+    "ExportChannelFakeQuant",
     "ExportFakeQuant",
     "FakeQuant",
     "LearnedFakeQuant",
@@ -94,18 +105,21 @@ __all__ = [
     "export_qat_onnx",
     "freeze_qat",
     "prepare_qat",
-    "qat",
 ]
 
 EXPORT_BITS = 8
 _ONNX_RANGES = {(0, 255): torch.uint8, (-128, 127): torch.int8}
 SCALE_FLOOR = torch.finfo(torch.float32).eps
-"""Smallest scale used. Torch's kernels multiply by ``1 / s``; a subnormal ``s`` would give
-``0 · inf = NaN`` on an all-zero (e.g. pruned) channel, so the floor is float32's epsilon."""
+"""Smallest scale used. The export forms run torch's kernels, which multiply by ``1 / s``; a
+subnormal ``s`` would give ``0 · inf = NaN`` on an all-zero (e.g. pruned) channel, so the
+floor is float32's epsilon, for the training quantizers too (the frozen copy keeps their scales)."""
 
 
 class QATConfig(BaseModel):
-    """Quantization-aware training of Conv2d and Linear layers.
+    """How `prepare_qat` fake-quantizes Conv2d and Linear layers (quantization settings only).
+
+    Training settings belong to the caller (the spiral's `spiralkit.spiral.qat.QATRecovery`
+    extends this config with them).
 
     Attributes:
         bits: Bit width of the weights, 2..8 (8 is the only width that exports to ONNX).
@@ -116,10 +130,6 @@ class QATConfig(BaseModel):
             gives weight-only QAT (which does not export to integer kernels).
         keep_float: ``fnmatch`` patterns of layer names left in float (``"fc2"``,
             ``"layer1.*"``); each must match a Conv2d/Linear layer.
-        calibration_batches: Training batches `qat` calibrates activation ranges on.
-        alpha: Weight of the distillation term (0: plain fine-tuning on labels).
-        temperature: Distillation temperature ``T``.
-        train: Epochs, optimizer and schedule of the recovery.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -130,10 +140,6 @@ class QATConfig(BaseModel):
     learn_scales: bool = False
     quantize_activations: bool = True
     keep_float: tuple[str, ...] = ()
-    calibration_batches: int = Field(default=8, gt=0)
-    alpha: float = Field(default=0.9, ge=0, le=1)
-    temperature: float = Field(default=4.0, gt=0)
-    train: TrainConfig = TrainConfig()
 
     @field_validator("bits", "activation_bits")
     @classmethod
@@ -159,6 +165,20 @@ def _signed_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def _range_spec(qmin: int, qmax: int, axis: int | None) -> QuantSpec:
+    """The `QuantSpec` whose code range is ``[qmin, qmax]`` (full signed or unsigned), one scale per ``axis``.
+
+    Raises:
+        QuantError: ``[qmin, qmax]`` is not ``[−2^(b−1), 2^(b−1) − 1]`` or ``[0, 2^b − 1]``.
+    """
+    granularity = PerTensor() if axis is None else PerChannel(axis=axis)
+    spec = QuantSpec(bits=check_bits((qmax - qmin).bit_length()), symmetric=False, signed=qmin < 0,
+                     granularity=granularity)
+    if (spec.qmin, spec.qmax) != (qmin, qmax):
+        raise QuantError(f"QAT code ranges are [-2^(b-1), 2^(b-1) - 1] or [0, 2^b - 1], not [{qmin}, {qmax}]")
+    return spec
+
+
 def _lsq_grad_factor(x: Tensor, scales: int, qmax: int, *, batch_dim: bool) -> float:
     """LSQ's ``g = 1 / sqrt(N · qmax)``, ``N`` = elements per scale (per example for activations)."""
     count = x.numel() // max(scales, 1)
@@ -171,9 +191,8 @@ class FakeQuant(nn.Module):
     """Fake quantization with fixed scale(s) and zero point(s) (buffers).
 
     ``x̂ = (clamp(round(x / s) + z, qmin, qmax) − z) · s`` with a straight-through gradient
-    (1 inside the range, 0 where clamped), by ``torch.fake_quantize_per_tensor_affine`` or
-    ``torch.fake_quantize_per_channel_affine``: the form torch's ONNX exporter writes as
-    ``QuantizeLinear → DequantizeLinear``.
+    (1 inside the range, 0 where clamped), by `spiralkit.quant.affine.fake_quantize`.
+    `freeze_qat` replaces it by an export form (`ExportFakeQuant`, `ExportChannelFakeQuant`).
 
     Args:
         scale: Scale(s): shape ``(1,)`` per tensor, ``(C,)`` per channel.
@@ -191,19 +210,16 @@ class FakeQuant(nn.Module):
         self.register_buffer("scale", scale.detach().float().reshape(-1).clamp(min=SCALE_FLOOR).clone())
         self.register_buffer("zero_point", zero_point.detach().reshape(-1).to(torch.int32).clone())
         self.qmin, self.qmax, self.axis = qmin, qmax, axis
+        self.spec = _range_spec(qmin, qmax, axis)
 
     @property
     def bits(self) -> int:
         """Bit width of the code range."""
-        return (self.qmax - self.qmin).bit_length()
+        return self.spec.bits
 
     def forward(self, x: Tensor) -> Tensor:
         """The fake-quantized ``x``."""
-        if self.axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
-        return torch.fake_quantize_per_channel_affine(
-            x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax
-        )
+        return fake_quantize(x, self.scale, self.zero_point, self.spec, reject_nonfinite=False)
 
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.axis is None else f"per-channel axis={self.axis}"
@@ -213,13 +229,12 @@ class FakeQuant(nn.Module):
 class LearnedFakeQuant(FakeQuant):
     """`FakeQuant` whose scale is a parameter learned by LSQ (Esser et al. 2020).
 
-    Uses ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``: the value is that of
-    `FakeQuant`; with ``v = x / s`` the scale's gradient is ``round(v) − v`` inside the
-    range, ``qmin − z`` below and ``qmax − z`` above, times ``g = 1 / sqrt(N · qmax)``
-    (``N`` elements share the scale; for activations, per example). The zero point stays
-    fixed. The scale is kept ``≥`` float32's epsilon (clamped before each forward, as
-    torch.ao's ``_LearnableFakeQuantize`` does). These kernels do not export to ONNX; see
-    `freeze_qat`.
+    Uses `spiralkit.quant.affine.lsq_fake_quantize`: the value is that of `FakeQuant`; with
+    ``v = x / s`` the scale's gradient is ``round(v) − v`` inside the range, ``qmin − z``
+    below and ``qmax − z`` above, times ``g = 1 / sqrt(N · qmax)`` (``N`` elements share the
+    scale; for activations, per example). The zero point stays fixed. The scale is kept
+    ``≥`` float32's epsilon (clamped before each forward, as torch.ao's
+    ``_LearnableFakeQuantize`` does). `freeze_qat` replaces it by an export form.
     """
 
     def __init__(self, scale: Tensor, zero_point: Tensor, *, qmin: int, qmax: int, axis: int | None) -> None:
@@ -232,26 +247,19 @@ class LearnedFakeQuant(FakeQuant):
         """The fake-quantized ``x``; the scale gets LSQ gradients."""
         with torch.no_grad():
             self.scale.clamp_(min=SCALE_FLOOR)
-        zero_point = self.zero_point.float()
         grad = _lsq_grad_factor(x, self.scale.numel(), self.qmax, batch_dim=self.axis is None)
-        if self.axis is None:
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale, zero_point, self.qmin, self.qmax, grad
-            )
-        return torch._fake_quantize_learnable_per_channel_affine(
-            x, self.scale, zero_point, self.axis, self.qmin, self.qmax, grad
-        )
+        return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec, grad_scale=grad, reject_nonfinite=False)
 
 
 class ExportFakeQuant(nn.Module):
     """Per-tensor fake quantization with constant qparams, in the form ONNX export needs.
 
     ``x̂ = dequantize(quantize(x))`` by torch's ``quantized_decomposed.quantize_per_tensor``
-    / ``dequantize_per_tensor`` with Python-number scale and zero point: the same values as
-    `FakeQuant`, written by the dynamo exporter as ``QuantizeLinear → DequantizeLinear``
-    with a dynamic batch dimension. No gradient flows through the integer codes: this is
-    for export (`freeze_qat`), not training. Only 8-bit ranges (``[0, 255]`` as uint8,
-    ``[−128, 127]`` as int8).
+    / ``dequantize_per_tensor`` with Python-number scale and zero point, written by the
+    dynamo exporter as ``QuantizeLinear → DequantizeLinear`` with a dynamic batch dimension.
+    Export-only, not a training quantizer: `freeze_qat` makes it from a `FakeQuant`, no
+    gradient flows through the integer codes, and eagerly it multiplies by ``1 / s`` (see
+    the module docstring). Only 8-bit ranges (``[0, 255]`` as uint8, ``[−128, 127]`` as int8).
 
     Args:
         scale: The scale.
@@ -292,12 +300,51 @@ def _decomposed_ops() -> Any:
     return torch.ops.quantized_decomposed
 
 
+class ExportChannelFakeQuant(nn.Module):
+    """Per-channel fake quantization with constant qparams, in the form ONNX export needs.
+
+    ``torch.fake_quantize_per_channel_affine``, which the dynamo exporter writes as
+    ``QuantizeLinear → DequantizeLinear`` with a per-axis scale. Export-only, not a training
+    quantizer: `freeze_qat` makes it from a per-channel `FakeQuant` or `MinMaxWeightQuant`,
+    and eagerly it multiplies by ``1 / s`` (see the module docstring).
+
+    Args:
+        scale: Scales, shape ``(C,)``.
+        zero_point: Integer zero points, same shape.
+        qmin: Smallest code.
+        qmax: Largest code.
+        axis: The channel axis.
+    """
+
+    scale: Tensor
+    zero_point: Tensor
+
+    def __init__(self, scale: Tensor, zero_point: Tensor, *, qmin: int, qmax: int, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().reshape(-1).clone())
+        self.register_buffer("zero_point", zero_point.detach().reshape(-1).to(torch.int32).clone())
+        self.qmin, self.qmax, self.axis = qmin, qmax, axis
+
+    @property
+    def bits(self) -> int:
+        """Bit width of the code range."""
+        return (self.qmax - self.qmin).bit_length()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The fake-quantized ``x``."""
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"[{self.qmin}, {self.qmax}], per-channel axis={self.axis}"
+
+
 class MinMaxWeightQuant(nn.Module):
     """Symmetric fake quantization of a weight with its min/max scale, recomputed every call.
 
     ``s = max|w| / (2^(b−1) − 1)`` (per output channel, or per tensor), ``z = 0``, codes in
-    ``[−2^(b−1), 2^(b−1) − 1]``; the scale is a constant for autograd (straight-through
-    gradient to ``w`` only), as PyTorch's QAT weight observers do.
+    ``[−2^(b−1), 2^(b−1) − 1]``, by `spiralkit.quant.affine.fake_quantize`; the scale is a
+    constant for autograd (straight-through gradient to ``w`` only), as PyTorch's QAT weight
+    observers do.
 
     Args:
         bits: Bit width.
@@ -308,11 +355,12 @@ class MinMaxWeightQuant(nn.Module):
         super().__init__()
         self.qmin, self.qmax = _signed_range(bits)
         self.per_channel = per_channel
+        self.spec = _range_spec(self.qmin, self.qmax, 0 if per_channel else None)
 
     @property
     def bits(self) -> int:
         """Bit width of the code range."""
-        return (self.qmax - self.qmin).bit_length()
+        return self.spec.bits
 
     def scale_of(self, weight: Tensor) -> Tensor:
         """The current min/max scale(s) of ``weight``: shape ``(C,)`` or ``(1,)``."""
@@ -330,16 +378,14 @@ class MinMaxWeightQuant(nn.Module):
         """The fake-quantized weight."""
         scale = self.scale_of(weight)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, self.qmin, self.qmax)
-        return torch.fake_quantize_per_tensor_affine(weight, scale, zero_point, self.qmin, self.qmax)
+        return fake_quantize(weight, scale, zero_point, self.spec, reject_nonfinite=False)
 
     def extra_repr(self) -> str:
         return f"[{self.qmin}, {self.qmax}], {'per-channel' if self.per_channel else 'per-tensor'} min/max"
 
 
 ActivationQuant = FakeQuant | ExportFakeQuant
-WeightQuant = FakeQuant | ExportFakeQuant | MinMaxWeightQuant
+WeightQuant = FakeQuant | ExportFakeQuant | ExportChannelFakeQuant | MinMaxWeightQuant
 
 
 # --------------------------------------------------------------------------- layers
@@ -357,8 +403,9 @@ def _scale(quant: nn.Module, tensor: Tensor) -> Tensor:
     raise QuantError(f"unknown quantizer {type(quant).__name__}")
 
 
-@_scale.register
-def _(quant: FakeQuant, tensor: Tensor) -> Tensor:
+@_scale.register(FakeQuant)
+@_scale.register(ExportChannelFakeQuant)
+def _(quant: FakeQuant | ExportChannelFakeQuant, tensor: Tensor) -> Tensor:
     return quant.scale
 
 
@@ -546,7 +593,7 @@ def _weight_quant(weight: Tensor, config: QATConfig) -> WeightQuant:
 def prepare_qat(
     model: nn.Module, config: QATConfig, *, calibration_batches: Iterable[Tensor | tuple[Tensor, Tensor]]
 ) -> nn.Module:
-    """A copy of ``model`` with its Conv2d/Linear layers swapped for fake-quantized ones.
+    """QAT's prepare step: a copy of ``model`` with its Conv2d/Linear layers swapped for fake-quantized ones.
 
     Weight scales start at min/max (symmetric, per channel by default); activation ranges
     (each wrapped layer's input and output) come from a min/max observer run on the float
@@ -585,62 +632,6 @@ def prepare_qat(
     return student
 
 
-# --------------------------------------------------------------------------- train
-
-
-class _Loader(Protocol):
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
-    def __len__(self) -> int: ...
-
-
-def qat(
-    model: nn.Module,
-    config: QATConfig,
-    data: DataSplits | _Loader,
-    *,
-    task: Classification,
-    teacher: nn.Module | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> nn.Module:
-    """Quantization-aware training: `prepare_qat`, then recovery by logit distillation.
-
-    The student is trained on ``α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(z_s, y)``
-    (`spiralkit.distill.kd_loss`; Hinton et al. 2015) with ``z_t`` from the frozen teacher;
-    with ``alpha = 0`` it is plain fine-tuning on the labels and the teacher is not run.
-
-    Args:
-        model: The trained float model (not modified).
-        config: Quantization and training settings.
-        data: `DataSplits` (its ``train`` loader is used) or a loader of ``(x, y)`` batches.
-            Activation ranges are calibrated on its first ``config.calibration_batches``.
-        task: The task (its loss is the label term).
-        teacher: The model to distil from; frozen in place (eval mode, no gradients).
-            Default: a frozen copy of ``model``.
-        seed: Seed of the training run.
-        progress: Show a progress bar.
-
-    Returns:
-        The trained fake-quantized model, in eval mode.
-
-    Raises:
-        QuantError: As `prepare_qat`.
-        spiralkit.train.NonFiniteLoss: The loss became NaN or infinite.
-    """
-    loader = data.train if isinstance(data, DataSplits) else data
-    student = prepare_qat(model, config, calibration_batches=itertools.islice(loader, config.calibration_batches))
-    if config.alpha > 0:
-        recovery: Distill | Finetune = Distill(alpha=config.alpha, temperature=config.temperature, train=config.train)
-        teacher = freeze(copy.deepcopy(model) if teacher is None else teacher)
-    else:
-        recovery = Finetune(train=config.train)
-        teacher = model  # not run by a fine-tuning objective
-    objective = recovery.objective(task=task, teacher=teacher)
-    train(student, loader, config=config.train, objective=objective, seed=seed, progress=progress,
-          description=f"QAT {config.bits}-bit")
-    return student
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -659,30 +650,31 @@ def _(quant: FakeQuant, weight: Tensor) -> nn.Module:
     return _frozen(quant)
 
 
-@_frozen_weight_quant.register
-def _(quant: ExportFakeQuant, weight: Tensor) -> nn.Module:
+@_frozen_weight_quant.register(ExportFakeQuant)
+@_frozen_weight_quant.register(ExportChannelFakeQuant)
+def _(quant: ExportFakeQuant | ExportChannelFakeQuant, weight: Tensor) -> nn.Module:
     return quant
 
 
-def _frozen(quant: FakeQuant | ExportFakeQuant | None) -> nn.Module | None:
-    """``quant`` with constant qparams: `ExportFakeQuant` per tensor, `FakeQuant` per channel.
+def _frozen(quant: FakeQuant | ExportFakeQuant | ExportChannelFakeQuant | None) -> nn.Module | None:
+    """The export form of ``quant``: `ExportFakeQuant` per tensor, `ExportChannelFakeQuant` per channel.
 
     A `LearnedFakeQuant` loses its parameter (the learned value is kept).
     """
-    if quant is None or isinstance(quant, ExportFakeQuant):
+    if quant is None or isinstance(quant, (ExportFakeQuant, ExportChannelFakeQuant)):
         return quant
     if quant.axis is None:
         return ExportFakeQuant(float(quant.scale.detach()), int(quant.zero_point), qmin=quant.qmin, qmax=quant.qmax)
-    return FakeQuant(quant.scale, quant.zero_point, qmin=quant.qmin, qmax=quant.qmax, axis=quant.axis)
+    return ExportChannelFakeQuant(quant.scale, quant.zero_point, qmin=quant.qmin, qmax=quant.qmax, axis=quant.axis)
 
 
 def freeze_qat(model: nn.Module) -> nn.Module:
     """An export-ready copy of an 8-bit QAT model: every quantizer with constant qparams.
 
-    The copy computes the same values as ``model`` in eval mode (min/max weight scales are
-    taken from the current weights, LSQ scales are copied), but only with ops torch's
-    dynamo ONNX exporter turns into ``QuantizeLinear → DequantizeLinear`` (see the module
-    docstring); nothing in it is trained any more.
+    QAT's convert step. The copy computes the values of ``model`` in eval mode (min/max
+    weight scales are taken from the current weights, LSQ scales are copied; up to the
+    ``1 / s`` rounding noted in the module docstring), but only with ops torch's dynamo ONNX
+    exporter turns into ``QuantizeLinear → DequantizeLinear``; nothing in it is trained any more.
 
     Raises:
         QuantError: A per-tensor quantizer is not 8-bit.
@@ -719,7 +711,7 @@ def _check_exportable(model: nn.Module) -> None:
 
 
 def export_qat_onnx(qat_model: nn.Module, example: Tensor, path: Path) -> Path:
-    """Export an 8-bit QAT model as an ONNX QDQ file that ONNX Runtime runs on integer kernels.
+    """QAT's convert step: an 8-bit QAT model as an ONNX QDQ file that ONNX Runtime runs on integer kernels.
 
     The model is frozen (`freeze_qat`) and exported by `spiralkit.export.onnx.export_onnx`
     (torch's dynamo exporter, one self-contained file, dynamic batch). Every fake quantizer
@@ -731,7 +723,7 @@ def export_qat_onnx(qat_model: nn.Module, example: Tensor, path: Path) -> Path:
     quantization, stay float ops.
 
     Args:
-        qat_model: A model from `prepare_qat` / `qat` (not modified).
+        qat_model: A model from `prepare_qat`, trained or not (not modified).
         example: An example input batch.
         path: The ``.onnx`` file to write.
 

@@ -29,18 +29,15 @@ from spiralkit.export import atomic_write_text
 from spiralkit.patterns import first_unmatched
 from spiralkit.spiral.recovery import Distill
 from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY
-from spiralkit.export.compact import (
-    fake_quantize_nonzero,
-    quantize_nonzero_,
-    save_compressed,
-    weight_bits,
-)
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
+from spiralkit.quant.compact import save_compressed
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan
+from spiralkit.quant.nonzero import fake_quantize_nonzero, quantize_nonzero_, weight_bits
 from spiralkit.export.onnx import OrtModel
+from spiralkit.spiral.qat import QATRecovery, qat
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
-from spiralkit.quant.qat import QATConfig, export_qat_onnx, qat
+from spiralkit.quant.qat import export_qat_onnx
 from spiralkit.tasks import Classification, metric_drop
 from spiralkit.train import NonFiniteLoss, Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
@@ -222,7 +219,7 @@ class StaticInt8Stage(StaticInt8):
     """
 
     max_metric_drop: float | None = Field(default=None, ge=0)
-    qat: QATConfig | None = None
+    qat: QATRecovery | None = None
 
     def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
         """Quantize ``model`` (not modified) to an int8 ONNX Runtime model, with the QAT fallback."""

@@ -1,8 +1,10 @@
-"""Quantization-aware training: fake quantizers, STE and LSQ gradients, export to integer kernels."""
+"""Quantization-aware training, prepare and convert: fake quantizers, STE and LSQ gradients, freezing.
+
+Training with QAT and its export to integer kernels: tests/spiral/test_qat.py.
+"""
 
 from __future__ import annotations
 
-import copy
 import itertools
 from pathlib import Path
 
@@ -26,15 +28,11 @@ from spiralkit.quant.qat import (
     export_qat_onnx,
     freeze_qat,
     prepare_qat,
-    qat,
 )
 from spiralkit.quant.ort import integer_ops
-from spiralkit.tasks import Classification, evaluate
-from spiralkit.train import OptimizerConfig, TrainConfig
 
 INTEGER_CONVS = {"QLinearConv", "ConvInteger"}
 INTEGER_LINEARS = {"QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
-SHORT = TrainConfig(epochs=1, max_batches=15, optimizer=OptimizerConfig(name="adam", lr=1e-3), lr_schedule="constant")
 
 
 class TinyCNN(nn.Module):
@@ -81,26 +79,10 @@ def _batches(digits: DataSplits, count: int = 4) -> list[tuple[Tensor, Tensor]]:
     return [batch for _, batch in zip(range(count), digits.train, strict=False)]
 
 
-def _accuracy(model: nn.Module, digits: DataSplits) -> float:
-    assert digits.test is not None
-    return evaluate(Classification(), model, digits.test).metric
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-def test_qat_8bit_exports_to_integer_kernels_matching_pytorch(
-    trained: nn.Module, digits: DataSplits, tmp_path: Path
-) -> None:
-    before = copy.deepcopy(trained.state_dict())
-    model = qat(trained, QATConfig(train=SHORT), digits, task=Classification())
-    assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())  # float model untouched
-    assert _accuracy(model, digits) >= _accuracy(trained, digits) - 2.0
-
-    path = export_qat_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "qat.onnx")
+def assert_runs_on_integer_kernels_like_pytorch(model: nn.Module, path: Path, digits: DataSplits) -> None:
+    """The exported QDQ file runs on integer kernels and matches the fake-quantized model."""
     kernels = integer_ops(path)
     assert INTEGER_CONVS & set(kernels) and INTEGER_LINEARS & set(kernels), dict(kernels)
-
     assert digits.test is not None
     x = next(iter(digits.test))[0]
     with torch.no_grad():
@@ -118,17 +100,15 @@ def test_qat_8bit_exports_to_integer_kernels_matching_pytorch(
     assert float((actual.argmax(1) == expected.argmax(1)).float().mean()) >= 0.995
 
 
-def test_4bit_qat_trains_and_evaluates_in_pytorch(trained: nn.Module, digits: DataSplits, tmp_path: Path) -> None:
-    config = QATConfig(bits=4, quantize_activations=False, train=SHORT)
-    model = qat(trained, config, digits, task=Classification())
-    assert _accuracy(model, digits) >= _accuracy(trained, digits) - 5.0
-    weight = model.conv2.weight_quant(model.conv2.weight).detach()
-    scale = model.conv2.weight_quant.scale_of(model.conv2.weight)[:, None, None, None]
-    codes = weight / scale
-    assert torch.allclose(codes, codes.round(), atol=1e-4)
-    assert int(codes.round().min()) >= -8 and int(codes.round().max()) <= 7
-    with pytest.raises(QuantError, match=r"layer 'conv1' has 4-bit weights; only 8-bit"):
-        export_qat_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "q4.onnx")
+# --------------------------------------------------------------------------- convert
+
+
+def test_prepared_8bit_model_exports_to_integer_kernels_matching_pytorch(
+    trained: nn.Module, digits: DataSplits, tmp_path: Path
+) -> None:
+    model = prepare_qat(trained, QATConfig(), calibration_batches=_batches(digits))
+    path = export_qat_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "prepared.onnx")
+    assert_runs_on_integer_kernels_like_pytorch(model, path, digits)
 
 
 # --------------------------------------------------------------------------- prepare

@@ -150,7 +150,7 @@ def test_threads_are_restored(tmp_path: Path) -> None:
 
 
 def test_quantize_stage_writes_compact_artefact(tmp_path: Path) -> None:
-    from spiralkit.export import load_compressed
+    from spiralkit.quant.compact import load_compressed
     from spiralkit.tasks import Classification, evaluate
     from spiralkit.data import DataSpec, load_data
 

@@ -15,21 +15,10 @@ Per floating-point tensor of the state dict:
   raw bytes in the tensor's own dtype.
 
 Zeros are never quantized: they are encoded by the positions and come back as exactly
-``+0.0`` — pruned weights stay pruned. The quantizer is symmetric and uniform, per tensor
-(or per output channel), over the restricted signed range ``[−Q, Q]``, ``Q = 2^(b−1) − 1``::
-
-    s = bfloat16(max|w| / Q)        q = clamp(round(w / s), −Q, Q)        ŵ = q · s
-
-i.e. `QuantSpec` ``(bits=b, symmetric=True)`` with its min/max scale rounded to bfloat16
-(stored in 2 bytes; no zero point, since it is 0). Two reasons for this choice: a symmetric
-grid loses at most one of the ``2^b`` levels on weights, which are near-symmetric about zero;
-and the quantizer is then exactly *idempotent*: the largest ``|w|`` always gets code ``±Q``
-(the bfloat16 rounding moves ``s`` by at most ``2^−9``, so ``max|w| / s`` stays within
-``Q ± 0.25``), and ``q · s`` is exact in float32 (8-bit × 8-bit significands), so
-quantizing ``ŵ`` again finds the same ``s`` and the same codes. Hence `quantize_nonzero_`
-(the in-memory version, for evaluating the accuracy of exactly the weights that get saved)
-can be applied before `save_compressed` without changing what is saved. An asymmetric
-min/max quantizer is not idempotent: its re-derived range can lose the top code.
+``+0.0`` — pruned weights stay pruned. The quantizer, its bfloat16 scale and why it is
+idempotent are described in `spiralkit.quant.nonzero`: `quantize_nonzero_` (the in-memory
+version, for evaluating the accuracy of exactly the weights that get saved) can be applied
+before `save_compressed` without changing what is saved.
 
 Non-quantized tensors (biases, batch-norm statistics, integer buffers) are stored raw: their
 round trip is bit-exact (``−0.0`` loads as ``+0.0``).
@@ -58,7 +47,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,23 +57,16 @@ from torch import Tensor, nn
 
 from spiralkit.errors import ModelError
 from spiralkit.export.weights import atomic_write_bytes
-from spiralkit.patterns import first_unmatched, matches_any
-# A module import, not `from … import`: spiralkit.models.loading imports spiralkit.export,
-# so a `from` import here would fail when spiralkit.export re-exports this module.
-import spiralkit.models.loading as model_loading
-from spiralkit.quant.affine import (
-    PerChannel,
-    PerTensor,
-    QuantError,
-    QuantSpec,
-    check_bits,
-    choose_qparams,
-    dequantize,
-    quantize,
+from spiralkit.models.loading import ModelSpec, load_model
+from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
+from spiralkit.quant.nonzero import (
+    BitsArg,
+    NonzeroGranularity,
+    check_granularity,
+    weight_bits,
+    weight_codes,
+    weight_values,
 )
-
-if TYPE_CHECKING:
-    from spiralkit.models.loading import ModelSpec
 
 __all__ = [
     "COMPACT_FORMAT_VERSION",
@@ -92,12 +74,9 @@ __all__ = [
     "decode_gaps",
     "encode_gaps",
     "load_compressed",
-    "fake_quantize_nonzero",
     "pack_bits",
-    "quantize_nonzero_",
     "save_compressed",
     "unpack_bits",
-    "weight_bits",
 ]
 
 COMPACT_FORMAT_VERSION = 1
@@ -108,10 +87,6 @@ _MAX_GAP = 255
 _SECTIONS = ("index", "codes", "scales", "raw")
 _PART_SECTION = {"index": "index", "codes": "codes", "scale": "scales", "values": "raw"}
 _CODE_LAYOUTS = ("bytes", "packed")
-_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-BitsArg = Mapping[str, int] | int | None
-CompactGranularity = PerTensor | PerChannel
 
 
 # --------------------------------------------------------------------------- bit streams
@@ -181,114 +156,6 @@ def decode_gaps(stream: np.ndarray) -> np.ndarray:
     return (np.cumsum(steps) - 1)[stream != 0]
 
 
-# --------------------------------------------------------------------------- selection
-
-
-def _compact_spec(bits: int, granularity: CompactGranularity) -> QuantSpec:
-    return QuantSpec(bits=bits, symmetric=True, signed=True, granularity=granularity)
-
-
-def _check_granularity(granularity: object) -> CompactGranularity:
-    if isinstance(granularity, PerTensor) or (isinstance(granularity, PerChannel) and granularity.axis == 0):
-        return granularity
-    raise QuantError(f"the compact format quantizes per tensor or per output channel (axis 0), got {granularity!r}")
-
-
-def weight_bits(model: nn.Module, bits: BitsArg, exclude: Sequence[str]) -> dict[str, int | None]:
-    """Bits (or ``None``: kept in float) per Linear/Conv weight name, e.g. ``"fc1.weight"``.
-
-    Raises:
-        QuantError: An exclude pattern or a ``bits`` key names no Linear/Conv layer, or a
-            bit width is outside 2..8.
-    """
-    layers = [
-        name for name, module in model.named_modules()
-        if isinstance(module, _LAYER_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
-    ]
-    known = ", ".join(layers) or "none"
-    if (pattern := first_unmatched(exclude, layers)) is not None:
-        raise QuantError(f"exclude pattern {pattern!r} matches no Linear/Conv layer; layers are: {known}")
-    if isinstance(bits, Mapping):
-        unknown = [key for key in bits if key not in layers]
-        if unknown:
-            raise QuantError(f"bits given for {unknown[0]!r}, which is not a Linear/Conv layer; layers are: {known}")
-        chosen = {name: bits.get(name) for name in layers}
-    else:
-        chosen = dict.fromkeys(layers, bits)
-    result: dict[str, int | None] = {}
-    for name, value in chosen.items():
-        if value is not None:
-            check_bits(value)
-        excluded = matches_any(name, exclude)
-        result[f"{name}.weight" if name else "weight"] = None if excluded else value
-    return result
-
-
-def _quantized(weight: Tensor, bits: int, granularity: CompactGranularity, name: str) -> tuple[Tensor, Tensor]:
-    """Signed codes (``weight``'s shape) and the bfloat16-rounded scale(s) of a weight."""
-    spec = _compact_spec(bits, granularity)
-    scale, zero_point = choose_qparams(weight, spec, name=name)
-    scale = scale.to(torch.bfloat16).float()
-    return quantize(weight, scale, zero_point, spec, name=name), scale
-
-
-def _restore(codes: Tensor, scale: Tensor, granularity: CompactGranularity, dtype: torch.dtype) -> Tensor:
-    zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    return dequantize(codes, scale, zero_point, granularity=granularity).to(dtype)
-
-
-def quantize_nonzero_(
-    model: nn.Module,
-    bits: Mapping[str, int] | int,
-    *,
-    exclude: Sequence[str] = (),
-    granularity: CompactGranularity = PerTensor(),
-) -> dict[str, int]:
-    """Replace Linear/Conv weights by their quantized values, exactly as `save_compressed` stores them.
-
-    Zeros stay exactly zero; non-zeros become ``ŵ = q·s`` (see the module docstring). The
-    operation is idempotent, and `save_compressed` of the result stores the same codes.
-    Evaluate the model after this call to know the accuracy of the saved artefact.
-
-    Args:
-        model: Modified in place.
-        bits: One bit width (2..8) for every layer, or layer name → bits (layers not listed
-            stay in float).
-        exclude: ``fnmatch`` patterns of layer names to keep in float.
-        granularity: `PerTensor` or `PerChannel` (axis 0).
-
-    Returns:
-        Bits per quantized weight name (``"fc1.weight": 5``).
-
-    Raises:
-        QuantError: Bad bits, a pattern or key naming no layer, NaN/inf in a weight.
-    """
-    granularity = _check_granularity(granularity)
-    chosen = {name: b for name, b in weight_bits(model, bits, exclude).items() if b is not None}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, b in chosen.items():
-            weight = params[name]
-            codes, scale = _quantized(weight.detach(), b, granularity, name)
-            weight.copy_(_restore(codes, scale, granularity, weight.dtype))
-    return chosen
-
-
-def fake_quantize_nonzero(
-    weight: Tensor, bits: int, *, granularity: CompactGranularity = PerTensor(), name: str = "weight"
-) -> Tensor:
-    """``weight`` on the compact quantizer's grid, with a straight-through gradient.
-
-    The forward value is exactly what `quantize_nonzero_` would store; the backward pass is
-    the identity (Bengio et al. 2013's straight-through estimator), so training with it —
-    Deep Compression's "trained quantization" step — moves the float weights under the grid.
-    Zeros map to zero, so pruned weights stay pruned.
-    """
-    granularity = _check_granularity(granularity)
-    codes, scale = _quantized(weight.detach(), bits, granularity, name)
-    return weight + (_restore(codes, scale, granularity, weight.dtype) - weight).detach()
-
-
 # --------------------------------------------------------------------------- encoding
 
 
@@ -327,7 +194,7 @@ def _positions(mask: np.ndarray) -> tuple[str, bytes]:
 
 
 def _encode_tensor(
-    payload: _Payload, name: str, tensor: Tensor, bits: int | None, granularity: CompactGranularity
+    payload: _Payload, name: str, tensor: Tensor, bits: int | None, granularity: NonzeroGranularity
 ) -> None:
     """Add one tensor's parts to the payload and its record to the header."""
     tensor = tensor.detach().cpu()
@@ -352,7 +219,7 @@ def _encode_tensor(
     if bits is None:
         parts["values"] = payload.add("raw", _raw_bytes(flat[keep]))
         return
-    codes, scale = _quantized(tensor, bits, granularity, name)
+    codes, scale = weight_codes(tensor, bits, granularity, name=name)
     stored = codes.reshape(-1)[keep].numpy().astype(np.int16) + _code_offset(bits)
     parts["codes"] = {
         "bytes": payload.add("bytes", stored.astype(np.uint8).tobytes()),
@@ -412,10 +279,10 @@ def _unique_entries(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dic
 
 
 def _encode(
-    model: nn.Module, *, spec: ModelSpec, bits: BitsArg, exclude: Sequence[str], granularity: CompactGranularity
+    model: nn.Module, *, spec: ModelSpec, bits: BitsArg, exclude: Sequence[str], granularity: NonzeroGranularity
 ) -> bytes:
     """The complete file content (see the module docstring)."""
-    granularity = _check_granularity(granularity)
+    granularity = check_granularity(granularity)
     bits_by_name = weight_bits(model, bits, exclude)
     spec = spec.model_copy(update={"checkpoint": None})
     state = model.state_dict()
@@ -443,7 +310,7 @@ def _encode(
 
 def _check_spec_builds(spec: ModelSpec, state: Mapping[str, Tensor]) -> None:
     """Fail at save time, not at load time, when the spec builds a different architecture."""
-    built = model_loading.load_model(spec).state_dict()
+    built = load_model(spec).state_dict()
     mismatched = [
         f"{key!r} ({tuple(built[key].shape)} built vs {tuple(tensor.shape)} saved)"
         for key, tensor in state.items()
@@ -465,7 +332,7 @@ def save_compressed(
     spec: ModelSpec,
     bits: BitsArg = None,
     exclude: Sequence[str] = (),
-    granularity: CompactGranularity = PerTensor(),
+    granularity: NonzeroGranularity = PerTensor(),
 ) -> int:
     """Write the compact artefact of ``model`` (see the module docstring), atomically.
 
@@ -497,7 +364,7 @@ def compressed_size(
     spec: ModelSpec,
     bits: BitsArg = None,
     exclude: Sequence[str] = (),
-    granularity: CompactGranularity = PerTensor(),
+    granularity: NonzeroGranularity = PerTensor(),
 ) -> int:
     """The size in bytes of the file `save_compressed` would write, without writing it."""
     return len(_encode(model, spec=spec, bits=bits, exclude=exclude, granularity=granularity))
@@ -531,7 +398,7 @@ def load_compressed(path: Path, *, allow_imports: bool = False) -> nn.Module:
     spec = _spec_from_header(header, path, allow_imports=allow_imports)
     state = _decode_state(header, sections, path)
     try:
-        model = model_loading.load_model(spec)
+        model = load_model(spec)
         model.load_state_dict(state, strict=True)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from exc
@@ -588,7 +455,7 @@ def _sections(header: dict[str, Any], frames: memoryview, path: Path) -> dict[st
 
 def _spec_from_header(header: dict[str, Any], path: Path, *, allow_imports: bool) -> ModelSpec:
     try:
-        spec = model_loading.ModelSpec.model_validate(header["model"])
+        spec = ModelSpec.model_validate(header["model"])
     except (KeyError, ValidationError) as exc:
         raise ModelError(f"{path} has a bad model spec: {exc}") from exc
     if ":" in spec.name and not spec.name.startswith("torchvision:") and not allow_imports:
@@ -664,7 +531,7 @@ def _decode_tensor(record: dict[str, Any], sections: Mapping[str, bytes], layout
         values = _from_bytes(_part(record, "values", sections), dtype, count)
         return _scatter(values, mask, numel, torch.zeros((), dtype=dtype)).reshape(shape)
     bits = check_bits(record["bits"])
-    granularity: CompactGranularity = PerTensor() if record["axis"] is None else PerChannel(axis=0)
+    granularity: NonzeroGranularity = PerTensor() if record["axis"] is None else PerChannel(axis=0)
     channels = 1 if isinstance(granularity, PerTensor) else shape[0]
     scale = _from_bytes(_part(record, "scale", sections), torch.bfloat16, channels).float()
     if isinstance(granularity, PerTensor):
@@ -681,7 +548,7 @@ def _decode_tensor(record: dict[str, Any], sections: Mapping[str, bytes], layout
         raise ValueError(f"code {int(stored.max())} is outside 0..{2 * offset}")
     codes = torch.from_numpy(stored.astype(np.int16) - offset).to(torch.int8)
     full = _scatter(codes, mask, numel, torch.zeros((), dtype=torch.int8)).reshape(shape)
-    return _restore(full, scale, granularity, dtype)
+    return weight_values(full, scale, granularity, dtype)
 
 
 def _decode_mask(index: str, data: bytes, numel: int) -> np.ndarray:

@@ -13,21 +13,21 @@ import torch
 from torch import Tensor, nn
 
 from spiralkit.errors import ModelError
-from spiralkit.export.compact import (
-    compressed_size,
-    decode_gaps,
-    encode_gaps,
-    load_compressed,
-    pack_bits,
-    quantize_nonzero_,
-    save_compressed,
-    unpack_bits,
-)
 from spiralkit.export.weights import save_weights
 from spiralkit.models import ModelSpec, load_model
 from spiralkit.prune.importance import magnitude_scores
 from spiralkit.prune.unstructured import apply_masks, masks_for_sparsity
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError
+from spiralkit.quant.compact import (
+    compressed_size,
+    decode_gaps,
+    encode_gaps,
+    load_compressed,
+    pack_bits,
+    save_compressed,
+    unpack_bits,
+)
+from spiralkit.quant.nonzero import quantize_nonzero_
 
 TINY = ModelSpec(name="mlp", kwargs={"in_features": 12, "widths": [10], "num_classes": 3})
 
