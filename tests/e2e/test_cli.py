@@ -68,7 +68,7 @@ def test_export_onnx_verified(tmp_path: Path) -> None:
         (["run"], "give a RECIPE file, or --resume RUN_DIR"),
         (["report", "nowhere"], "nowhere is not a run directory"),
         (["run", "--resume", "nowhere"], "recipe file not found: nowhere/recipe.yaml"),
-        (["export", "nowhere"], "nowhere holds no finished run: nowhere/model.safetensors is missing"),
+        (["export", "nowhere"], "nowhere is not a run directory: it holds no recipe.yaml"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,7 +146,7 @@ def test_a_recipe_naming_code_exits_before_importing_anything(tmp_path: Path) ->
     module = tmp_path / "evil_module.py"
     module.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\ndef build():\n    raise SystemExit\n")
     recipe = tmp_path / "evil.yaml"
-    recipe.write_text(TINY.replace("model: {name: mlp, kwargs: {in_features: 64, widths: [64]}}", "model: {name: 'evil_module:build'}"))
+XX
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-m", "spiralkit", "run", str(recipe), "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, env=env, timeout=300)
