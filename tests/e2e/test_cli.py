@@ -146,7 +146,8 @@ def test_a_recipe_naming_code_exits_before_importing_anything(tmp_path: Path) ->
     module = tmp_path / "evil_module.py"
     module.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\ndef build():\n    raise SystemExit\n")
     recipe = tmp_path / "evil.yaml"
-XX
+    recipe.write_text(TINY.replace("EPOCHS", "1").replace("model: {name: mlp, kwargs: {in_features: 64, widths: [64]}}",
+                                                          "model: {name: 'evil_module:build'}"))
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-m", "spiralkit", "run", str(recipe), "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, env=env, timeout=300)
