@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from spiralkit.errors import ModelError
 from spiralkit.export.weights import atomic_write_bytes
-from spiralkit.models.loading import ModelSpec, load_model
+from spiralkit.models.loading import ModelSpec, imports_code, load_model
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
 from spiralkit.quant.nonzero import (
     BitsArg,
@@ -392,23 +392,69 @@ def load_compressed(path: Path, *, allow_imports: bool = False) -> nn.Module:
             corrupt, or its spec needs imports that were not allowed; naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"compact model file not found: {path}")
-    header, sections = _read(path, path.read_bytes())
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"compact model file not found: {path}") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read compact model file {path}: {exc.strerror or exc}") from None
+    header, frames = _read(path, data)
     spec = _spec_from_header(header, path, allow_imports=allow_imports)
-    state = _decode_state(header, sections, path)
     try:
         model = load_model(spec)
-        model.load_state_dict(state, strict=True)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from exc
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=False).items()}
+    _check_records(header, expected, path)  # every declared size against the model, before allocating
+    sections = _sections(header, frames, path, limit=_section_limit(expected))
+    state = _decode_state(header, sections, path)
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelError(f"{path}: the stored weights do not fit the model {spec.name!r}: {exc}") from exc
     return model.eval()
 
 
-def _read(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Header and decompressed sections of a compact file."""
+def _section_limit(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """The most bytes any section of a valid file for this model can hold (a generous bound).
+
+    Raw values take at most ``numel·itemsize`` bytes per tensor, codes one byte per element,
+    positions at most ``numel + numel/255`` bytes (gaps) and scales two bytes per channel.
+    """
+    total = 0
+    for shape, dtype in expected.values():
+        numel = math.prod(shape)
+        total += numel * (torch.empty(0, dtype=dtype).element_size() + 2) + 64
+    return total
+
+
+def _check_records(header: dict[str, Any], expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                   path: Path) -> None:
+    """Every tensor record names a tensor of the model, with its shape and dtype; nothing is allocated."""
+    records = header.get("tensors")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ModelError(f"{path} has a corrupt tensor table")
+    for record in records:
+        name = record.get("name")
+        if not isinstance(name, str) or name not in expected:
+            raise ModelError(f"{path}: tensor {name!r} is not in the model the file names")
+        if "alias" in record:
+            if not isinstance(record["alias"], str) or record["alias"] not in expected:
+                raise ModelError(f"{path}: tensor {name!r} aliases {record['alias']!r}, which the model does not have")
+            continue
+        shape, dtype = expected[name]
+        try:
+            declared = tuple(int(size) for size in record["shape"])
+            declared_dtype = _dtype(record["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: tensor {name!r} has a corrupt record: {exc}") from None
+        if declared != shape or declared_dtype != dtype:
+            raise ModelError(f"{path}: tensor {name!r} is declared {list(declared)} {declared_dtype}, "
+                             f"but the model has {list(shape)} {dtype}")
+
+
+def _read(path: Path, data: bytes) -> tuple[dict[str, Any], memoryview]:
+    """The header of a compact file, and its compressed sections."""
     prefix = len(_MAGIC) + 4
     if len(data) < prefix or not data.startswith(_MAGIC):
         raise ModelError(f"{path} is not a spiralkit compact model file (bad magic bytes)")
@@ -417,7 +463,7 @@ def _read(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise ModelError(f"{path} is truncated: its header needs {header_size} bytes")
     try:
         header = json.loads(data[prefix : prefix + header_size].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{path} has a corrupt header: {exc}") from exc
     if not isinstance(header, dict) or header.get("format") != _FORMAT:
         raise ModelError(f"{path} is not a spiralkit compact model file (header format is not {_FORMAT!r})")
@@ -426,11 +472,17 @@ def _read(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
             f"{path} has compact format version {header.get('version')!r}; "
             f"this spiralkit reads version {COMPACT_FORMAT_VERSION}"
         )
-    return header, _sections(header, memoryview(data)[prefix + header_size :], path)
+    return header, memoryview(data)[prefix + header_size :]
 
 
-def _sections(header: dict[str, Any], frames: memoryview, path: Path) -> dict[str, bytes]:
-    """Decompress each section's frame, checking sizes against the header."""
+def _decompress(frame: bytes, size: int) -> bytes:
+    """At most ``size + 1`` bytes of a zstd frame: a frame claiming more cannot make us allocate it."""
+    with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+        return reader.read(size + 1)
+
+
+def _sections(header: dict[str, Any], frames: memoryview, path: Path, *, limit: int) -> dict[str, bytes]:
+    """Decompress each section's frame, checking sizes against the header and ``limit`` first."""
     sections: dict[str, bytes] = {}
     offset = 0
     try:
@@ -438,17 +490,21 @@ def _sections(header: dict[str, Any], frames: memoryview, path: Path) -> dict[st
             raise ValueError(f"sections must be {list(_SECTIONS)}")
         for entry in header["sections"]:
             size, stored = int(entry["size"]), int(entry["stored"])
+            if not 0 <= size <= limit or stored < 0:
+                raise ValueError(f"section {entry['name']!r} declares {size} bytes; this model's files hold "
+                                 f"at most {limit}")
             frame = bytes(frames[offset : offset + stored])
             offset += stored
             if len(frame) != stored:
                 raise ValueError(f"section {entry['name']!r} is truncated")
-            content = b"" if stored == 0 else zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+            content = b"" if stored == 0 else _decompress(frame, size)
             if len(content) != size:
-                raise ValueError(f"section {entry['name']!r} has {len(content)} bytes, the header says {size}")
+                raise ValueError(f"section {entry['name']!r} has {'more than ' if len(content) > size else ''}"
+                                 f"{min(len(content), size)} bytes, the header says {size}")
             sections[entry["name"]] = content
         if offset != len(frames):
             raise ValueError(f"{len(frames) - offset} unexpected bytes after the last section")
-    except (zstandard.ZstdError, KeyError, TypeError, ValueError) as exc:
+    except (zstandard.ZstdError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ModelError(f"{path} has a corrupt payload: {exc}") from exc
     return sections
 
@@ -456,9 +512,9 @@ def _sections(header: dict[str, Any], frames: memoryview, path: Path) -> dict[st
 def _spec_from_header(header: dict[str, Any], path: Path, *, allow_imports: bool) -> ModelSpec:
     try:
         spec = ModelSpec.model_validate(header["model"])
-    except (KeyError, ValidationError) as exc:
+    except (KeyError, TypeError, ValidationError) as exc:
         raise ModelError(f"{path} has a bad model spec: {exc}") from exc
-    if ":" in spec.name and not spec.name.startswith("torchvision:") and not allow_imports:
+    if imports_code(spec.name) and not allow_imports:
         raise ModelError(
             f"{path} builds its model with {spec.name!r}, which imports and runs code; "
             "pass allow_imports=True if you trust this file"

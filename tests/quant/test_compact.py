@@ -206,7 +206,7 @@ def _rewrite_header(data: bytes, change: dict[str, object]) -> bytes:
         (lambda data: data[:12] + b"x" + data[13:], "has a corrupt header"),
         (lambda data: _rewrite_header(data, {"version": 99}), "format version 99; this spiralkit reads version 1"),
         (lambda data: _rewrite_header(data, {"model": {"name": "nope"}}), "unknown model 'nope'"),
-        (lambda data: _rewrite_header(data, {"tensors": [{"name": "fc1.weight"}]}), "decode tensor 'fc1.weight'"),
+        (lambda data: _rewrite_header(data, {"tensors": [{"name": "fc1.weight"}]}), "tensor 'fc1.weight' has a corrupt record"),
     ],
     ids=["garbage", "truncated", "flipped", "header", "version", "spec", "records"],
 )
