@@ -48,8 +48,9 @@ from spiralkit.measure import count_macs, count_params, measure_latency, size_on
 from spiralkit.models import load_model, load_weights
 from spiralkit.models.loading import is_pretrained
 from spiralkit.prune import Masks, next_sparsity
+from spiralkit.prune.apply import replay_plans
+from spiralkit.prune.plan import PrunePlan, read_plans, write_plans
 from spiralkit.prune.stages import StageContext, StructuredStage, prune_round, stage_progress, stage_target
-from spiralkit.prune.structured import PrunePlan, read_plans, replay_plans, write_plans
 from spiralkit.prune.structured_importance import bn_l1_penalty
 from spiralkit.quant.stage import Quantized, StageInputs, quantize_stage
 from spiralkit.recipe import Recipe, dump_recipe, load_recipe

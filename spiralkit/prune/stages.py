@@ -28,10 +28,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor, nn
 
 from spiralkit.configs import default_kind
+from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.config import UnstructuredPrune, prune_to
 from spiralkit.prune.importance import LossFn, Magnitude
+from spiralkit.prune.plan import PrunePlan
 from spiralkit.prune.schedules import AGP, Schedule
-from spiralkit.prune.structured import Planner, PrunePlan, StructuredPrune, apply_plan, planner
+from spiralkit.prune.structured import Planner, StructuredPrune, planner
 from spiralkit.prune.structured_importance import ChannelCriterion
 from spiralkit.prune.unstructured import Masks, Scope, mask_sparsity
 

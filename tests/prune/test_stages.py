@@ -10,8 +10,9 @@ from torch import nn
 
 from spiralkit.measure import count_params
 from spiralkit.prune import UnstructuredPrune
+from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.stages import StageContext, StructuredStage, prune_round, search_ratio, stage_progress, stage_target
-from spiralkit.prune.structured import apply_plan, planner
+from spiralkit.prune.structured import planner
 
 
 def mlp() -> nn.Module:
