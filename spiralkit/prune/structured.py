@@ -19,7 +19,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -146,33 +146,31 @@ def _multiple(group: ChannelGroup, round_to: int) -> int:
     return math.lcm(round_to, group.num_blocks)
 
 
-def _channel_counts(groups: Sequence[ChannelGroup], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
-    """Kept channels per group, layer-wise or from one global ranking."""
-    if config.scope == Scope.LAYERWISE or not groups:
-        return {g.id: _kept_count(g.size, config.ratio, _multiple(g, config.round_to)) for g in groups}
-    normalised = [scores[g.id] / scores[g.id].mean().clamp_min(1e-300) for g in groups]
-    flat = torch.cat(normalised)
+class _Width(NamedTuple):
+    """One prunable unit for counting: a channel group (channels) or an attention layer (heads)."""
+
+    name: str
+    size: int
+    multiple: int
+
+
+def _kept_counts(units: Sequence[_Width], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
+    """How many channels (or heads) each unit keeps, layer-wise or from one global ranking.
+
+    Layer-wise, every unit keeps ``size·(1 − ratio)``. Globally, each unit's scores are
+    divided by their mean (so that units compare), the lowest ``ratio`` of all of them are
+    dropped, and each unit keeps what is left of it; both round to the unit's ``multiple``.
+    """
+    if config.scope == Scope.LAYERWISE or not units:
+        return {u.name: _kept_count(u.size, config.ratio, u.multiple) for u in units}
+    flat = torch.cat([scores[u.name] / scores[u.name].mean().clamp_min(1e-300) for u in units])
     dropped = torch.zeros(flat.numel(), dtype=torch.bool)
     dropped[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
     counts, start = {}, 0
-    for group in groups:
-        removed = int(dropped[start : start + group.size].sum())
-        start += group.size
-        counts[group.id] = _kept_count(group.size, removed / group.size, _multiple(group, config.round_to))
-    return counts
-
-
-def _head_counts(heads: Sequence[HeadGroup], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
-    if config.scope == Scope.LAYERWISE or not heads:
-        return {h.module: _kept_count(h.num_heads, config.ratio, 1) for h in heads}
-    flat = torch.cat([scores[h.module] / scores[h.module].mean().clamp_min(1e-300) for h in heads])
-    dropped = torch.zeros(flat.numel(), dtype=torch.bool)
-    dropped[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
-    counts, start = {}, 0
-    for head in heads:
-        removed = int(dropped[start : start + head.num_heads].sum())
-        start += head.num_heads
-        counts[head.module] = _kept_count(head.num_heads, removed / head.num_heads, 1)
+    for unit in units:
+        removed = int(dropped[start : start + unit.size].sum())
+        start += unit.size
+        counts[unit.name] = _kept_count(unit.size, removed / unit.size, unit.multiple)
     return counts
 
 
@@ -319,7 +317,7 @@ def _drop_unscored(
 def _plan_groups(
     channels: Sequence[ChannelGroup], scores: StructureScores, config: StructuredPrune, removed_blocks: Sequence[str]
 ) -> tuple[GroupPlan, ...]:
-    counts = _channel_counts(channels, scores.channels, config)
+    counts = _kept_counts([_Width(g.id, g.size, _multiple(g, config.round_to)) for g in channels], scores.channels, config)
     plans = []
     for group in channels:
         if counts[group.id] >= group.size:
@@ -333,7 +331,7 @@ def _plan_groups(
 def _plan_heads(
     heads: Sequence[HeadGroup], scores: StructureScores, config: StructuredPrune, removed_blocks: Sequence[str]
 ) -> tuple[HeadPlan, ...]:
-    counts = _head_counts(heads, scores.heads, config)
+    counts = _kept_counts([_Width(h.module, h.num_heads, 1) for h in heads], scores.heads, config)
     return tuple(
         HeadPlan(module=h.module, kind=h.kind, num_heads=h.num_heads, head_dim=h.head_dim,
                  keep=_keep(scores.heads[h.module], counts[h.module], ()))
