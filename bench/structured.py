@@ -50,7 +50,8 @@ from torch import nn
 from spiralkit.export.onnx import OrtModel, export_onnx
 from spiralkit.measure import count_macs, measure_latency
 from spiralkit.models import resnet20
-from spiralkit.prune.structured import StructuredPrune, apply_plan, plan_pruning
+from spiralkit.prune.apply import apply_plan
+from spiralkit.prune.structured import StructuredPrune, plan_pruning
 
 THREADS = 1
 RATIO = 0.5

@@ -1,7 +1,8 @@
 """Tracing models into what structured pruning can cut: coupled channel groups, attention heads, blocks.
 
-`trace_groups` is the entry point; `spiralkit.prune.structured` plans and applies pruning on
-top of it.
+`trace_groups` is the entry point; `spiralkit.prune.structured` plans pruning on top of it
+and `spiralkit.prune.apply` carries the plans out. Torch-Pruning is used behind
+`spiralkit.graph.tp` only.
 """
 
 from spiralkit.graph.attention import (

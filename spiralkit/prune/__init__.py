@@ -1,5 +1,6 @@
 """Pruning: importance criteria, masks, schedules and selectors."""
 
+from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.config import UnstructuredPrune, prune, prune_to
 from spiralkit.prune.importance import (
     WEIGHT_CRITERIA,
@@ -13,22 +14,11 @@ from spiralkit.prune.importance import (
     score_weights,
     taylor_scores,
 )
+from spiralkit.prune.plan import BlockPlan, GroupPlan, HeadPlan, MemberPlan, PrunePlan, SkippedPlan
+from spiralkit.prune.saved import load_pruned, save_pruned
 from spiralkit.prune.schedules import AGP, Iterative, OneShot, Schedule, agp_sparsity, next_sparsity
 from spiralkit.prune.selectors import Selector, selected_weights
-from spiralkit.prune.structured import (
-    BlockPlan,
-    GroupPlan,
-    HeadPlan,
-    MemberPlan,
-    PrunePlan,
-    SkippedPlan,
-    StructuredPrune,
-    apply_plan,
-    load_pruned,
-    plan_pruning,
-    prune_structured,
-    save_pruned,
-)
+from spiralkit.prune.structured import StructuredPrune, plan_pruning, prune_structured
 from spiralkit.prune.structured_importance import (
     APoZ,
     BNScale,

@@ -1,4 +1,4 @@
-"""Structured pruning: plans over channel groups, heads and blocks; masking or physical removal.
+"""Structured pruning: which channels, heads and blocks to remove — the config and the planning.
 
 The flow is two plain function calls::
 
@@ -7,35 +7,27 @@ The flow is two plain function calls::
 
 `plan_pruning` traces the model into coupled channel groups, attention heads and removable
 blocks (`spiralkit.graph`), scores them (`spiralkit.prune.structured_importance`) and keeps the
-best. The `PrunePlan` it returns is plain data — for each group the kept indices of every
-member layer, by module *name* — so it is saved as JSON and replays on a fresh copy of the
-model. `apply_plan` either zeroes what the plan drops (``mode="mask"``, shapes unchanged) or
-deletes it (``mode="remove"``, a physically smaller model); both act on the same entries, so
-the masked model and its pruned twin compute the same function.
-
-A pruned model is saved as architecture-as-data — the `ModelSpec` that builds the original,
-plus the plans — and safetensors weights (`save_pruned`); `load_pruned` rebuilds it with
-`load_model`, replays the plans in remove mode and loads the weights. Nothing is pickled.
+best. The `PrunePlan` it returns (`spiralkit.prune.plan`) is plain data — for each group the
+kept indices of every member layer, by module *name* — so it is saved as JSON and replays on
+a fresh copy of the model. `apply_plan` (`spiralkit.prune.apply`) masks or removes what the
+plan drops; `save_pruned` / `load_pruned` (`spiralkit.prune.saved`) store a pruned model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from spiralkit.errors import PruneError
-from spiralkit.export.weights import atomic_write_text, save_weights
-from spiralkit.graph.attention import HeadGroup, mask_heads, remove_heads
-from spiralkit.graph.blocks import find_blocks, remove_blocks
+from spiralkit.graph.attention import HeadGroup
+from spiralkit.graph.blocks import find_blocks
 from spiralkit.graph.groups import (
     RNN_TYPES,
     ChannelGroup,
@@ -43,39 +35,24 @@ from spiralkit.graph.groups import (
     Member,
     ModelGroups,
     call_model,
-    channel_size,
     trace_groups,
 )
-from spiralkit.graph.slicing import Cutter, LayerEdit, Mode, edit_layer
-from spiralkit.models.loading import ModelSpec, load_model, load_weights
+from spiralkit.graph.slicing import Mode
 from spiralkit.patterns import first_unmatched, matches_any
+from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.importance import LossFn, Magnitude
+from spiralkit.prune.plan import BlockPlan, GroupPlan, HeadPlan, MemberPlan, PrunePlan, SkippedPlan
 from spiralkit.prune.structured_importance import ChannelCriterion, StructureScores, score_structures
 from spiralkit.prune.unstructured import Scope
 
 __all__ = [
-    "BlockPlan",
-    "GroupPlan",
-    "HeadPlan",
-    "MemberPlan",
     "Planner",
-    "PrunePlan",
-    "SkippedPlan",
     "StructuredPrune",
-    "apply_plan",
-    "load_pruned",
     "plan_pruning",
     "planner",
     "prune_structured",
-    "read_plans",
-    "replay_plans",
-    "save_pruned",
-    "write_plans",
 ]
 
-PLAN_FILENAME = "plan.json"
-SPEC_FILENAME = "spec.json"
-WEIGHTS_FILENAME = "weights.safetensors"
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, *RNN_TYPES)
 
 
@@ -112,97 +89,6 @@ class StructuredPrune(BaseModel):
     round_to: int = Field(default=1, ge=1)
     heads: bool = True
     depth: int = Field(default=0, ge=0)
-
-
-# --------------------------------------------------------------------------- the plan
-
-
-class _Plain(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MemberPlan(_Plain):
-    """The indices one layer keeps along one side (``role``), out of ``size``."""
-
-    module: str
-    role: Literal["out", "in"]
-    size: int
-    keep: tuple[int, ...]
-
-
-class GroupPlan(_Plain):
-    """One channel group: the kept root channels and what each member layer keeps."""
-
-    id: str
-    size: int
-    keep: tuple[int, ...]
-    members: tuple[MemberPlan, ...]
-
-
-class HeadPlan(_Plain):
-    """One attention layer: the heads it keeps."""
-
-    module: str
-    kind: str
-    num_heads: int
-    head_dim: int
-    keep: tuple[int, ...]
-
-
-class BlockPlan(_Plain):
-    """A removed block and its block influence."""
-
-    module: str
-    influence: float
-
-
-class SkippedPlan(_Plain):
-    """Something left unpruned, and why."""
-
-    name: str
-    reason: str
-
-
-class PrunePlan(_Plain):
-    """What structured pruning keeps: plain data, replayable on a fresh copy of the model.
-
-    Attributes:
-        version: Format version.
-        groups: Channel groups that lose channels.
-        heads: Attention layers that lose heads.
-        blocks: Blocks removed whole.
-        skipped: Groups, layers and heads left unpruned, with the reason.
-    """
-
-    version: Literal[1] = 1
-    groups: tuple[GroupPlan, ...] = ()
-    heads: tuple[HeadPlan, ...] = ()
-    blocks: tuple[BlockPlan, ...] = ()
-    skipped: tuple[SkippedPlan, ...] = ()
-
-    def to_json(self) -> str:
-        """The plan as compact JSON."""
-        return self.model_dump_json()
-
-    @classmethod
-    def from_json(cls, text: str) -> PrunePlan:
-        """Read a plan written by `to_json`.
-
-        Raises:
-            PruneError: The text is not a valid plan (the message names the bad field).
-        """
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise PruneError(f"not a valid prune plan: {exc}") from exc
-
-    def removed(self) -> dict[str, int]:
-        """How many root channels / heads / blocks the plan removes."""
-        return {
-            "channels": sum(g.size - len(g.keep) for g in self.groups),
-            "heads": sum(h.num_heads - len(h.keep) for h in self.heads),
-            "blocks": len(self.blocks),
-        }
 
 
 # --------------------------------------------------------------------------- planning
@@ -260,33 +146,31 @@ def _multiple(group: ChannelGroup, round_to: int) -> int:
     return math.lcm(round_to, group.num_blocks)
 
 
-def _channel_counts(groups: Sequence[ChannelGroup], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
-    """Kept channels per group, layer-wise or from one global ranking."""
-    if config.scope == Scope.LAYERWISE or not groups:
-        return {g.id: _kept_count(g.size, config.ratio, _multiple(g, config.round_to)) for g in groups}
-    normalised = [scores[g.id] / scores[g.id].mean().clamp_min(1e-300) for g in groups]
-    flat = torch.cat(normalised)
+class _Width(NamedTuple):
+    """One prunable unit for counting: a channel group (channels) or an attention layer (heads)."""
+
+    name: str
+    size: int
+    multiple: int
+
+
+def _kept_counts(units: Sequence[_Width], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
+    """How many channels (or heads) each unit keeps, layer-wise or from one global ranking.
+
+    Layer-wise, every unit keeps ``size·(1 − ratio)``. Globally, each unit's scores are
+    divided by their mean (so that units compare), the lowest ``ratio`` of all of them are
+    dropped, and each unit keeps what is left of it; both round to the unit's ``multiple``.
+    """
+    if config.scope == Scope.LAYERWISE or not units:
+        return {u.name: _kept_count(u.size, config.ratio, u.multiple) for u in units}
+    flat = torch.cat([scores[u.name] / scores[u.name].mean().clamp_min(1e-300) for u in units])
     dropped = torch.zeros(flat.numel(), dtype=torch.bool)
     dropped[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
     counts, start = {}, 0
-    for group in groups:
-        removed = int(dropped[start : start + group.size].sum())
-        start += group.size
-        counts[group.id] = _kept_count(group.size, removed / group.size, _multiple(group, config.round_to))
-    return counts
-
-
-def _head_counts(heads: Sequence[HeadGroup], scores: dict[str, Tensor], config: StructuredPrune) -> dict[str, int]:
-    if config.scope == Scope.LAYERWISE or not heads:
-        return {h.module: _kept_count(h.num_heads, config.ratio, 1) for h in heads}
-    flat = torch.cat([scores[h.module] / scores[h.module].mean().clamp_min(1e-300) for h in heads])
-    dropped = torch.zeros(flat.numel(), dtype=torch.bool)
-    dropped[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
-    counts, start = {}, 0
-    for head in heads:
-        removed = int(dropped[start : start + head.num_heads].sum())
-        start += head.num_heads
-        counts[head.module] = _kept_count(head.num_heads, removed / head.num_heads, 1)
+    for unit in units:
+        removed = int(dropped[start : start + unit.size].sum())
+        start += unit.size
+        counts[unit.name] = _kept_count(unit.size, removed / unit.size, unit.multiple)
     return counts
 
 
@@ -433,7 +317,7 @@ def _drop_unscored(
 def _plan_groups(
     channels: Sequence[ChannelGroup], scores: StructureScores, config: StructuredPrune, removed_blocks: Sequence[str]
 ) -> tuple[GroupPlan, ...]:
-    counts = _channel_counts(channels, scores.channels, config)
+    counts = _kept_counts([_Width(g.id, g.size, _multiple(g, config.round_to)) for g in channels], scores.channels, config)
     plans = []
     for group in channels:
         if counts[group.id] >= group.size:
@@ -447,80 +331,13 @@ def _plan_groups(
 def _plan_heads(
     heads: Sequence[HeadGroup], scores: StructureScores, config: StructuredPrune, removed_blocks: Sequence[str]
 ) -> tuple[HeadPlan, ...]:
-    counts = _head_counts(heads, scores.heads, config)
+    counts = _kept_counts([_Width(h.module, h.num_heads, 1) for h in heads], scores.heads, config)
     return tuple(
         HeadPlan(module=h.module, kind=h.kind, num_heads=h.num_heads, head_dim=h.head_dim,
                  keep=_keep(scores.heads[h.module], counts[h.module], ()))
         for h in heads
         if counts[h.module] < h.num_heads and not _inside(h.module, removed_blocks)
     )
-
-
-# --------------------------------------------------------------------------- applying
-
-
-def _layer(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError as exc:
-        raise PruneError(f"plan does not fit the model: it has no layer {name!r}") from exc
-
-
-def _edits(model: nn.Module, plan: PrunePlan) -> dict[str, LayerEdit]:
-    """Per layer, the kept outputs and inputs; checks that the plan fits the model."""
-    sides: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
-    for group in plan.groups:
-        for member in group.members:
-            module = _layer(model, member.module)
-            size = channel_size(module, member.role)
-            if size != member.size:
-                raise PruneError(
-                    f"plan does not fit the model: {member.module!r} ({type(module).__name__}) has {size} "
-                    f"{'output' if member.role == 'out' else 'input'} channels, the plan expects {member.size} "
-                    "(was the plan already applied in remove mode?)"
-                )
-            if len(member.keep) < member.size:
-                # A layer after a concatenation is in several groups; each plan member keeps
-                # the indices of the other groups, so the layer keeps the intersection.
-                previous = sides[member.module].get(member.role)
-                kept = member.keep if previous is None else tuple(sorted(set(previous) & set(member.keep)))
-                sides[member.module][member.role] = kept
-    return {name: LayerEdit(out=s.get("out"), inp=s.get("in")) for name, s in sides.items() if s}
-
-
-def apply_plan(model: nn.Module, plan: PrunePlan, *, mode: Mode) -> nn.Module:
-    """Carry out ``plan`` on ``model`` in place.
-
-    Args:
-        model: A model with the architecture the plan was made for (a fresh copy works).
-        plan: The plan.
-        mode: ``"mask"`` zeroes every entry that removal would delete (shapes unchanged);
-            ``"remove"`` deletes them, making the model physically smaller. Removed blocks
-            are deleted in both modes (a block has no zero-equivalent in general).
-
-    Returns:
-        ``model`` (the same object). Parameters are new tensors in remove mode, so build
-        optimizers afterwards.
-
-    Raises:
-        PruneError: Unknown mode, or the plan does not fit the model (a layer is missing or
-            has a different size — e.g. the plan was already applied in remove mode).
-    """
-    if mode not in ("mask", "remove"):
-        raise PruneError(f"mode must be 'mask' or 'remove', got {mode!r}")
-    edits = _edits(model, plan)
-    cutter = Cutter(mode)
-    for name, edit in edits.items():
-        edit_layer(model.get_submodule(name), edit, cutter)
-    for head in plan.heads:
-        group = HeadGroup(module=head.module, kind=head.kind, num_heads=head.num_heads, head_dim=head.head_dim)
-        _layer(model, head.module)
-        (mask_heads if mode == "mask" else remove_heads)(model, group, head.keep)
-    if plan.blocks:
-        for block in plan.blocks:
-            _layer(model, block.module)
-        remove_blocks(model, [b.module for b in plan.blocks])
-    return model
 
 
 def prune_structured(
@@ -536,109 +353,3 @@ def prune_structured(
     plan = plan_pruning(model, config, example=example, batches=batches, loss_fn=loss_fn)
     apply_plan(model, plan, mode=mode)
     return plan
-
-
-# --------------------------------------------------------------------------- saving
-
-
-def _check_removed(model: nn.Module, plan: PrunePlan) -> None:
-    for group in plan.groups:
-        for member in group.members:
-            try:
-                module = model.get_submodule(member.module)
-            except AttributeError:
-                continue
-            if channel_size(module, member.role) != len(member.keep):
-                raise PruneError(
-                    f"save_pruned needs the model pruned with mode='remove': {member.module!r} has "
-                    f"{channel_size(module, member.role)} channels, the plan keeps {len(member.keep)}"
-                )
-            return
-
-
-def write_plans(path: Path, plans: Sequence[PrunePlan]) -> None:
-    """Write the plans of successive rounds, in order, as one JSON list (atomically)."""
-    atomic_write_text(Path(path), json.dumps([json.loads(p.to_json()) for p in plans]))
-
-
-def read_plans(path: Path) -> tuple[PrunePlan, ...]:
-    """Read plans written by `write_plans`.
-
-    Raises:
-        PruneError: The file is missing, not JSON, or not a list of plans; the message names it.
-    """
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PruneError(f"plan file not found: {path}") from None
-    except ValueError as exc:
-        raise PruneError(f"{path}: not JSON: {exc}") from None
-    if not isinstance(raw, list):
-        raise PruneError(f"{path} must hold a list of plans, got {type(raw).__name__}")
-    try:
-        return tuple(PrunePlan.from_json(json.dumps(item)) for item in raw)
-    except PruneError as exc:
-        raise PruneError(f"{path}: {exc}") from None
-
-
-def replay_plans(model: nn.Module, plans: Iterable[PrunePlan]) -> nn.Module:
-    """Apply ``plans`` in order with ``mode="remove"``: the architecture of a pruned model, from the original."""
-    for plan in plans:
-        apply_plan(model, plan, mode="remove")
-    return model
-
-
-def save_pruned(
-    model: nn.Module, plan: PrunePlan | Sequence[PrunePlan], directory: Path, *, spec: ModelSpec
-) -> Path:
-    """Save a physically pruned model as architecture-as-data plus safetensors weights.
-
-    Writes ``spec.json`` (how to build the original model), ``plan.json`` (the plans, in
-    the order they were applied) and ``weights.safetensors``, each atomically.
-
-    Args:
-        model: The pruned model (every plan applied with ``mode="remove"``).
-        plan: The plan, or the plans of successive rounds in order.
-        directory: Where to write (created if missing).
-        spec: The spec that builds the unpruned model; its checkpoint is not needed and
-            is not recorded.
-
-    Returns:
-        ``directory``.
-
-    Raises:
-        PruneError: The model does not look pruned in remove mode by the (last) plan.
-    """
-    plans = [plan] if isinstance(plan, PrunePlan) else list(plan)
-    if plans:
-        _check_removed(model, plans[-1])
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / SPEC_FILENAME, spec.model_copy(update={"checkpoint": None}).model_dump_json(indent=2))
-    write_plans(directory / PLAN_FILENAME, plans)
-    save_weights(model, directory / WEIGHTS_FILENAME)
-    return directory
-
-
-def load_pruned(directory: Path) -> nn.Module:
-    """Rebuild a model saved by `save_pruned`: build from the spec, replay the plans, load the weights.
-
-    Returns:
-        The pruned model in eval mode.
-
-    Raises:
-        PruneError: A file is missing or malformed.
-        ModelError: The spec cannot be built or the weights do not match.
-    """
-    directory = Path(directory)
-    for filename in (SPEC_FILENAME, PLAN_FILENAME, WEIGHTS_FILENAME):
-        if not (directory / filename).is_file():
-            raise PruneError(f"{directory} is not a pruned model: {filename} is missing")
-    try:
-        spec = ModelSpec.model_validate_json((directory / SPEC_FILENAME).read_text())
-    except ValidationError as exc:
-        raise PruneError(f"{directory}: cannot read {SPEC_FILENAME}: {exc}") from exc
-    model = replay_plans(load_model(spec), read_plans(directory / PLAN_FILENAME))
-    load_weights(model, directory / WEIGHTS_FILENAME)
-    return model.eval()

@@ -40,8 +40,10 @@ from spiralkit.export.weights import atomic_write_text, save_weights
 from spiralkit.graph.groups import Example, call_model
 from spiralkit.models.loading import ModelSpec, load_model, load_weights
 from spiralkit.modules import eval_mode
+from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.importance import LossFn, Magnitude
-from spiralkit.prune.structured import PrunePlan, StructuredPrune, apply_plan, plan_pruning
+from spiralkit.prune.plan import PrunePlan
+from spiralkit.prune.structured import StructuredPrune, plan_pruning
 from spiralkit.prune.structured_importance import ChannelCriterion
 
 __all__ = [

@@ -14,7 +14,8 @@ from spiralkit.export import atomic_write_bytes
 from spiralkit.export.onnx import OrtModel, VerifyResult, compare_outputs, export_onnx, verify_onnx
 from spiralkit.models import load_model, load_weights
 from spiralkit.prune.students import apply_student, read_layout
-from spiralkit.prune.structured import read_plans, replay_plans
+from spiralkit.prune.apply import replay_plans
+from spiralkit.prune.plan import read_plans
 from spiralkit.quant.compact import load_compressed
 from spiralkit.spiral.context import example_input
 from spiralkit.spiral.recipe import Recipe, load_recipe

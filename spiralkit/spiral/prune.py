@@ -34,7 +34,9 @@ from spiralkit.errors import ConfigError, PruneError
 from spiralkit.prune.config import UnstructuredPrune, prune_to
 from spiralkit.prune.importance import LossFn, Magnitude
 from spiralkit.prune.schedules import AGP, Schedule
-from spiralkit.prune.structured import Planner, PrunePlan, StructuredPrune, apply_plan, planner
+from spiralkit.prune.apply import apply_plan
+from spiralkit.prune.plan import PrunePlan
+from spiralkit.prune.structured import Planner, StructuredPrune, planner
 from spiralkit.prune.structured_importance import ChannelCriterion, bn_l1_penalty
 from spiralkit.prune.unstructured import Masks, Scope, mask_sparsity
 from spiralkit.train import Objective, Wrapped

@@ -40,7 +40,8 @@ from torch import nn
 from spiralkit.errors import SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_weights
 from spiralkit.prune import Masks
-from spiralkit.prune.structured import PrunePlan, read_plans, replay_plans, write_plans
+from spiralkit.prune.apply import replay_plans
+from spiralkit.prune.plan import PrunePlan, read_plans, write_plans
 from spiralkit.report import Outcome
 from spiralkit.report.render import REPORT_JSON, REPORT_MARKDOWN
 

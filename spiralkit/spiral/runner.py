@@ -26,7 +26,7 @@ from spiralkit.models import load_model
 from spiralkit.models.loading import is_pretrained
 from spiralkit.modules import freeze
 from spiralkit.prune import next_sparsity
-from spiralkit.prune.structured import write_plans
+from spiralkit.prune.plan import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.spiral.fingerprint import check_fingerprint, fingerprint, read_fingerprint, write_fingerprint
 from spiralkit.spiral.context import RunContext, diverged, example_input, measure_model, stage_context

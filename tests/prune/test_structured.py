@@ -13,16 +13,11 @@ from torch import Tensor, nn
 
 from spiralkit.errors import PruneError
 from spiralkit.models import ModelSpec, load_model
+from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.importance import Magnitude, Random, Taylor
-from spiralkit.prune.structured import (
-    PrunePlan,
-    StructuredPrune,
-    apply_plan,
-    load_pruned,
-    plan_pruning,
-    prune_structured,
-    save_pruned,
-)
+from spiralkit.prune.plan import PrunePlan
+from spiralkit.prune.saved import load_pruned, save_pruned
+from spiralkit.prune.structured import StructuredPrune, plan_pruning, prune_structured
 from spiralkit.prune.structured_importance import APoZ, BNScale, MeanActivation, NormRatio, bn_l1_penalty
 from spiralkit.prune.unstructured import Scope
 

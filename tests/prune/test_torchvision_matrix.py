@@ -37,7 +37,9 @@ from torch import Tensor, nn
 
 from spiralkit.export.onnx import export_onnx, verify_onnx
 from spiralkit.measure import count_macs
-from spiralkit.prune.structured import PrunePlan, StructuredPrune, apply_plan, plan_pruning
+from spiralkit.prune.apply import apply_plan
+from spiralkit.prune.plan import PrunePlan
+from spiralkit.prune.structured import StructuredPrune, plan_pruning
 
 FAST = ("resnet18", "mobilenet_v2", "densenet121", "vit_b_16")
 # ONNX: the fast subset and one or two members of every family in the slow matrix are

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from spiralkit.measure import count_params
+from spiralkit.prune.apply import apply_plan
+from spiralkit.prune.structured import planner
 from spiralkit.spiral.prune import StageContext, StructuredStage, UnstructuredStage, search_ratio
-from spiralkit.prune.structured import apply_plan, planner
 
 
 def mlp() -> nn.Module:
