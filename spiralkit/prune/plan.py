@@ -26,6 +26,7 @@ __all__ = [
     "MemberPlan",
     "PrunePlan",
     "SkippedPlan",
+    "plans_json",
     "read_plans",
     "write_plans",
 ]
@@ -119,9 +120,14 @@ class PrunePlan(_Plain):
         }
 
 
+def plans_json(plans: Sequence[PrunePlan]) -> str:
+    """The plans of successive rounds, in order, as one JSON list."""
+    return json.dumps([json.loads(p.to_json()) for p in plans])
+
+
 def write_plans(path: Path, plans: Sequence[PrunePlan]) -> None:
     """Write the plans of successive rounds, in order, as one JSON list (atomically)."""
-    atomic_write_text(Path(path), json.dumps([json.loads(p.to_json()) for p in plans]))
+    atomic_write_text(Path(path), plans_json(plans))
 
 
 def read_plans(path: Path) -> tuple[PrunePlan, ...]:

@@ -10,21 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
 from torch import nn
 
 from spiralkit.errors import PruneError
-from spiralkit.export.weights import atomic_write_text, save_weights
 from spiralkit.graph.groups import channel_size
-from spiralkit.models.loading import ModelSpec, load_model, load_weights
+from spiralkit.models.loading import ModelSpec, load_model
+from spiralkit.models.saved import load_built_weights, read_built, save_built
 from spiralkit.prune.apply import replay_plans
-from spiralkit.prune.plan import PrunePlan, read_plans, write_plans
+from spiralkit.prune.plan import PrunePlan, plans_json, read_plans
 
 __all__ = ["load_pruned", "save_pruned"]
 
 PLAN_FILENAME = "plan.json"
-SPEC_FILENAME = "spec.json"
-WEIGHTS_FILENAME = "weights.safetensors"
 
 
 def _check_removed(model: nn.Module, plan: PrunePlan) -> None:
@@ -66,12 +63,7 @@ def save_pruned(
     plans = [plan] if isinstance(plan, PrunePlan) else list(plan)
     if plans:
         _check_removed(model, plans[-1])
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / SPEC_FILENAME, spec.model_copy(update={"checkpoint": None}).model_dump_json(indent=2))
-    write_plans(directory / PLAN_FILENAME, plans)
-    save_weights(model, directory / WEIGHTS_FILENAME)
-    return directory
+    return save_built(model, directory, spec=spec, steps={PLAN_FILENAME: plans_json(plans)})
 
 
 def load_pruned(directory: Path) -> nn.Module:
@@ -84,14 +76,6 @@ def load_pruned(directory: Path) -> nn.Module:
         PruneError: A file is missing or malformed.
         ModelError: The spec cannot be built or the weights do not match.
     """
-    directory = Path(directory)
-    for filename in (SPEC_FILENAME, PLAN_FILENAME, WEIGHTS_FILENAME):
-        if not (directory / filename).is_file():
-            raise PruneError(f"{directory} is not a pruned model: {filename} is missing")
-    try:
-        spec = ModelSpec.model_validate_json((directory / SPEC_FILENAME).read_text())
-    except ValidationError as exc:
-        raise PruneError(f"{directory}: cannot read {SPEC_FILENAME}: {exc}") from exc
-    model = replay_plans(load_model(spec), read_plans(directory / PLAN_FILENAME))
-    load_weights(model, directory / WEIGHTS_FILENAME)
-    return model.eval()
+    spec = read_built(directory, steps=[PLAN_FILENAME], what="pruned model", error=PruneError)
+    model = replay_plans(load_model(spec), read_plans(Path(directory) / PLAN_FILENAME))
+    return load_built_weights(model, directory)

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from spiralkit.configs import kind_from_string
 from spiralkit.errors import ModelError
-from spiralkit.export.weights import atomic_write_text, save_weights
 from spiralkit.graph.groups import Example, call_model
-from spiralkit.models.loading import ModelSpec, load_model, load_weights
+from spiralkit.models.loading import ModelSpec, load_model
+from spiralkit.models.saved import load_built_weights, read_built, save_built
 from spiralkit.modules import eval_mode
 from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.importance import LossFn, Magnitude
@@ -62,9 +62,7 @@ __all__ = [
     "student_architecture",
 ]
 
-SPEC_FILENAME = "spec.json"
 STUDENT_FILENAME = "student.json"
-WEIGHTS_FILENAME = "weights.safetensors"
 
 
 # --------------------------------------------------------------------------- specs
@@ -460,13 +458,7 @@ def save_student(model: nn.Module, directory: Path, *, model_spec: ModelSpec, la
     Returns:
         ``directory``.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    spec = model_spec.model_copy(update={"checkpoint": None})
-    atomic_write_text(directory / SPEC_FILENAME, spec.model_dump_json(indent=2))
-    atomic_write_text(directory / STUDENT_FILENAME, layout.model_dump_json(indent=2))
-    save_weights(model, directory / WEIGHTS_FILENAME)
-    return directory
+    return save_built(model, directory, spec=model_spec, steps={STUDENT_FILENAME: layout.model_dump_json(indent=2)})
 
 
 def read_layout(path: Path) -> StudentLayout:
@@ -493,14 +485,6 @@ def load_student(directory: Path) -> nn.Module:
     Raises:
         ModelError: A file is missing or malformed, or the weights do not fit.
     """
-    directory = Path(directory)
-    for filename in (SPEC_FILENAME, STUDENT_FILENAME, WEIGHTS_FILENAME):
-        if not (directory / filename).is_file():
-            raise ModelError(f"{directory} is not a saved student: {filename} is missing")
-    try:
-        spec = ModelSpec.model_validate_json((directory / SPEC_FILENAME).read_text(encoding="utf-8"))
-    except ValidationError as exc:
-        raise ModelError(f"{directory}: cannot read the saved student: {exc}") from exc
-    model = student_architecture(spec, read_layout(directory / STUDENT_FILENAME))
-    load_weights(model, directory / WEIGHTS_FILENAME)
-    return model.eval()
+    spec = read_built(directory, steps=[STUDENT_FILENAME], what="student", error=ModelError)
+    model = student_architecture(spec, read_layout(Path(directory) / STUDENT_FILENAME))
+    return load_built_weights(model, directory)
