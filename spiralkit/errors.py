@@ -45,3 +45,7 @@ class ConfigError(SpiralError):
         text = str(error)
         key = next((k for k, values in patterns.items() if any(repr(str(v)) in text for v in values)), next(iter(patterns)))
         return cls(key, text)
+
+
+class StorageError(SpiralError):
+    """A file cannot be written or read: disk full, read-only file system, permissions. Names the path."""

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save as _safetensors_bytes
 from torch import Tensor, nn
 
-from spiralkit.errors import ModelError
+from spiralkit.errors import ModelError, StorageError
 
 __all__ = [
     "atomic_write_bytes",
@@ -69,6 +69,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Args:
         path: Destination file; its directory must exist.
         data: The complete new content.
+
+    Raises:
+        StorageError: the file cannot be written (disk full, read-only, permissions); the
+            old file, if any, is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -79,10 +83,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only file system, permissions: say which file
+        _remove_quietly(tmp)
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temporary file if it is there; a file system that refuses is not a second error."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -37,7 +37,7 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError
 from torch import nn
 
-from spiralkit.errors import SpiralError
+from spiralkit.errors import SpiralError, StorageError
 from spiralkit.export import atomic_write_text, load_state, save_weights
 from spiralkit.prune import Masks
 from spiralkit.prune.apply import replay_plans
@@ -154,7 +154,10 @@ def _round_dir(run_dir: Path, index: int) -> Path:
 def save_round(run_dir: Path, index: int, pruned: Pruned) -> str:
     """Save kept round ``index``: weights, masks, plans; returns its directory relative to ``run_dir``."""
     directory = _round_dir(run_dir, index)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {directory}: {exc.strerror or exc}") from None
     save_weights(pruned.model, directory / MODEL)
     if pruned.masks:
         save_weights({name: m.to(torch.uint8) for name, m in pruned.masks.items()}, directory / MASKS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from spiralkit.errors import SpiralError
+import spiralkit.export.weights as weights_module
+from spiralkit.errors import SpiralError, StorageError
 from spiralkit.spiral.fingerprint import FINGERPRINT, fingerprint, read_fingerprint
 from spiralkit.spiral.recipe import parse_recipe
 from spiralkit.spiral.rundir import LOCK, RunState, load_run_state, run_lock
@@ -136,3 +138,28 @@ def test_a_truncated_state_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text('{"schema": "spiralkit.state/2", "rounds": [')
     with pytest.raises(SpiralError, match=r"state\.json is not a run state spiralkit can resume"):
         load_run_state(tmp_path)
+
+
+@pytest.mark.parametrize(("code", "text"), [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")])
+def test_a_failing_write_is_one_line_naming_the_file_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, text: str
+) -> None:
+    run_dir = tmp_path / "run"
+    real_fsync = weights_module.os.fsync
+    writes = {"count": 0}
+
+    def failing_fsync(fd: int) -> None:  # the third file written fails: the disk is full / read-only
+        writes["count"] += 1
+        if writes["count"] == 3:
+            raise OSError(code, text)
+        real_fsync(fd)
+
+    monkeypatch.setattr(weights_module.os, "fsync", failing_fsync)
+    with pytest.raises(StorageError, match=rf"^cannot write {run_dir}/\S+: {text}$"):
+        Spiral(parse_recipe(TINY)).run(run_dir, console=quiet())
+    assert not list(run_dir.glob("**/.*.tmp")), "no temporary file left behind"
+    monkeypatch.setattr(weights_module.os, "fsync", real_fsync)
+    resumed = Spiral(parse_recipe(TINY)).run(run_dir, resume=(run_dir / "state.json").exists(), console=quiet())
+    fresh = Spiral(parse_recipe(TINY)).run(tmp_path / "fresh", console=quiet())
+    assert resumed.final is not None and fresh.final is not None
+    assert resumed.final.metric == fresh.final.metric and resumed.final.nonzero_params == fresh.final.nonzero_params
