@@ -11,19 +11,8 @@ from rich.console import Console
 from spiralkit.errors import RecipeError
 from spiralkit.spiral.recipe import MAX_RECIPE_BYTES, load_recipe, parse_recipe
 from spiralkit.spiral.runner import Spiral
+from tests.spiral.tiny import TINY
 
-TINY = """\
-name: tiny
-seed: 1
-threads: 1
-model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}
-data: {name: digits, batch_size: 64, val_fraction: 0.2}
-train: {epochs: 1, optimizer: {name: adam, lr: 0.01}}
-prune:
-  target_sparsity: 0.5
-  schedule: {kind: one-shot}
-recover: {kind: finetune, train: {epochs: 1}}
-"""
 
 
 def run_until_refused(text: str, run_dir: Path) -> str:
@@ -36,7 +25,7 @@ def run_until_refused(text: str, run_dir: Path) -> str:
 
 @pytest.mark.parametrize("bits", [0, 33, 1])
 def test_quantize_bits_out_of_range_fail_at_parse_naming_key_and_line(bits: int) -> None:
-    with pytest.raises(RecipeError, match=rf"r\.yaml, line 13: key 'quantize\.bits': .*2.*8.* \(got {bits}\)"):
+    with pytest.raises(RecipeError, match=rf"r\.yaml, line 15: key 'quantize\.bits': .*2.*8.* \(got {bits}\)"):
         parse_recipe(TINY + f"quantize:\n  kind: compact\n  bits: {bits}\n", source="r.yaml")
 
 
@@ -47,17 +36,17 @@ def test_quantize_bits_in_a_layer_map_are_checked_too() -> None:
 
 def test_bits_for_an_unknown_layer_fail_before_training(tmp_path: Path) -> None:
     message = run_until_refused(TINY + "quantize:\n  kind: compact\n  bits: {fc9: 4}\n", tmp_path / "run")
-    assert message.startswith("r.yaml, line 13: key 'quantize.bits': bits given for 'fc9'")
+    assert message.startswith("r.yaml, line 15: key 'quantize.bits': bits given for 'fc9'")
 
 
 def test_a_quantize_exclude_matching_nothing_fails_before_training(tmp_path: Path) -> None:
     message = run_until_refused(TINY + "quantize:\n  kind: compact\n  exclude: [head*]\n", tmp_path / "run")
-    assert message.startswith("r.yaml, line 13: key 'quantize.exclude': exclude pattern 'head*' matches no")
+    assert message.startswith("r.yaml, line 15: key 'quantize.exclude': exclude pattern 'head*' matches no")
 
 
 def test_an_int8_keep_float_matching_nothing_fails_before_training(tmp_path: Path) -> None:
     message = run_until_refused(TINY + "quantize:\n  kind: static-int8\n  keep_float: [head]\n", tmp_path / "run")
-    assert message.startswith("r.yaml, line 13: key 'quantize.keep_float': pattern 'head' matches no module")
+    assert message.startswith("r.yaml, line 15: key 'quantize.keep_float': pattern 'head' matches no module")
 
 
 def test_a_prune_exclude_matching_nothing_fails_before_training(tmp_path: Path) -> None:
@@ -75,7 +64,7 @@ def test_a_structured_exclude_matching_nothing_fails_before_training(tmp_path: P
 
 def test_zero_training_epochs_without_a_checkpoint_is_refused_at_parse() -> None:
     with pytest.raises(RecipeError, match="train.epochs is 0 and model 'mlp' has no checkpoint"):
-        parse_recipe(TINY.replace("epochs: 1, optimizer", "epochs: 0, optimizer"))
+        parse_recipe(TINY.replace("train: {epochs: 1,", "train: {epochs: 0,"))
 
 
 def test_an_alias_bomb_is_refused_quickly() -> None:

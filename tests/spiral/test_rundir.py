@@ -16,19 +16,8 @@ from spiralkit.spiral.fingerprint import FINGERPRINT, fingerprint, read_fingerpr
 from spiralkit.spiral.recipe import parse_recipe
 from spiralkit.spiral.rundir import LOCK, RunState, load_run_state, run_lock
 from spiralkit.spiral.runner import Spiral
+from tests.spiral.tiny import TINY
 
-TINY = """\
-name: tiny
-seed: 1
-threads: 1
-model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}
-data: {name: digits, batch_size: 64, val_fraction: 0.2}
-train: {epochs: 1, optimizer: {name: adam, lr: 0.01}}
-prune: {target_sparsity: 0.5, schedule: {kind: one-shot}}
-recover: {kind: finetune, train: {epochs: 1, optimizer: {name: sgd, lr: 0.05}}}
-targets: {max_metric_drop: 50.0}
-measure: {repeats: 2, warmup: 0}
-"""
 
 
 def quiet() -> Console:
