@@ -154,3 +154,29 @@ def test_a_recipe_naming_code_exits_before_importing_anything(tmp_path: Path) ->
     assert result.returncode == 2
     assert "names Python code" in result.stderr and "--allow-code" in " ".join(result.stderr.split())
     assert not marker.exists(), "the module was imported"
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_saying_how_to_resume_and_the_resume_finishes(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, epochs=40)
+    victim = _spiral("run", str(recipe), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while _rounds(tmp_path / "run") < 1 and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be interrupted"
+    victim.send_signal(signal.SIGINT)
+    assert victim.wait(timeout=120) == 130
+    message = " ".join((victim.stderr.read().decode() if victim.stderr else "").split())
+    assert f"interrupted: the run is saved up to its last finished step; continue it with `spiral run --resume {tmp_path / 'run'}`" in message
+    resumed = _spiral("run", "--resume", str(tmp_path / "run"), cwd=tmp_path)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode() if resumed.stderr else ""
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["final"] is not None
+
+
+def test_a_truncated_report_is_a_one_line_error(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "report.json").write_text('{"schema": "spiralkit.report/2", "name": "x", "rou')
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 2
+    assert f"{run_dir / 'report.json'} is not a readable spiralkit report" in " ".join(result.output.split())
