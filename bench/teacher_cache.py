@@ -71,8 +71,8 @@ def _run(teacher: nn.Module, tap: str, loader: object, *, cache: bool, epochs: i
 def _warm_up(teacher: nn.Module, loader: object) -> None:
     """A few steps first, so that one-time costs (imports, allocator) are in neither timing."""
     short = TrainConfig(epochs=1, max_batches=3)
-    train(lenet300(), loader, config=short, objective=recovery_objective(  # type: ignore[arg-type]
-        Distill(cache_teacher=False), task=Classification(), teacher=teacher), seed=0)
+    train(lenet300(), loader, config=short, objective=Distill(cache_teacher=False).objective(  # type: ignore[arg-type]
+        task=Classification(), teacher=teacher), seed=0)
 
 
 def _labels_only(loader: object) -> float:
