@@ -85,8 +85,9 @@ class Recipe(BaseModel):
         model: which model, and its trained weights when it has them.
         data: which data and batch sizes.
         task: what is measured (classification accuracy).
-        train: trains the baseline when the model has no checkpoint (fine-tunes it, for a
-            pretrained Hugging Face model).
+        train: trains the baseline: from scratch, or from the model's checkpoint (or a
+            pretrained Hugging Face model's weights) as a fine-tune; without it, the
+            checkpoint is the baseline as it is.
         student: distil a smaller student from the baseline first; the pruning rounds and
             the quantization then work on the student.
         prune: the pruning stages, run in order — one mapping or a list (empty: no pruning

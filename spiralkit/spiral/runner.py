@@ -79,13 +79,19 @@ def _teacher_cache(recipe: Recipe) -> Iterator[TeacherCache | None]:
 
 
 def _baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console) -> None:
-    """Train the dense model when needed and save it as ``baseline.safetensors``."""
+    """Train the dense model when the recipe says so and save it as ``baseline.safetensors``.
+
+    With a ``train`` section the model is trained from what it loads: random weights, or its
+    checkpoint (or packaged weights), which makes the run a fine-tune; without one, the
+    checkpoint is the baseline as it is.
+    """
     path = run_dir / BASELINE
     if path.exists():
         model.load_state_dict(load_state(path))
         return
-    if recipe.train is not None and recipe.model.checkpoint is None and not trained:
-        console.print(f"[bold]baseline[/]: training {recipe.model.name} for {recipe.train.epochs} epoch(s)")
+    if recipe.train is not None and not trained:  # from its checkpoint (or packaged weights): a fine-tune
+        verb = "fine-tuning" if recipe.model.checkpoint is not None or is_pretrained(recipe.model) else "training"
+        console.print(f"[bold]baseline[/]: {verb} {recipe.model.name} for {recipe.train.epochs} epoch(s)")
         try:
             train(model, data.train, config=recipe.train, objective=supervised(recipe.task.loss),
                   seed=recipe.seed, progress=True, description="baseline")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 import spiralkit.export.weights as weights_module
@@ -152,3 +153,25 @@ def test_a_failing_write_is_one_line_naming_the_file_and_loses_nothing(
     fresh = Spiral(parse_recipe(TINY)).run(tmp_path / "fresh", console=quiet())
     assert resumed.final is not None and fresh.final is not None
     assert resumed.final.metric == fresh.final.metric and resumed.final.nonzero_params == fresh.final.nonzero_params
+
+
+def test_a_train_section_fine_tunes_the_checkpoint(tmp_path: Path) -> None:
+    """With a checkpoint and a train section the baseline starts from the checkpoint and is trained."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+    from spiralkit.export import load_state  # noqa: PLC0415
+    from spiralkit.models import ModelSpec, load_model  # noqa: PLC0415
+
+    torch.manual_seed(5)
+    start = load_model(ModelSpec(name="mlp", kwargs={"in_features": 64, "widths": [16]}))
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in start.state_dict().items()}, weights)
+    spec = f"model: {{name: mlp, kwargs: {{in_features: 64, widths: [16]}}, checkpoint: {weights}}}"
+    text = TINY.replace("model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}", spec)
+    Spiral(parse_recipe(text)).run(tmp_path / "tuned", console=quiet())
+    tuned = load_state(tmp_path / "tuned" / "baseline.safetensors")
+    as_is = TINY.replace("model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}", spec).replace(
+        "train: {epochs: 1, optimizer: {name: adam, lr: 0.01}}\n", "")
+    Spiral(parse_recipe(as_is)).run(tmp_path / "as_is", console=quiet())
+    kept = load_state(tmp_path / "as_is" / "baseline.safetensors")
+    assert all(torch.equal(kept[k], v) for k, v in start.state_dict().items()), "no train section: the checkpoint as is"
+    assert not all(torch.equal(tuned[k], v) for k, v in start.state_dict().items()), "a train section trains it"
