@@ -193,7 +193,7 @@ def test_data_spec_validates_fields() -> None:
 
 
 def test_unknown_name_lists_known_sources() -> None:
-    with pytest.raises(DataError, match=r"'cifar'.*digits, mnist, mnist-sample"):
+    with pytest.raises(DataError, match=r"'cifar'.*cifar10-jpeg, digits, fashion-mnist, imagefolder, mnist, mnist-sample, sst2, text-tsv"):
         load_data(DataSpec(name="cifar"))
 
 
