@@ -8,6 +8,7 @@ normalised on the way out. The order of batches, `set_epoch` and `shard` are tho
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -94,8 +95,7 @@ class ImageLoader:
 
     def shard(self, rank: int, world_size: int) -> ImageLoader:
         """This process's part of every epoch; see `TensorLoader.shard`. Ranks augment differently."""
-        part = ImageLoader.__new__(ImageLoader)
-        part.__dict__.update(self.__dict__)
+        part = copy.copy(self)
         part._inner = self._inner.shard(rank, world_size)
         part._rank = rank
         return part
