@@ -1,8 +1,9 @@
 """Data sets and loaders: `load_data(spec)` turns a `DataSpec` into `DataSplits`.
 
 Nothing here downloads: built-in data sets are bundled with dependencies (``mnist-sample``,
-``digits``) or read from a data directory (``mnist``, ``sst2``); anything else comes from a
-``package.module:function`` that returns its own loaders.
+``digits``) or read from a data directory (``mnist``, ``fashion-mnist``, ``sst2``,
+``cifar10-jpeg``) or from files a recipe names (``imagefolder``, ``text-tsv``); anything
+else comes from a ``package.module:function`` that returns its own loaders.
 """
 
 from spiralkit.data.loaders import Loader, TensorLoader

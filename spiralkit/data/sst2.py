@@ -18,17 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from spiralkit.data.idx import read_data_file
+from spiralkit.data.options import data_options
 from spiralkit.errors import DataError, ModelError
 
 __all__ = [
     "SST2_DIR",
     "UNLABELED",
     "SST2Options",
-    "encode_sst2",
+    "TokenizerOptions",
+    "encode_sentences",
     "find_sst2_files",
     "read_sst2",
     "splice_sentences",
@@ -43,24 +45,32 @@ UNLABELED = -1
 """The label of a spliced sentence (`splice_sentences`): it has none."""
 
 
-class SST2Options(BaseModel):
-    """The ``data.kwargs`` of the ``sst2`` data set.
+class TokenizerOptions(BaseModel):
+    """How the sentences of a text data set (``sst2``, ``text-tsv``) are tokenised.
 
     Attributes:
         tokenizer: A packaged model alias (``minilm-l6``) or a local Hugging Face directory
             whose tokenizer to use; it must match the model's.
         max_length: Tokens per sentence, special tokens included; longer sentences are
             truncated, shorter ones padded (the model skips all-padding columns per batch).
-        splice: Add ``splice`` × (training sentences) unlabeled sentences to the training
-            split, each made by `splice_sentences` from two training sentences. They carry
-            the label `UNLABELED`, so only a task trained on a teacher's outputs (``task:
-            fidelity``) can use them; the recipe checks this. Validation and test are unchanged.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tokenizer: str = Field(default="minilm-l6", min_length=1)
     max_length: int = Field(default=64, ge=2, le=512)
+
+
+class SST2Options(TokenizerOptions):
+    """The ``data.kwargs`` of the ``sst2`` data set: `TokenizerOptions` and ``splice``.
+
+    Attributes:
+        splice: Add ``splice`` × (training sentences) unlabeled sentences to the training
+            split, each made by `splice_sentences` from two training sentences. They carry
+            the label `UNLABELED`, so only a task trained on a teacher's outputs (``task:
+            fidelity``) can use them; the recipe checks this. Validation and test are unchanged.
+    """
+
     splice: int = Field(default=0, ge=0, le=16)
 
 
@@ -70,14 +80,7 @@ def sst2_options(kwargs: Mapping[str, Any]) -> SST2Options:
     Raises:
         DataError: An unknown key or a bad value, named in the message.
     """
-    try:
-        return SST2Options.model_validate(dict(kwargs))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'kwargs'}: {error['msg']}" for error in exc.errors()
-        )
-        accepted = ", ".join(SST2Options.model_fields)
-        raise DataError(f"data set 'sst2': bad data.kwargs ({problems}); accepted keys: {accepted}") from None
+    return data_options(SST2Options, kwargs, name="sst2")
 
 
 def find_sst2_files(root: Path) -> dict[str, Path]:
@@ -162,8 +165,13 @@ def splice_sentences(sentences: Sequence[str], count: int, *, seed: int) -> list
     return made
 
 
-def encode_sst2(sentences: Sequence[str], options: SST2Options) -> Tensor:
+def encode_sentences(sentences: Sequence[str], options: TokenizerOptions, *, name: str) -> Tensor:
     """Tokenise sentences with the options' tokenizer into ``(N, 2, max_length)`` int64.
+
+    Args:
+        sentences: The sentences, in the order of the rows returned.
+        options: Which tokenizer and how many tokens per sentence.
+        name: The data set, named in the error message.
 
     Raises:
         DataError: The tokenizer cannot be loaded.
@@ -173,5 +181,5 @@ def encode_sst2(sentences: Sequence[str], options: SST2Options) -> Tensor:
     try:
         tokenizer = load_tokenizer(options.tokenizer)
     except ModelError as exc:
-        raise DataError(f"data set 'sst2': data.kwargs.tokenizer {options.tokenizer!r}: {exc}") from None
+        raise DataError(f"data set {name!r}: data.kwargs.tokenizer {options.tokenizer!r}: {exc}") from None
     return encode_texts(tokenizer, sentences, max_length=options.max_length)

@@ -9,8 +9,14 @@ it has not seen, and stores what it gets.
 Storage is memory-bounded: rows go into fixed-size segments held in RAM up to
 ``budget_mb``, then into memory-mapped files in a temporary directory (removed by `close`,
 or when the cache is garbage-collected) up to ``disk_budget_mb``; beyond that new rows are
-computed and not stored. With augmented inputs every row is new and the cache only costs a
-hash per row: switch it off (``Distill.cache_teacher = false``).
+computed and not stored.
+
+Augmented inputs are safe: a stored output is reused only for a row whose bytes are
+identical, so a randomly cropped or flipped image is a new row and gets the teacher's output
+for exactly that input (a 128-bit digest; a collision is not a practical concern). They make
+the cache useless, though — every row is new and costs a hash and storage — so switch it off
+(``Distill.cache_teacher = false``) when the training loader says ``augmented`` (see
+`spiralkit.data.imageloader.ImageLoader`).
 
 Rows are computed on a subset of their batch, so the teacher must treat examples
 independently (eval mode: BatchNorm with running statistics, no dropout) — true of a frozen

@@ -193,7 +193,7 @@ def test_data_spec_validates_fields() -> None:
 
 
 def test_unknown_name_lists_known_sources() -> None:
-    with pytest.raises(DataError, match=r"'cifar'.*digits, mnist, mnist-sample"):
+    with pytest.raises(DataError, match=r"'cifar'.*cifar10-jpeg, digits, fashion-mnist, imagefolder, mnist, mnist-sample, sst2, text-tsv"):
         load_data(DataSpec(name="cifar"))
 
 
@@ -310,9 +310,11 @@ def _idx_labels(labels: np.ndarray, *, magic: int = 2049) -> bytes:
     return struct.pack(">2I", magic, len(labels)) + labels.astype(np.uint8).tobytes()
 
 
-def _write_mnist(root: Path, *, gz: bool, n_train: int = 20, n_test: int = 10) -> dict[str, Path]:
+def _write_mnist(
+    root: Path, *, gz: bool, n_train: int = 20, n_test: int = 10, folder_name: str = "mnist"
+) -> dict[str, Path]:
     """A tiny 4x4 MNIST in idx format; pixel value = example index, label = index % 10."""
-    folder = root / "mnist"
+    folder = root / folder_name
     folder.mkdir(parents=True)
     contents = {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -444,6 +446,44 @@ def test_mnist_malformed_checksum_file(tmp_path: Path) -> None:
     (tmp_path / "SHA256SUMS").write_text("abc mnist/train-images-idx3-ubyte\n")
     with pytest.raises(DataError, match=r"SHA256SUMS, line 1"):
         load_data(DataSpec(name="mnist", root=tmp_path))
+
+
+# ----------------------------------------------------------------------- fashion-mnist
+
+
+def test_fashion_mnist_reads_its_folder_with_its_own_normalisation(tmp_path: Path) -> None:
+    paths = _write_mnist(tmp_path, gz=True, folder_name="fashion-mnist")
+    _write_sums(tmp_path, paths)
+    splits = load_data(DataSpec(name="fashion-mnist", root=tmp_path, val_fraction=0.1, batch_size=4))
+    assert (splits.train.num_examples, splits.val.num_examples, splits.num_classes) == (18, 2, 10)
+    x, y = next(iter(splits.test))
+    assert y.tolist() == list(range(10))
+    assert torch.allclose(x[:, 0, 2, 3], (torch.arange(10.0) / 255 - 0.2860) / 0.3530)
+
+
+def test_fashion_mnist_missing_file_and_checksum_name_the_file(tmp_path: Path) -> None:
+    paths = _write_mnist(tmp_path, gz=True, folder_name="fashion-mnist")
+    _write_sums(tmp_path, paths, wrong="train-labels-idx1-ubyte")
+    with pytest.raises(DataError, match="SHA-256 mismatch") as info:
+        load_data(DataSpec(name="fashion-mnist", root=tmp_path))
+    assert str(paths["train-labels-idx1-ubyte"]) in str(info.value)
+    paths["train-images-idx3-ubyte"].unlink()
+    with pytest.raises(DataError, match=r"Fashion-MNIST file\(s\) not found") as info:
+        load_data(DataSpec(name="fashion-mnist", root=tmp_path))
+    assert str(tmp_path / "fashion-mnist" / "train-images-idx3-ubyte.gz") in str(info.value)
+    assert "contains fashion-mnist/" in str(info.value)
+
+
+def test_fashion_mnist_from_data_dir() -> None:
+    # The real files (SPIRALKIT_DATA_DIR, as for mnist), checked against SHA256SUMS.
+    splits = load_data(DataSpec(name="fashion-mnist", val_fraction=0.1))
+    assert (splits.train.num_examples, splits.val.num_examples) == (54_000, 6_000)
+    assert splits.test is not None and splits.test.num_examples == 10_000
+    x, y = next(iter(splits.test))
+    assert y[:5].tolist() == [9, 2, 1, 1, 6]  # ankle boot, pullover, trouser, trouser, shirt
+    assert torch.bincount(y, minlength=10).sum() == 1000
+    train_x, _ = _tensors(splits.train)
+    assert abs(train_x.mean().item()) < 0.01 and abs(train_x.std().item() - 1) < 0.01
 
 
 # ---------------------------------------------------------------------- module:function

@@ -16,7 +16,6 @@ from spiralkit.errors import DataError
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "movie", "the", "plot", "."]
 TRAIN = [("a good movie .", 1), ("a bad movie .", 0), ("the plot", 1), ("bad bad bad", 0), ("good", 1),
          ("the bad plot .", 0), ("a good good plot .", 1), ("movie", 0), ("the movie .", 1), ("a plot", 0)]
 DEV = [("good movie", 1), ("the bad movie .", 0), ("a", 1)]
@@ -26,13 +25,6 @@ def _write(path: Path, rows: list[tuple[str, int]], *, header: bool = True) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = (["sentence\tlabel"] if header else []) + [f"{sentence} \t{label}" for sentence, label in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tokenizer")
-    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture

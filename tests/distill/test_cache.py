@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from spiralkit.data import TensorLoader
+from spiralkit.data.imageloader import ImageLoader
 from spiralkit.distill import HintTerm, LogitsTerm, TeacherCache
 from spiralkit.modules import freeze
 from spiralkit.spiral.recovery import Distill
@@ -70,6 +71,27 @@ def test_cached_model_is_the_model_run_once_per_row_for_repeated_evaluations() -
     assert teacher.rows == 40 + 40  # once through the cache, once for `expected`
     assert torch.allclose(first, expected)
     assert sorted(map(tuple, again.tolist())) == sorted(map(tuple, first.tolist()))
+
+
+def test_augmented_batches_never_reuse_an_output_computed_for_another_input() -> None:
+    # The cache rule: rows are keyed by their bytes, so a randomly cropped or flipped image
+    # is a new row; an output is reused only for a byte-identical input.
+    torch.manual_seed(0)
+    teacher = freeze(nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 3)))
+    images = torch.randint(0, 256, (12, 3, 6, 6), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    loader = ImageLoader(images, torch.arange(12), batch_size=5, shuffle=True, augment=True,
+                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert loader.augmented
+    seen: dict[bytes, Tensor] = {}
+    with TeacherCache() as cache:
+        for _ in range(4):
+            for x, _ in loader:
+                got = cache.fetch(x, _logits(teacher))["logits"]
+                assert torch.equal(got, teacher(x))
+                seen.update(zip(row_keys(x), x, strict=True))
+        stats = cache.stats
+    assert stats.misses == len(seen) > 12  # every distinct augmented input computed once
+    assert stats.hits == 4 * 12 - len(seen)
 
 
 def test_duplicate_rows_in_a_batch_are_computed_once() -> None:
