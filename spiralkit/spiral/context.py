@@ -22,13 +22,17 @@ from spiralkit.tasks import evaluate
 
 if TYPE_CHECKING:  # the recipe names the stages, which use the context: no import cycle at run time
     from spiralkit.spiral.recipe import Recipe
+    from spiralkit.spiral.recovery import Recovery
 
 __all__ = ["RunContext", "diverged", "example_input", "measure_model", "stage_context"]
 
 
 @dataclass
 class RunContext:
-    """What every stage of a run works with, passed explicitly."""
+    """What every stage of a run works with, passed explicitly.
+
+    ``recover`` is the recipe's recovery fitted to the data (`spiralkit.spiral.recovery.fitted_to`).
+    """
 
     recipe: Recipe
     data: DataSplits
@@ -37,6 +41,7 @@ class RunContext:
     example: Tensor
     run_dir: Path
     console: Console
+    recover: Recovery
     cache: TeacherCache | None = None
 
 

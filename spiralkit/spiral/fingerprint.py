@@ -24,7 +24,7 @@ from spiralkit.spiral.recipe import Recipe
 __all__ = ["FINGERPRINT", "IGNORED", "Fingerprint", "check_fingerprint", "fingerprint", "read_fingerprint"]
 
 FINGERPRINT = "fingerprint.json"
-IGNORED = ("name", "threads", "measure", "data.root")
+IGNORED = ("name", "threads", "measure", "data.root", "data.kwargs.cache_dir")
 """Keys (and everything below them) that do not change a run's results."""
 
 _SCHEMA = "spiralkit.fingerprint/1"

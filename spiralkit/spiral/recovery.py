@@ -98,6 +98,18 @@ Recovery = Annotated[Distill | Finetune, KindTable(RECOVERIES, what="recovery")]
 """A recipe field holding one of the `RECOVERIES`, chosen by its ``kind``."""
 
 
+def fitted_to(recovery: Recovery, loader: object) -> Recovery:
+    """``recovery`` with its teacher cache off when ``loader`` augments its batches.
+
+    The cache keys each output by its input's bytes, so an augmented batch is never served
+    another input's output; but every augmented batch is new, so a cache would only fill
+    memory with rows it never reuses.
+    """
+    if getattr(loader, "augmented", False) and getattr(recovery, "cache_teacher", False):
+        return recovery.model_copy(update={"cache_teacher": False})
+    return recovery
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,

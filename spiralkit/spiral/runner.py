@@ -32,6 +32,7 @@ from spiralkit.spiral.fingerprint import check_fingerprint, fingerprint, read_fi
 from spiralkit.spiral.context import RunContext, diverged, example_input, measure_model, stage_context
 from spiralkit.spiral.quantize import Quantized, StageInputs
 from spiralkit.spiral.recipe import Recipe, dump_recipe, load_recipe
+from spiralkit.spiral.recovery import Recovery, fitted_to
 from spiralkit.spiral.rundir import (
     BASELINE,
     MODEL,
@@ -66,11 +67,11 @@ def _threads(count: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def _teacher_cache(recipe: Recipe) -> Iterator[TeacherCache | None]:
+def _teacher_cache(recover: Recovery) -> Iterator[TeacherCache | None]:
     """One cache of the frozen teacher's outputs for all the rounds, which distil from the same
     teacher on the same (unaugmented) examples with the same losses; None when the recovery
     asks for none. (A student stage's distillation keeps a cache of its own.)"""
-    cache = recipe.recover.shared_cache()
+    cache = recover.shared_cache()
     if cache is None:
         yield None
         return
@@ -156,7 +157,7 @@ def _run_round(
     torch.manual_seed(seed)
     candidate = copy.deepcopy(pruned.model)
     cut = stage.cut(candidate, pruned.masks, target=target, ctx=stage_context(stage, state.baseline, ctx))
-    objective = stage.recovery(ctx.recipe.recover.objective(task=recipe.task, teacher=ctx.teacher, cache=ctx.cache))
+    objective = stage.recovery(ctx.recover.objective(task=recipe.task, teacher=ctx.teacher, cache=ctx.cache))
     reason = ""
     try:
         train(candidate, ctx.data.train, config=recipe.recover.train, objective=objective, seed=seed,
@@ -346,10 +347,10 @@ class Spiral:
                 recipe.check_model(model, example)
             _baseline(model, recipe, data, run_dir, trained=trained, console=console)
             teacher = freeze(copy.deepcopy(model))
-            with _teacher_cache(recipe) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
+            recover = fitted_to(recipe.recover, data.train)
+            with _teacher_cache(recover) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
                 ctx = RunContext(recipe=recipe, data=data, teacher=teacher, reference=CachedModel(teacher, outputs),
-                                 example=example, run_dir=run_dir,
-                                 console=console, cache=cache)
+                                 example=example, run_dir=run_dir, console=console, recover=recover, cache=cache)
                 state = load_run_state(run_dir)
                 if state.baseline is None:
                     state.baseline = measure_model(model, ctx)

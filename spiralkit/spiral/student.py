@@ -14,7 +14,7 @@ from torch import nn
 from spiralkit.export import atomic_write_text, load_state, save_weights
 from spiralkit.prune.students import StudentLayout, StudentSpec, apply_student, plan_student, read_layout
 from spiralkit.spiral.context import RunContext, diverged, measure_model
-from spiralkit.spiral.recovery import Distill, Recovery, distill
+from spiralkit.spiral.recovery import Distill, Recovery, distill, fitted_to
 from spiralkit.spiral.rundir import STUDENT_LAYOUT, STUDENT_WEIGHTS, RunState, save_run_state
 from spiralkit.train import NonFiniteLoss
 
@@ -60,7 +60,7 @@ def run_student(stage: StudentStage, model: nn.Module, state: RunState, ctx: Run
         return student.eval()
     ctx.console.print(f"[bold]student[/]: {stage.architecture.kind}, distilling for {stage.distill.train.epochs} epoch(s)")
     try:
-        distill(student, ctx.teacher, ctx.data.train, config=stage.distill, task=ctx.recipe.task,
+        distill(student, ctx.teacher, ctx.data.train, config=fitted_to(stage.distill, ctx.data.train), task=ctx.recipe.task,
                 seed=ctx.recipe.seed + 500, progress=True)
     except NonFiniteLoss as exc:
         raise diverged("student distillation", exc, ctx.data.train, key="student.distill.train.optimizer.lr") from None
