@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import pickle
 import re
 import types
@@ -56,6 +57,9 @@ class ModelSpec(BaseModel):
             return an ``nn.Module``).
         kwargs: Keyword arguments for the builder.
         checkpoint: Optional weights file: ``.safetensors`` or a weights-only torch file.
+            Environment variables in it are expanded when it is read
+            (``$SPIRALKIT_DATA_DIR/pretrained/cifar10_resnet20_akamaster.safetensors``), so a
+            recipe names files under the data root without knowing where it is.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,6 +67,20 @@ class ModelSpec(BaseModel):
     name: str = Field(min_length=1)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = None
+
+    def checkpoint_path(self) -> Path | None:
+        """The checkpoint file, its environment variables expanded.
+
+        Raises:
+            ModelError: a variable it names is not set.
+        """
+        if self.checkpoint is None:
+            return None
+        expanded = os.path.expandvars(str(self.checkpoint))
+        if "$" in expanded:
+            raise ModelError(f"checkpoint {str(self.checkpoint)!r} names an environment variable that is not set "
+                             f"(still {expanded!r} after expansion)")
+        return Path(expanded)
 
 
 def is_pretrained(spec: ModelSpec) -> bool:
@@ -85,8 +103,9 @@ def load_model(spec: ModelSpec) -> nn.Module:
     """
     builder = _resolve_builder(spec.name)
     model = _call_builder(spec.name, builder, spec.kwargs)
-    if spec.checkpoint is not None:
-        load_weights(model, spec.checkpoint)
+    checkpoint = spec.checkpoint_path()
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
     return model.eval()
 
 

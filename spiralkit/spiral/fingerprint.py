@@ -83,7 +83,8 @@ def _sha256(path: Path) -> str:
 def fingerprint(recipe: Recipe) -> Fingerprint:
     """The fingerprint of ``recipe`` (reads and hashes the checkpoint files it names)."""
     keys = {k: v for k, v in _flatten(recipe.model_dump(mode="json")).items() if not _ignored(k)}
-    files = {"model.checkpoint": _sha256(recipe.model.checkpoint)} if recipe.model.checkpoint else {}
+    checkpoint = recipe.model.checkpoint_path()
+    files = {"model.checkpoint": _sha256(checkpoint)} if checkpoint is not None else {}
     return Fingerprint(keys=keys, files=files)
 
 

@@ -250,3 +250,22 @@ def test_missing_and_unexpected_keys_named(tmp_path: Path) -> None:
     save_weights(state, path)
     with pytest.raises(ModelError, match=r"missing keys 'fc2.bias'; unexpected keys 'fc9.weight'"):
         load_weights(lenet300(), path)
+
+
+def test_a_checkpoint_path_expands_environment_variables(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from spiralkit.errors import ModelError  # noqa: PLC0415
+    from spiralkit.models import ModelSpec, load_model  # noqa: PLC0415
+
+    model = load_model(ModelSpec(name="mlp", kwargs={"in_features": 4, "widths": [3]}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    spec = ModelSpec(name="mlp", kwargs={"in_features": 4, "widths": [3]}, checkpoint="$WEIGHTS_HOME/w.safetensors")
+    monkeypatch.setenv("WEIGHTS_HOME", str(tmp_path))
+    assert spec.checkpoint_path() == tmp_path / "w.safetensors"
+    load_model(spec)
+    monkeypatch.delenv("WEIGHTS_HOME")
+    import pytest  # noqa: PLC0415
+
+    with pytest.raises(ModelError, match=r"checkpoint '\$WEIGHTS_HOME/w.safetensors' names an environment variable that is not set"):
+        load_model(spec)
