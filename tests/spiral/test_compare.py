@@ -25,22 +25,21 @@ from spiralkit.report import Report
 from spiralkit.spiral.compare import METHODS, NO_ROLLBACK, CompareConfig, Comparison, compare, one_shot_recipe, spiral_epochs
 from spiralkit.spiral.recipe import parse_recipe
 from spiralkit.spiral.recovery import Distill, Finetune
+from tests.spiral.tiny import TINY
 
-RECIPE = """\
-name: tiny
-seed: 1
-threads: 1
-model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}
-data: {name: digits, batch_size: 64, val_fraction: 0.2}
-train: {epochs: 1, optimizer: {name: adam, lr: 0.01}}
-prune:
-  target_sparsity: 0.6
-  schedule: {kind: agp, rounds: 2}
-recover: {kind: distill, alpha: 0.7, train: {epochs: 1, optimizer: {name: sgd, lr: 0.05}, lr_schedule: constant}}
-quantize: {kind: compact, bits: 5}
-targets: {max_metric_drop: 50.0}
-measure: {repeats: 2, warmup: 0}
-"""
+PRUNE = "prune:\n  target_sparsity: 0.6\n  schedule: {kind: agp, rounds: 2}\n"
+DISTILL = "recover: {kind: distill, alpha: 0.7, train: {epochs: 1, optimizer: {name: sgd, lr: 0.05}, lr_schedule: constant}}"
+
+
+def _replaced(text: str, old: str, new: str) -> str:
+    assert old in text, f"{old!r} is not in the recipe"
+    return text.replace(old, new)
+
+
+# TINY with two AGP rounds recovered by distillation, and a quantize stage (which compare drops).
+RECIPE = _replaced(_replaced(TINY, "prune:\n  target_sparsity: 0.5\n  schedule: {kind: one-shot}\n", PRUNE),
+                   "recover: {kind: finetune, train: {epochs: 1, optimizer: {name: sgd, lr: 0.05}}}",
+                   DISTILL) + "quantize: {kind: compact, bits: 5}\n"
 FIELDS = {"metric_mean", "metric_std", "macs_ratio", "sparsity", "epochs"}
 
 
@@ -163,9 +162,9 @@ def test_spiral_epochs_count_rolled_back_rounds(compared: Compared) -> None:
 
 
 def test_one_shot_recipe_of_a_hybrid_finetuning_recipe() -> None:
-    recipe = parse_recipe(RECIPE.replace("prune:\n  target_sparsity: 0.6\n  schedule: {kind: agp, rounds: 2}\n", (
-        "prune:\n  - {kind: structured, target_reduction: 0.5}\n  - {kind: unstructured, target_sparsity: 0.5}\n"
-    )).replace("kind: distill, alpha: 0.7,", "kind: finetune,").replace("quantize: {kind: compact, bits: 5}\n", ""))
+    hybrid = "prune:\n  - {kind: structured, target_reduction: 0.5}\n  - {kind: unstructured, target_sparsity: 0.5}\n"
+    recipe = parse_recipe(_replaced(_replaced(RECIPE, PRUNE, hybrid), "kind: distill, alpha: 0.7,", "kind: finetune,")
+                          .replace("quantize: {kind: compact, bits: 5}\n", ""))
     distil = one_shot_recipe(recipe, "oneshot_distill", epochs=5)
     assert all(stage.schedule == OneShot() for stage in distil.prune)
     assert isinstance(distil.recover, Distill) and distil.recover.alpha == Distill().alpha
@@ -181,14 +180,14 @@ def test_seeds_below_one_is_an_error() -> None:
 
 
 def test_recipe_without_prune_stage_is_an_error(tmp_path: Path) -> None:
-    recipe = parse_recipe(RECIPE.replace("prune:\n  target_sparsity: 0.6\n  schedule: {kind: agp, rounds: 2}\n", ""))
+    recipe = parse_recipe(_replaced(RECIPE, PRUNE, ""))
     with pytest.raises(RecipeError, match="has no prune stage: spiral compare compares ways of pruning"):
         compare(recipe, tmp_path / "out", CompareConfig(seeds=1), console=Console(quiet=True))
     assert not (tmp_path / "out").exists()
 
 
 def test_recipe_naming_code_needs_allow_code(tmp_path: Path) -> None:
-    recipe = parse_recipe(RECIPE.replace("{name: mlp,", "{name: 'mypackage.models:build',"))
+    recipe = parse_recipe(_replaced(RECIPE, "{name: mlp,", "{name: 'mypackage.models:build',"))
     with pytest.raises(RecipeError, match="--allow-code"):
         compare(recipe, tmp_path / "out", CompareConfig(seeds=1), console=Console(quiet=True))
     assert not (tmp_path / "out").exists()
