@@ -14,6 +14,7 @@ from rich.console import Console
 from spiralkit.errors import SpiralError
 from spiralkit.report import Report, print_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
+from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
 from spiralkit.spiral.rundir import RECIPE, REPORT_JSON, STATE
 
@@ -82,6 +83,26 @@ def run(
         if run_dir is None:
             raise typer.Exit(code=130) from None
         raise _interrupted(run_dir) from None
+
+
+@app.command("compare")
+def compare_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    seeds: Annotated[int, typer.Option(help="Seeds per method (recipe seed, +1, ...).")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Comparison directory (default: runs/compare/<recipe name>); run it again to resume.")] = None,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the recipe name code to import and run (model or data 'package.module:function'). Only for recipes you trust.")] = False,
+) -> None:
+    """Compare the spiral with one-shot pruning + fine-tuning or distillation, at the same recovery epochs."""
+    try:
+        config = CompareConfig(seeds=seeds, allow_code=allow_code)
+        loaded = load_recipe(recipe)
+        compare(loaded, out or Path("runs") / "compare" / loaded.name, config)
+    except SpiralError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: finished steps are saved; run the same command again to resume",
+                                   highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
 
 
 @app.command()

@@ -3,8 +3,9 @@
 ``recipe.yaml → Recipe → baseline → [prune a step → recover → evaluate → keep or roll back]*
 → quantize → report``. Modules: `recipe` (the typed recipe), `runner` (`Spiral`), one module
 per stage kind (`prune`, `student`, `quantize`), `recovery` (distil or fine-tune),
-`context` (what stages work with, how a model is measured) and `rundir` (every file of a
-run directory). Only the CLI, ``bench/`` and the public API import this package.
+`context` (what stages work with, how a model is measured), `rundir` (every file of a
+run directory) and `compare` (``spiral compare``: the spiral against one-shot pruning;
+imported on its own, since it draws with matplotlib). Only the CLI, ``bench/`` and the public API import this package.
 """
 
 from spiralkit.spiral.prune import PRUNE_STAGES, PruneStage, StructuredStage, UnstructuredStage
