@@ -19,6 +19,7 @@ Two shortcuts where a block changes the shape:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -173,53 +174,39 @@ class CifarResNet(nn.Module):
         num_classes: Number of outputs.
     """
 
+    # What the option-A subclass changes: the shortcut where the shape changes, the classifier's name.
+    shortcut: ClassVar[ShortcutFactory] = staticmethod(projection_shortcut)
+    classifier: ClassVar[str] = "fc"
+
     def __init__(self, *, blocks_per_stage: int, in_channels: int, num_classes: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, _STAGE_CHANNELS[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(_STAGE_CHANNELS[0])
         self.relu = nn.ReLU()
-        width = _add_stages(self, blocks_per_stage, projection_shortcut)
+        width = _add_stages(self, blocks_per_stage, type(self).shortcut)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(width, num_classes)
+        self.add_module(self.classifier, nn.Linear(width, num_classes))
         _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map ``(batch, in_channels, H, W)`` to ``(batch, num_classes)``."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return getattr(self, self.classifier)(self.flatten(self.avgpool(x)))
 
 
-class CifarResNetA(nn.Module):
+class CifarResNetA(CifarResNet):
     """The option-A CIFAR ResNet with akamaster's names, so that its pretrained checkpoints load.
 
     Module names: ``conv1, bn1, relu, layer1, layer2, layer3, avgpool, flatten, linear``;
     each block has ``conv1, bn1, conv2, bn2`` and, where the shape changes, a
     `ChannelPadShortcut` as ``downsample`` (no parameters, so checkpoints never name it).
-
-    Args:
-        blocks_per_stage: ``n``; the depth is ``6n + 2``.
-        in_channels: Input image channels.
-        num_classes: Number of outputs.
+    Arguments as `CifarResNet`.
     """
 
-    def __init__(self, *, blocks_per_stage: int, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, _STAGE_CHANNELS[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(_STAGE_CHANNELS[0])
-        self.relu = nn.ReLU()
-        width = _add_stages(self, blocks_per_stage, ChannelPadShortcut.option_a)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.linear = nn.Linear(width, num_classes)
-        _init_weights(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Map ``(batch, in_channels, H, W)`` to ``(batch, num_classes)``."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(self.flatten(self.avgpool(x)))
+    shortcut: ClassVar[ShortcutFactory] = ChannelPadShortcut.option_a
+    classifier: ClassVar[str] = "linear"
 
 
 def _add_stages(model: nn.Module, blocks_per_stage: int, shortcut: ShortcutFactory) -> int:
