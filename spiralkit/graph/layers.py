@@ -10,11 +10,17 @@ from typing import Literal
 
 from torch import nn
 
-__all__ = ["COUPLED", "RNN_TYPES", "Role", "channel_size", "is_depthwise"]
+from spiralkit.models.resnet_cifar import ChannelPadShortcut
+
+__all__ = ["CHANNEL_MAPS", "COUPLED", "RNN_TYPES", "Role", "channel_size", "is_depthwise"]
 
 Role = Literal["out", "in"]
 
 RNN_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
+# Parameter-free layers that copy input channels to output channels through an index buffer.
+# Their two sides are pruned independently: a removed input leaves a zero output channel,
+# a removed output is one entry less; both only edit the index (see `slicing`).
+CHANNEL_MAPS: tuple[type[nn.Module], ...] = (ChannelPadShortcut,)
 # Layers whose input and output channels are the same channels (cut together).
 COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding,
            nn.LayerNorm, nn.GroupNorm)
@@ -38,6 +44,8 @@ def channel_size(module: nn.Module, role: Role) -> int | None:
         return int(module.normalized_shape[-1])
     if isinstance(module, nn.GroupNorm):
         return module.num_channels
+    if isinstance(module, ChannelPadShortcut):
+        return module.out_channels if role == "out" else module.in_channels
     return None
 
 

@@ -9,6 +9,11 @@ zero), and the inputs that read it are zero too.
 
 Parameters shared between layers (tied weights) stay shared: a `Cutter` reuses the new
 tensor when the same parameter is cut the same way twice.
+
+A channel map (`ChannelPadShortcut`) has no parameters: both modes edit its index. A removed
+output is an entry less (masked: -1, so the channel is zero like every other removed one);
+a removed input turns the entries that copy it into -1 (zeros) — in the masked model that
+input is zero already, so both compute the same function.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from spiralkit.models.resnet_cifar import ChannelPadShortcut
 
 __all__ = ["Cutter", "LayerEdit", "Mode", "edit_layer"]
 
@@ -196,6 +203,25 @@ def _embedding(module: nn.Embedding, edit: LayerEdit, cutter: Cutter) -> None:
     cutter.index(module, "weight", [(1, keep)])
     if cutter.mode == "remove":
         module.embedding_dim = len(keep)
+
+
+@edit_layer.register
+def _channel_map(module: ChannelPadShortcut, edit: LayerEdit, cutter: Cutter) -> None:
+    index = module.index
+    outputs = torch.arange(len(index)) if edit.out is None else _long(edit.out)
+    inputs = torch.arange(module.in_channels) if edit.inp is None else _long(edit.inp)
+    kept_in = torch.zeros(module.in_channels, dtype=torch.bool)
+    kept_in[inputs] = True
+    copies = (index >= 0) & kept_in[index.clamp_min(0)]  # entries whose input survives
+    if cutter.mode == "mask":
+        kept_out = torch.zeros(len(index), dtype=torch.bool)
+        kept_out[outputs] = True
+        module.index = torch.where(copies & kept_out, index, -1)
+        return
+    position = torch.full((module.in_channels,), -1, dtype=torch.long)
+    position[inputs] = torch.arange(len(inputs))  # where each kept input lands
+    module.index = torch.where(copies, position[index.clamp_min(0)], -1)[outputs]
+    module.in_channels = len(inputs)
 
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}

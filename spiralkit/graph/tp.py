@@ -36,7 +36,7 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from spiralkit.graph.forward import Example, ShapeRecorder, call_model, tensors
-from spiralkit.graph.layers import RNN_TYPES
+from spiralkit.graph.layers import CHANNEL_MAPS, RNN_TYPES
 from spiralkit.modules import preserve_modes
 
 __all__ = ["Graph", "Handler", "Index", "Node", "OpKind", "Step", "op_kind", "trace"]
@@ -116,6 +116,10 @@ def _rnn_token() -> _Token:
     return _Token(lambda m: m.hidden_size, lambda m: m.input_size)
 
 
+def _channel_map_token() -> _Token:
+    return _Token(lambda m: m.out_channels, lambda m: m.in_channels)
+
+
 def _opaque_token() -> _Token:
     return _Token(lambda m: None, lambda m: None)
 
@@ -158,6 +162,10 @@ class Graph(tp.DependencyGraph):
         self._module2name = {module: name for name, module in model.named_modules()}
         for rnn in RNN_TYPES:  # TP's own LSTM pruner handles one layer only; GRU/RNN not at all
             self.register_customized_layer(rnn, _rnn_token())
+        # A channel map is one layer with separate input and output sides: TP would otherwise
+        # trace its gather and reject the residual stream it sits on.
+        for kind in CHANNEL_MAPS:
+            self.register_customized_layer(kind, _channel_map_token())
         opaque_token = _opaque_token()
         for kind in {type(module) for module in opaque}:  # TP hooks customized layers by type
             self.register_customized_layer(kind, opaque_token)

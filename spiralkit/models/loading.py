@@ -26,12 +26,23 @@ from spiralkit.export.weights import load_state
 from spiralkit.models.hf import hf_model, packaged_builder
 from spiralkit.models.lenet import lenet5, lenet300
 from spiralkit.models.mlp import mlp
-from spiralkit.models.resnet_cifar import resnet20, resnet56
+from spiralkit.models.resnet_cifar import (
+    cifar_resnet20,
+    cifar_resnet32,
+    cifar_resnet44,
+    cifar_resnet56,
+    resnet20,
+    resnet56,
+)
 
 __all__ = ["MODEL_SOURCES", "ZOO", "ModelSpec", "imports_code", "is_pretrained", "load_model", "load_weights"]
 
 ZOO: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
     {
+        "cifar_resnet20": cifar_resnet20,
+        "cifar_resnet32": cifar_resnet32,
+        "cifar_resnet44": cifar_resnet44,
+        "cifar_resnet56": cifar_resnet56,
         "lenet300": lenet300,
         "lenet5": lenet5,
         "mlp": mlp,
@@ -268,7 +279,7 @@ def _unpickler_reason(exc: Exception) -> str:
 def _check_state_matches(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
     """Raise a `ModelError` naming the first differing keys or shapes."""
     expected = model.state_dict()
-    missing = [repr(key) for key in expected if key not in state]
+    missing = [repr(key) for key in expected if key not in state and not _optional(key)]
     unexpected = [repr(key) for key in state if key not in expected]
     mismatched = [
         f"{key!r} is {tuple(state[key].shape)} in the checkpoint but {tuple(value.shape)} in the model"
@@ -282,6 +293,16 @@ def _check_state_matches(model: nn.Module, state: Mapping[str, Tensor], path: Pa
     ]
     if problems:
         raise ModelError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+
+
+def _optional(key: str) -> bool:
+    """Whether a state-dict entry may be missing from a checkpoint: BatchNorm's ``num_batches_tracked``.
+
+    Checkpoints saved before PyTorch 0.4.1 (or stripped of it, like akamaster's CIFAR
+    ResNets) lack the counter; it only matters for ``momentum=None``, and BatchNorm's own
+    loading fills it in, so it is no reason to refuse the weights.
+    """
+    return key == "num_batches_tracked" or key.endswith(".num_batches_tracked")
 
 
 def _first(items: list[str]) -> str:

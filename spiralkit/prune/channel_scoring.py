@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from spiralkit.errors import PruneError
 from spiralkit.graph.attention import HeadGroup, head_slices
 from spiralkit.graph.groups import RNN_TYPES, ChannelGroup, Member, ModelGroups, call_model
+from spiralkit.graph.layers import CHANNEL_MAPS
 from spiralkit.modules import eval_mode
 
 __all__ = [
@@ -261,7 +262,7 @@ def activation_scores(
 
     def hook(module: nn.Module, args: Any, name: str) -> None:
         x = args[0].detach()
-        axis = 1 if isinstance(module, nn.modules.conv._ConvNd) else x.dim() - 1
+        axis = 1 if isinstance(module, (nn.modules.conv._ConvNd, *CHANNEL_MAPS)) else x.dim() - 1
         per_channel = stat(x.movedim(axis, 0).reshape(x.shape[axis], -1)).double()
         sums[name] = sums.get(name, torch.zeros_like(per_channel)) + per_channel
         counts[name] += 1

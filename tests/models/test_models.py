@@ -36,7 +36,10 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_zoo_is_read_only_and_complete() -> None:
-    assert set(ZOO) == {"lenet300", "lenet5", "mlp", "resnet20", "resnet56"}
+    assert set(ZOO) == {
+        "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
+        "lenet300", "lenet5", "mlp", "resnet20", "resnet56",
+    }
     with pytest.raises(TypeError):
         ZOO["extra"] = mlp  # type: ignore[index]
 
@@ -55,6 +58,12 @@ def test_zoo_is_read_only_and_complete() -> None:
         ("resnet20", 272_474),
         # as resnet20 with 9 blocks per stage
         ("resnet56", 855_770),
+        # option A: resnet20 without the two projection shortcuts (576 + 2176)
+        ("cifar_resnet20", 269_722),
+        # 12 more layers: one more block per stage, 2*(2304+32) + 2*(9216+64) + 2*(36864+128) = 97,216
+        ("cifar_resnet32", 464_154),
+        ("cifar_resnet44", 658_586),
+        ("cifar_resnet56", 853_018),
     ],
 )
 def test_zoo_parameter_counts(name: str, expected: int) -> None:
