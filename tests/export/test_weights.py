@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from spiralkit.errors import ModelError
+from spiralkit.errors import ModelError, StorageError
 from spiralkit.export import (
     atomic_write_bytes,
     atomic_write_text,
@@ -152,7 +152,7 @@ def test_failed_atomic_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match=f"^cannot write {target}: disk full$"):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
