@@ -12,11 +12,12 @@ import typer
 from rich.console import Console
 
 from spiralkit.errors import SpiralError
-from spiralkit.report import Report, print_report
+from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
 from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
-from spiralkit.spiral.rundir import RECIPE, REPORT_JSON, STATE
+from spiralkit.spiral.fingerprint import Fingerprint, fingerprint, read_fingerprint
+from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_JSON, STATE
 
 app = typer.Typer(
     name="spiral",
@@ -106,18 +107,38 @@ def compare_command(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
-    """Print the report of a run (finished or not)."""
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="A run directory, or several to compare.", show_default=False)],
+    html: Annotated[bool, typer.Option("--html", help="Write report.html (one run) or compare.html (several runs, into --out).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Where --html writes: default the run directory; required with several runs.")] = None,
+) -> None:
+    """Print the report of a run (finished or not); with --html, write it as a web page, or compare runs."""
     try:
-        path = run_dir / REPORT_JSON
-        if path.exists():
-            print_report(_read_report(path))
-        elif (run_dir / RECIPE).exists():
-            print_report(build_report(load_recipe(run_dir / RECIPE), load_run_state(run_dir)))
+        if out is not None and not html:
+            raise SpiralError("--out goes with --html: it is where the HTML page is written")
+        if not html:
+            for run_dir in run_dirs:
+                print_report(_load_report(run_dir))
+            return
+        if len(run_dirs) == 1:
+            written = _write_run_html(run_dirs[0], out or run_dirs[0])
+        elif out is None:
+            raise SpiralError("comparing several runs writes compare.html: give its directory with --out OUT_DIR")
         else:
-            raise SpiralError(f"{run_dir} is not a run directory: it has no report.json or recipe.yaml")
+            written = write_compare_html(_compare_runs(run_dirs), out)
     except SpiralError as exc:
         raise _fail(exc) from None
+    Console().print(f"wrote {written}", highlight=False, soft_wrap=True)
+
+
+def _load_report(run_dir: Path) -> Report:
+    """The run's report.json, else the report of its state (an unfinished run)."""
+    path = run_dir / REPORT_JSON
+    if path.exists():
+        return _read_report(path)
+    if (run_dir / RECIPE).exists():
+        return build_report(load_recipe(run_dir / RECIPE), load_run_state(run_dir))
+    raise SpiralError(f"{run_dir} is not a run directory: it has no report.json or recipe.yaml")
 
 
 def _read_report(path: Path) -> Report:
@@ -125,6 +146,52 @@ def _read_report(path: Path) -> Report:
         return Report.from_json(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # pydantic's ValidationError and UnicodeDecodeError are ValueErrors
         raise SpiralError(f"{path} is not a readable spiralkit report: {str(exc).splitlines()[0]}") from None
+
+
+def _recipe_text(run_dir: Path) -> str | None:
+    path = run_dir / RECIPE
+    try:
+        return path.read_text(encoding="utf-8") if path.exists() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpiralError(f"cannot read {path}: {exc}") from None
+
+
+def _write_run_html(run_dir: Path, out: Path) -> Path:
+    report_ = _load_report(run_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpiralError(f"cannot create {out}: {exc.strerror or exc}") from None
+    return write_html_report(report_, out, recipe_text=_recipe_text(run_dir), weights=run_dir / MODEL)
+
+
+def _recipe_keys(run_dir: Path) -> Fingerprint | None:
+    """The run's recipe as dotted keys: its saved fingerprint, else its recipe.yaml's (None: neither)."""
+    saved = read_fingerprint(run_dir)
+    if saved is not None or not (run_dir / RECIPE).exists():
+        return saved
+    return fingerprint(load_recipe(run_dir / RECIPE))
+
+
+def _compare_runs(run_dirs: list[Path]) -> list[CompareRun]:
+    """The runs to compare, each with its recipe's differences from the first run's."""
+    first = _recipe_keys(run_dirs[0])
+    runs = [CompareRun(name=str(run_dirs[0]), report=_load_report(run_dirs[0]), recipe_changes=[])]
+    for run_dir in run_dirs[1:]:
+        these = _recipe_keys(run_dir)
+        changes = None if first is None or these is None else [
+            (key, _keyed(first, key), _keyed(these, key)) for key in first.differences(these)
+        ]
+        runs.append(CompareRun(name=str(run_dir), report=_load_report(run_dir), recipe_changes=changes))
+    return runs
+
+
+def _keyed(print_: Fingerprint, key: str) -> object:
+    """A differing key's value: the recipe's value, or the start of a file's SHA-256 (``KEY (file contents)``)."""
+    if key in print_.keys:
+        return print_.keys[key]
+    digest = print_.files.get(key.removesuffix(" (file contents)"))
+    return None if digest is None else f"sha256 {digest[:12]}…"
 
 
 class ExportFormat(str, Enum):

@@ -7,16 +7,18 @@ never imports `spiralkit.spiral`.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from spiralkit.export import atomic_write_bytes
 
-__all__ = ["PLOT_FORMATS", "Point", "plot_points"]
+__all__ = ["PLOT_FORMATS", "Point", "Series", "bar_panels", "figure_svg", "path_panels", "plain", "plot_points", "rounds_plot"]
 
 PLOT_FORMATS = ("png", "svg")
 """The files `plot_points` writes: ``STEM.png`` and ``STEM.svg``."""
@@ -66,7 +68,6 @@ def plot_points(
         The files written, PNG first.
     """
     figure = Figure(figsize=(6.0, 4.0), layout="constrained")
-    canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     if reference is not None:
         axes.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
@@ -79,10 +80,132 @@ def plot_points(
     axes.legend()
     written = []
     for fmt in PLOT_FORMATS:
-        buffer = io.BytesIO()
-        # No date in the metadata: the same results give the same files.
-        canvas.print_figure(buffer, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
         path = stem.with_name(f"{stem.name}.{fmt}")
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, _figure_bytes(figure, fmt))
         written.append(path)
     return written
+
+
+def _figure_bytes(figure: Figure, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    # No date in the metadata: the same results give the same files.
+    FigureCanvasAgg(figure).print_figure(buffer, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+    return buffer.getvalue()
+
+
+def figure_svg(figure: Figure) -> str:
+    """``figure`` as an ``<svg>`` element to inline in HTML (no XML declaration, text kept as text)."""
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        text = _figure_bytes(figure, "svg").decode("utf-8")
+    return text[text.index("<svg"):]
+
+
+def plain(text: str) -> str:
+    """``text`` as matplotlib shows it verbatim: ``$`` would start mathtext (and may not parse)."""
+    return text.replace("$", r"\$")
+
+
+@dataclass(frozen=True)
+class Series:
+    """Points drawn as one line (or markers only), e.g. a run's path or a Pareto front.
+
+    Attributes:
+        label: the legend entry.
+        x: the x values.
+        y: the y values, as many as ``x``.
+        names: a text drawn next to each point (empty: none).
+        line: join the points with a line.
+        marker: the matplotlib marker.
+        color: the matplotlib colour (empty: the next of the cycle).
+    """
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    names: Sequence[str] = ()
+    line: bool = True
+    marker: str = "o"
+    color: str = ""
+
+
+def _panels(count: int, *, width: float = 3.6, height: float = 3.2) -> tuple[Figure, list[Axes]]:
+    figure = Figure(figsize=(width * count, height), layout="constrained")
+    return figure, [figure.add_subplot(1, count, i + 1) for i in range(count)]
+
+
+def rounds_plot(
+    kept: Series, rolled_back: Series, *, baseline: float, final: float | None, y_label: str
+) -> Figure:
+    """The metric of every round, kept and rolled-back rounds marked apart, the baseline as a line.
+
+    Args:
+        kept: the kept rounds (x: round number, y: metric).
+        rolled_back: the rolled-back rounds.
+        baseline: the dense model's metric, drawn as a dashed line.
+        final: the final model's metric, drawn as a dotted line (None: not finished).
+        y_label: the metric's name.
+    """
+    figure, (axes,) = _panels(1, width=6.4, height=3.4)
+    axes.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="baseline")
+    if final is not None:
+        axes.axhline(final, color="tab:blue", linestyle=":", linewidth=1, label="final")
+    for series in (kept, rolled_back):
+        if series.x:
+            axes.plot(series.x, series.y, linestyle="none", marker=series.marker, color=series.color or None,
+                      markersize=8, label=plain(series.label))
+    axes.set_xlabel("round")
+    axes.set_ylabel(plain(y_label))
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    _finish(axes)
+    return figure
+
+
+def path_panels(panels: Mapping[str, Sequence[Series]], *, y_label: str) -> Figure:
+    """Side-by-side panels sharing the metric on y: x axis label → the series drawn on it.
+
+    Args:
+        panels: per panel, its x axis's label and the series it draws.
+        y_label: the metric's name.
+    """
+    figure, axes_list = _panels(len(panels))
+    for axes, (x_label, series) in zip(axes_list, panels.items()):
+        for item in series:
+            if not item.x:
+                continue
+            axes.plot(item.x, item.y, linestyle="-" if item.line else "none", marker=item.marker,
+                      color=item.color or None, label=plain(item.label))
+            for x, y, name in zip(item.x, item.y, item.names):
+                axes.annotate(plain(name), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axes.set_xlabel(plain(x_label))
+        axes.set_ylabel(plain(y_label))
+        _finish(axes)
+    return figure
+
+
+def bar_panels(panels: Mapping[str, Mapping[str, float]], *, horizontal: bool = False) -> Figure:
+    """One bar chart per entry: title → (bar label → value).
+
+    Args:
+        panels: the charts, in order; each maps its bars' labels to their values.
+        horizontal: draw the bars horizontally (for long labels, e.g. layer names).
+    """
+    longest = max((len(bars) for bars in panels.values()), default=1)
+    height = max(2.6, 0.25 * longest + 1.0) if horizontal else 3.0
+    figure, axes_list = _panels(len(panels), width=5.0 if horizontal else 3.2, height=height)
+    for axes, (title, bars) in zip(axes_list, panels.items()):
+        labels = [plain(label) for label in bars]
+        draw = axes.barh if horizontal else axes.bar
+        draw(labels, list(bars.values()), color="tab:blue")
+        if horizontal:
+            axes.invert_yaxis()  # the first layer on top
+            axes.tick_params(axis="y", labelsize=7)
+        axes.set_title(plain(title), fontsize=10)
+        axes.grid(alpha=0.3, axis="x" if horizontal else "y")
+    return figure
+
+
+def _finish(axes: Axes) -> None:
+    axes.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useOffset=False)  # no crowded MACs ticks
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)

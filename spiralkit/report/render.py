@@ -13,11 +13,12 @@ from spiralkit.report.types import Metrics, Report
 
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
-_COLUMNS = ("stage", "metric", "val", "sparsity", "nonzero", "size", "MACs", "ms", "kept", "s")
+COLUMNS = ("stage", "metric", "val", "sparsity", "nonzero", "size", "MACs", "ms", "kept", "s")
 _SHORT = {"sparsity": "sparse", "nonzero": "nnz"}
 
 
-def _size(num_bytes: float) -> str:
+def size_text(num_bytes: float) -> str:
+    """A size in bytes as people read it: ``950 B``, ``1.02 KB``, ``3.4 MB``."""
     for unit in ("B", "KB", "MB"):
         if num_bytes < 1000:
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.3g} {unit}"
@@ -25,7 +26,8 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes:.3g} GB"
 
 
-def _count(value: float) -> str:
+def count_text(value: float) -> str:
+    """A count as people read it: ``950``, ``266k``, ``1.2M``."""
     for unit in ("", "k", "M"):
         if abs(value) < 1000:
             return f"{value:.0f}" if unit == "" else f"{value:.3g}{unit}"
@@ -39,9 +41,9 @@ def _cells(stage: str, m: Metrics, *, kept: str = "", seconds: str = "") -> list
         f"{m.metric:.2f}",
         f"{m.val_metric:.2f}",
         f"{100 * m.sparsity:.1f}%",
-        _count(m.nonzero_params),
-        _size(m.size_bytes),
-        _count(m.macs),
+        count_text(m.nonzero_params),
+        size_text(m.size_bytes),
+        count_text(m.macs),
         f"{m.latency_ms:.3f}",
         kept,
         seconds,
@@ -64,7 +66,8 @@ def report_rows(report: Report) -> list[list[str]]:
     return rows
 
 
-def _summary(report: Report) -> str:
+def summary(report: Report) -> str:
+    """One line: the metric before and after, how much smaller, why the spiral stopped."""
     if report.final is None:
         return "run not finished"
     base, final = report.baseline, report.final
@@ -81,22 +84,26 @@ def _summary(report: Report) -> str:
     )
 
 
-def console_table(report: Report) -> Table:
-    """The report as a rich table for the terminal (fits 80 columns; rollback reasons below it)."""
+def caption_lines(report: Report) -> list[str]:
+    """What the table's caption says: why rounds were rolled back, the summary, how latency was measured."""
     m = report.measurement
     notes = [f"round {r.index} rolled back: {r.reason}" for r in report.rounds if not r.accepted]
+    return [*notes, summary(report), f"latency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)"]
+
+
+def console_table(report: Report) -> Table:
+    """The report as a rich table for the terminal (fits 80 columns; rollback reasons below it)."""
     table = Table(
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
         pad_edge=False,
         title=f"spiralkit — {report.name}",
-        caption="\n".join([*notes, _summary(report),
-                           f"latency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)"]),
+        caption="\n".join(caption_lines(report)),
     )
-    columns = [c for c in _COLUMNS if c != "kept"]
+    columns = [c for c in COLUMNS if c != "kept"]
     for column in columns:
         table.add_column(_SHORT.get(column, column), justify="left" if column == "stage" else "right", no_wrap=True)
-    kept_at = _COLUMNS.index("kept")
+    kept_at = COLUMNS.index("kept")
     for row in report_rows(report):
         stage = row[0] + ("" if not row[kept_at] else " ✓" if row[kept_at] == "yes" else " ✗")
         table.add_row(stage, *row[1:kept_at], *row[kept_at + 1 :])
@@ -113,11 +120,11 @@ def markdown(report: Report) -> str:
         "on held-out test data; `val` is the validation split that decided keep/roll back.",
         f"Latency: median of {m.repeats} runs after {m.warmup} warm-up, batch {m.batch_size}, {m.threads} thread(s).",
         "",
-        "| " + " | ".join(_COLUMNS) + " |",
-        "|" + "|".join("---" for _ in _COLUMNS) + "|",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in report_rows(report)]
-    lines += ["", _summary(report), ""]
+    lines += ["", summary(report), ""]
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ RUN_DIR/model.spkc             the compact quantized artefact (quantize kind ``c
 RUN_DIR/sensitivity.json       the per-layer bit-width scan (``bits: {kind: mixed}``)
 RUN_DIR/int8/                  the int8 ONNX models (quantize kinds ``static-int8``, ``dynamic-int8``)
 RUN_DIR/model.onnx             what ``spiral export`` writes
-RUN_DIR/report.json, report.md
+RUN_DIR/report.json, report.md, report.html
 ```
 
 Every file is written atomically and ``state.json`` last, so a kill at any moment leaves
@@ -43,6 +43,7 @@ from spiralkit.prune import Masks
 from spiralkit.prune.apply import replay_plans
 from spiralkit.prune.plan import PrunePlan, read_plans, write_plans
 from spiralkit.report import Outcome
+from spiralkit.report.html import REPORT_HTML
 from spiralkit.report.render import REPORT_JSON, REPORT_MARKDOWN
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "PLANS",
     "QAT_ONNX",
     "RECIPE",
+    "REPORT_HTML",
     "REPORT_JSON",
     "REPORT_MARKDOWN",
     "SENSITIVITY",

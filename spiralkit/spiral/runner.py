@@ -28,6 +28,7 @@ from spiralkit.modules import freeze
 from spiralkit.prune import next_sparsity
 from spiralkit.prune.plan import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
+from spiralkit.report.html import write_html_report
 from spiralkit.spiral.fingerprint import check_fingerprint, fingerprint, read_fingerprint, write_fingerprint
 from spiralkit.spiral.context import RunContext, diverged, example_input, measure_model, stage_context
 from spiralkit.spiral.quantize import Quantized, StageInputs
@@ -363,5 +364,6 @@ class Spiral:
                     save_run_state(run_dir, state)
         report = build_report(recipe, state)
         write_report(report, run_dir)
+        write_html_report(report, run_dir, recipe_text=dump_recipe(recipe), weights=run_dir / MODEL)
         print_report(report, console)
         return report
