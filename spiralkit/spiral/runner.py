@@ -79,7 +79,7 @@ def _teacher_cache(recover: Recovery) -> Iterator[TeacherCache | None]:
         yield cache
 
 
-def _baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console) -> None:
+def train_baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console) -> None:
     """Train the dense model when the recipe says so and save it as ``baseline.safetensors``.
 
     With a ``train`` section the model is trained from what it loads: random weights, or its
@@ -345,7 +345,7 @@ class Spiral:
             example = example_input(data, recipe.measure.batch_size)
             if recipe.student is None:  # a student's layer names are known once it is built
                 recipe.check_model(model, example)
-            _baseline(model, recipe, data, run_dir, trained=trained, console=console)
+            train_baseline(model, recipe, data, run_dir, trained=trained, console=console)
             teacher = freeze(copy.deepcopy(model))
             recover = fitted_to(recipe.recover, data.train)
             with _teacher_cache(recover) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
