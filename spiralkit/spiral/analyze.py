@@ -120,7 +120,6 @@ def baseline_model(recipe: Recipe, data: DataSplits, out: Path, *, from_run: Pat
     torch.manual_seed(recipe.seed)  # the model's random init, as in a run
     model = load_model(recipe.model)
     if from_run is None:
-        out.mkdir(parents=True, exist_ok=True)
         train_baseline(model, recipe, data, out, trained=False, console=console)
         return model
     path = Path(from_run) / BASELINE
@@ -235,10 +234,12 @@ def analyze(recipe: Recipe, out: Path, config: AnalyzeConfig, *, console: Consol
     """
     recipe.check_code(allow_code=config.allow_code)
     console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with _threads(recipe.threads):
         data = load_data(recipe.data, seed=recipe.seed)
-        model = baseline_model(recipe, data, Path(out), from_run=config.from_run, console=console)
+        model = baseline_model(recipe, data, out, from_run=config.from_run, console=console)
         val = first_examples(data.val, config.limit)
         example = example_input(data, 1)
         layers = quantizable_layers(model)
@@ -282,7 +283,7 @@ def analyze(recipe: Recipe, out: Path, config: AnalyzeConfig, *, console: Consol
             for group in plans.channels
         ),
     )
-    write_analysis(analysis, Path(out))
+    write_analysis(analysis, out)
     return analysis
 
 
