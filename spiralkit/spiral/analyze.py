@@ -93,10 +93,14 @@ class AnalyzeConfig:
 # --------------------------------------------------------------------------- inputs
 
 
-def first_examples(loader: Loader, limit: int | None) -> Loader | list[tuple[Tensor, Tensor]]:
-    """The batches of ``loader`` up to its first ``limit`` examples (the last batch cut), kept in memory.
+EVAL_BATCH = 512
+"""`first_examples` joins batches up to this many examples: a scan evaluates the same examples
+dozens of times, and larger batches run faster (LeNet-5 on 2,000 MNIST images: ~30%)."""
 
-    ``None`` returns ``loader`` itself.
+
+def first_examples(loader: Loader, limit: int | None, *, batch_size: int = EVAL_BATCH) -> Loader | list[tuple[Tensor, Tensor]]:
+    """The first ``limit`` examples of ``loader``, in memory, as batches of up to ``batch_size`` (the
+    loader's own batches joined; larger ones kept whole). ``None`` returns ``loader`` itself.
     """
     if limit is None:
         return loader
@@ -105,8 +109,12 @@ def first_examples(loader: Loader, limit: int | None) -> Loader | list[tuple[Ten
     for x, y in loader:
         if left <= 0:
             break
-        batches.append((x[:left], y[:left]))
+        x, y = x[:left], y[:left]
         left -= y.shape[0]
+        if batches and batches[-1][1].shape[0] + y.shape[0] <= batch_size:
+            x, y = torch.cat([batches[-1][0], x]), torch.cat([batches[-1][1], y])
+            batches.pop()
+        batches.append((x, y))
     return batches
 
 

@@ -64,8 +64,11 @@ def test_shares_sum_to_one(scanned: tuple[Analysis, Path]) -> None:
 def test_limit_is_respected(scanned: tuple[Analysis, Path]) -> None:
     assert scanned[0].examples == 100
     batches = [(torch.zeros(64, 2), torch.zeros(64)), (torch.zeros(64, 2), torch.zeros(64)), (torch.zeros(5, 2), torch.zeros(5))]
-    assert [y.shape[0] for _, y in first_examples(batches, 70)] == [64, 6]
+    assert [y.shape[0] for _, y in first_examples(batches, 70)] == [70]  # joined up to EVAL_BATCH
+    assert [y.shape[0] for _, y in first_examples(batches, 130, batch_size=100)] == [64, 66]
     assert [y.shape[0] for _, y in first_examples(batches, 7)] == [7]
+    joined = first_examples([(torch.arange(3.0), torch.arange(3)), (torch.arange(3.0, 5), torch.arange(3, 5))], 4)
+    assert [y.tolist() for _, y in joined] == [[0, 1, 2, 3]]
     assert first_examples(batches, None) is batches
 
 
