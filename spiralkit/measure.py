@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from spiralkit.export.weights import save_sparse, save_weights
-from spiralkit.modules import eval_mode
+from spiralkit.modules import eval_mode, torch_threads
 
 __all__ = [
     "Latency",
@@ -199,7 +198,7 @@ def measure_latency(
     if threads < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need threads >= 1, repeats >= 1, warmup >= 0; got {threads=}, {repeats=}, {warmup=}")
     call = _synchronised_call(model, example)
-    with _num_threads(threads), eval_mode(model), torch.inference_mode():
+    with torch_threads(threads), eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             call()
         times_ms = [_time_ms(call) for _ in range(repeats)]
@@ -248,13 +247,3 @@ def _time_ms(call: Callable[[], None]) -> float:
     call()
     return (time.perf_counter() - start) * 1000.0
 
-
-@contextmanager
-def _num_threads(threads: int) -> Iterator[None]:
-    """Set torch's intra-op thread count; restore the previous count afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -24,8 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from spiralkit.errors import SpiralError
 from spiralkit.export import load_state
 from spiralkit.measure import count_macs, count_macs_by_module, count_params
 from spiralkit.models import load_model
+from spiralkit.modules import torch_threads
 from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.structured import Planner, StructuredPrune, planner
 from spiralkit.prune.unstructured import apply_masks, masks_for_sparsity
@@ -141,17 +141,6 @@ def baseline_model(recipe: Recipe, data: DataSplits, out: Path, *, from_run: Pat
     return model
 
 
-@contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------- scans
 
 
@@ -245,7 +234,7 @@ def analyze(recipe: Recipe, out: Path, config: AnalyzeConfig, *, console: Consol
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with _threads(recipe.threads):
+    with torch_threads(recipe.threads):
         data = load_data(recipe.data, seed=recipe.seed)
         model = baseline_model(recipe, data, out, from_run=config.from_run, console=console)
         val = first_examples(data.val, config.limit)

@@ -24,7 +24,7 @@ from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
 from spiralkit.models import load_model
 from spiralkit.models.loading import is_pretrained
-from spiralkit.modules import freeze
+from spiralkit.modules import freeze, torch_threads
 from spiralkit.prune import next_sparsity
 from spiralkit.prune.plan import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
@@ -53,17 +53,6 @@ from spiralkit.tasks import evaluate, metric_drop
 from spiralkit.train import NonFiniteLoss, supervised, train
 
 _REFERENCE_CACHE_MB = 256.0  # the fidelity reference's outputs on the evaluation splits, kept in memory
-
-
-@contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextmanager
@@ -337,7 +326,7 @@ class Spiral:
 
     def _run(self, run_dir: Path, *, model: nn.Module | None, data: DataSplits | None, console: Console) -> Report:
         recipe = self.recipe
-        with _threads(recipe.threads):
+        with torch_threads(recipe.threads):
             data = data or load_data(recipe.data, seed=recipe.seed)
             trained = model is not None
             torch.manual_seed(recipe.seed)  # the model's random init is part of the run
