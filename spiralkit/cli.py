@@ -14,6 +14,9 @@ from rich.console import Console
 from spiralkit.errors import SpiralError
 from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
+from spiralkit.report.analysis import ANALYSIS_HTML, ANALYSIS_JSON
+from spiralkit.spiral.analyze import AnalyzeConfig, analyze
+from spiralkit.spiral.analyze import suggest as suggest_fragment
 from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
 from spiralkit.spiral.fingerprint import Fingerprint, fingerprint, read_fingerprint
@@ -103,6 +106,30 @@ def compare_command(
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted: finished steps are saved; run the same command again to resume",
                                    highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+
+
+@app.command("analyze")
+def analyze_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    out: Annotated[Path, typer.Option(help="Where analysis.json and analysis.html go (and the trained baseline, reused next time).")],
+    limit: Annotated[Optional[int], typer.Option(help="Measure on the first N validation examples (default: all).")] = None,
+    from_run: Annotated[Optional[Path], typer.Option("--from", help="Analyse this run directory's baseline.safetensors instead of training one.")] = None,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Print a recipe fragment: layers to keep unpruned, bits per layer.")] = False,
+    max_drop: Annotated[Optional[float], typer.Option(help="The drop --suggest tolerates (default: the recipe's targets.max_metric_drop).")] = None,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the recipe name code to import and run (model or data 'package.module:function'). Only for recipes you trust.")] = False,
+) -> None:
+    """Scan how much each layer's pruning or quantization alone costs, without recovery."""
+    try:
+        config = AnalyzeConfig(limit=limit, from_run=from_run, allow_code=allow_code)
+        loaded = load_recipe(recipe)
+        result = analyze(loaded, out, config)
+        Console(stderr=True).print(f"wrote {out / ANALYSIS_JSON} and {out / ANALYSIS_HTML}", highlight=False, soft_wrap=True)
+        if suggest:
+            typer.echo(suggest_fragment(result, loaded, max_drop=max_drop), nl=False)
+    except SpiralError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +15,14 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from spiralkit.export.weights import save_sparse, save_weights
-from spiralkit.modules import eval_mode
+from spiralkit.modules import eval_mode, torch_threads
 
 __all__ = [
     "Latency",
     "ParamCount",
     "SizeInfo",
     "count_macs",
+    "count_macs_by_module",
     "count_params",
     "measure_latency",
     "size_on_disk",
@@ -119,6 +119,21 @@ def _effective(module: nn.Module, name: str, param: Tensor) -> Tensor:
     return param.detach()
 
 
+def _flop_counter(model: nn.Module, example: Tensor) -> FlopCounterMode:
+    """A ``FlopCounterMode`` that has counted one forward pass of ``model(example)``."""
+    counter = FlopCounterMode(display=False)
+    # nn.MultiheadAttention's fused inference kernel is invisible to the counter: count
+    # the same computation through the unfused path (a process-wide switch, restored).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with eval_mode(model), torch.no_grad(), counter:
+            model(example)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter
+
+
 def count_macs(model: nn.Module, example: Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example``.
 
@@ -135,17 +150,28 @@ def count_macs(model: nn.Module, example: Tensor) -> int:
     Returns:
         MACs for the whole batch.
     """
-    counter = FlopCounterMode(display=False)
-    # nn.MultiheadAttention's fused inference kernel is invisible to the counter: count
-    # the same computation through the unfused path (a process-wide switch, restored).
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with eval_mode(model), torch.no_grad(), counter:
-            model(example)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    return counter.get_total_flops() // 2
+    return _flop_counter(model, example).get_total_flops() // 2
+
+
+def count_macs_by_module(model: nn.Module, example: Tensor) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass on ``example``, per submodule (as `count_macs`).
+
+    A module's count includes its children's, so only leaves (e.g. Linear/Conv layers)
+    add up to the total; a module called twice counts twice.
+
+    Args:
+        model: The model; run in eval mode under ``no_grad``, its modes restored after.
+        example: An input batch.
+
+    Returns:
+        Module name (as in ``model.named_modules()``, the root excluded) → MACs, for every
+        module that did any; the root's is `count_macs`.
+    """
+    counts = _flop_counter(model, example).get_flop_counts()
+    # The counter names modules "<root class>.<path>"; the root itself by its class name.
+    root = type(model).__name__
+    return {key.partition(".")[2]: sum(ops.values()) // 2 for key, ops in counts.items()
+            if key.startswith(f"{root}.")}
 
 
 def measure_latency(
@@ -172,7 +198,7 @@ def measure_latency(
     if threads < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need threads >= 1, repeats >= 1, warmup >= 0; got {threads=}, {repeats=}, {warmup=}")
     call = _synchronised_call(model, example)
-    with _num_threads(threads), eval_mode(model), torch.inference_mode():
+    with torch_threads(threads), eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             call()
         times_ms = [_time_ms(call) for _ in range(repeats)]
@@ -221,13 +247,3 @@ def _time_ms(call: Callable[[], None]) -> float:
     call()
     return (time.perf_counter() - start) * 1000.0
 
-
-@contextmanager
-def _num_threads(threads: int) -> Iterator[None]:
-    """Set torch's intra-op thread count; restore the previous count afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

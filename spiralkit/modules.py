@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -33,3 +34,15 @@ def freeze(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count to ``count`` (None or 0: leave it); restore it afterwards."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -12,13 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from spiralkit.export import atomic_write_bytes
 
-__all__ = ["PLOT_FORMATS", "Point", "Series", "bar_panels", "figure_svg", "path_panels", "plain", "plot_points", "rounds_plot"]
+__all__ = [
+    "PLOT_FORMATS", "Point", "Series", "bar_panels", "figure_svg", "heatmap_svg", "path_panels", "plain", "plot_points",
+    "rounds_plot",
+]
 
 PLOT_FORMATS = ("png", "svg")
 """The files `plot_points` writes: ``STEM.png`` and ``STEM.svg``."""
@@ -209,3 +213,41 @@ def _finish(axes: Axes) -> None:
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8)
+
+
+def heatmap_svg(
+    values: Sequence[Sequence[float]],
+    *,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    title: str,
+    colorbar: str,
+) -> str:
+    """A heatmap of ``values[row][column]`` as an ``<svg>`` element to inline in HTML.
+
+    Each cell is annotated with its value; ``NaN`` cells are left blank. Text is drawn as
+    paths (matplotlib's default), so names need no escaping in the SVG.
+
+    Args:
+        values: one row per entry of ``rows``, one value per entry of ``columns``.
+        rows: the y axis's labels, top to bottom.
+        columns: the x axis's labels, left to right.
+        title: the figure's title.
+        colorbar: the colour bar's label.
+
+    Returns:
+        The SVG markup from its ``<svg`` tag on (no XML declaration or doctype).
+    """
+    grid = np.asarray(values, dtype=float).reshape(len(rows), len(columns))
+    figure = Figure(figsize=(1.2 + 0.75 * len(columns), 1.2 + 0.35 * len(rows)), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="Reds")
+    axes.set_xticks(range(len(columns)), labels=list(columns), rotation=45, ha="right")
+    axes.set_yticks(range(len(rows)), labels=list(rows))
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            axes.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label=colorbar)
+    svg = _figure_bytes(figure, "svg").decode("utf-8")  # text as paths: names need no escaping here
+    return svg[svg.index("<svg"):]

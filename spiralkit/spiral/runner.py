@@ -24,7 +24,7 @@ from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import atomic_write_text, load_state, save_sparse, save_weights
 from spiralkit.models import load_model
 from spiralkit.models.loading import is_pretrained
-from spiralkit.modules import freeze
+from spiralkit.modules import freeze, torch_threads
 from spiralkit.prune import next_sparsity
 from spiralkit.prune.plan import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
@@ -57,17 +57,6 @@ _REFERENCE_CACHE_MB = 256.0  # the fidelity reference's outputs on the evaluatio
 
 
 @contextmanager
-def _threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
 def _teacher_cache(recover: Recovery) -> Iterator[TeacherCache | None]:
     """One cache of the frozen teacher's outputs for all the rounds, which distil from the same
     teacher on the same (unaugmented) examples with the same losses; None when the recovery
@@ -80,7 +69,7 @@ def _teacher_cache(recover: Recovery) -> Iterator[TeacherCache | None]:
         yield cache
 
 
-def _baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console) -> None:
+def train_baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console) -> None:
     """Train the dense model when the recipe says so and save it as ``baseline.safetensors``.
 
     With a ``train`` section the model is trained from what it loads: random weights, or its
@@ -338,7 +327,7 @@ class Spiral:
 
     def _run(self, run_dir: Path, *, model: nn.Module | None, data: DataSplits | None, console: Console) -> Report:
         recipe = self.recipe
-        with _threads(recipe.threads):
+        with torch_threads(recipe.threads):
             data = data or load_data(recipe.data, seed=recipe.seed)
             trained = model is not None
             torch.manual_seed(recipe.seed)  # the model's random init is part of the run
@@ -346,7 +335,7 @@ class Spiral:
             example = example_input(data, recipe.measure.batch_size)
             if recipe.student is None:  # a student's layer names are known once it is built
                 recipe.check_model(model, example)
-            _baseline(model, recipe, data, run_dir, trained=trained, console=console)
+            train_baseline(model, recipe, data, run_dir, trained=trained, console=console)
             teacher = freeze(copy.deepcopy(model))
             recover = fitted_to(recipe.recover, data.train)
             with _teacher_cache(recover) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
