@@ -20,7 +20,7 @@ from spiralkit.spiral.analyze import suggest as suggest_fragment
 from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
 from spiralkit.spiral.fingerprint import Fingerprint, fingerprint, read_fingerprint
-from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_JSON, STATE
+from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_HTML, REPORT_JSON, STATE
 
 app = typer.Typer(
     name="spiral",
@@ -48,7 +48,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
     fresh: Annotated[bool, typer.Option(help="Delete an earlier demo run in OUT first.")] = False,
 ) -> None:
-    """Run the whole spiral on a bundled default: LeNet-300-100 on the MNIST sample, logit distillation."""
+    """Run the whole product on bundled data: structured and unstructured rounds with distillation, then int8."""
     text = resources.files("spiralkit").joinpath("demo.yaml").read_text(encoding="utf-8")
     try:
         recipe = parse_recipe(text, source="spiralkit/demo.yaml")
@@ -60,6 +60,7 @@ def demo(
         raise _fail(exc) from None
     except KeyboardInterrupt:
         raise _interrupted(out) from None
+    Console().print(f"the report with its plots: {out / REPORT_HTML}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -88,7 +88,11 @@ def caption_lines(report: Report) -> list[str]:
     """What the table's caption says: why rounds were rolled back, the summary, how latency was measured."""
     m = report.measurement
     notes = [f"round {r.index} rolled back: {r.reason}" for r in report.rounds if not r.accepted]
-    return [*notes, summary(report), f"latency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)"]
+    timing = f"latency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)"
+    if report.final is not None and report.final.latency_ms > 0:
+        base, final = report.baseline.latency_ms, report.final.latency_ms
+        timing += f"; {base:.3f} → {final:.3f} ms, {base / final:.1f}x faster (measured)"
+    return [*notes, summary(report), timing]
 
 
 def console_table(report: Report) -> Table:
