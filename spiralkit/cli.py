@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from enum import Enum
 from importlib import resources
@@ -204,14 +205,22 @@ def _recipe_keys(run_dir: Path) -> Fingerprint | None:
 def _compare_runs(run_dirs: list[Path]) -> list[CompareRun]:
     """The runs to compare, each with its recipe's differences from the first run's."""
     first = _recipe_keys(run_dirs[0])
-    runs = [CompareRun(name=str(run_dirs[0]), report=_load_report(run_dirs[0]), recipe_changes=[])]
-    for run_dir in run_dirs[1:]:
+    names = _run_names(run_dirs)
+    runs = [CompareRun(name=names[0], report=_load_report(run_dirs[0]), recipe_changes=[])]
+    for run_dir, name in zip(run_dirs[1:], names[1:]):
         these = _recipe_keys(run_dir)
         changes = None if first is None or these is None else [
             (key, _keyed(first, key), _keyed(these, key)) for key in first.differences(these)
         ]
-        runs.append(CompareRun(name=str(run_dir), report=_load_report(run_dir), recipe_changes=changes))
+        runs.append(CompareRun(name=name, report=_load_report(run_dir), recipe_changes=changes))
     return runs
+
+
+def _run_names(run_dirs: list[Path]) -> list[str]:
+    """The runs' paths relative to their common parent: short enough to label plot points, still distinct."""
+    resolved = [path.resolve() for path in run_dirs]
+    common = Path(os.path.commonpath(resolved)) if len(resolved) > 1 else resolved[0].parent
+    return [str(path.relative_to(common)) if path != common else path.name for path in resolved]
 
 
 def _keyed(print_: Fingerprint, key: str) -> object:

@@ -186,3 +186,11 @@ def test_a_truncated_report_is_a_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 2
     assert f"{run_dir / 'report.json'} is not a readable spiralkit report" in " ".join(result.output.split())
+
+
+def test_compare_pages_name_runs_by_their_path_below_the_common_parent(tmp_path: Path) -> None:
+    from spiralkit.cli import _run_names  # noqa: PLC0415 - the helper behind `spiral report A B --html`
+
+    runs = [tmp_path / "study" / "seed0" / "spiral", tmp_path / "study" / "seed0" / "oneshot", tmp_path / "other"]
+    assert _run_names(runs) == ["study/seed0/spiral", "study/seed0/oneshot", "other"]
+    assert _run_names([tmp_path / "a" / "run", tmp_path / "a" / "run"]) == ["run", "run"]
