@@ -20,7 +20,7 @@ from spiralkit.spiral.analyze import AnalyzeConfig, analyze
 from spiralkit.spiral.analyze import suggest as suggest_fragment
 from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
-from spiralkit.spiral.fingerprint import Fingerprint, fingerprint, read_fingerprint
+from spiralkit.spiral.fingerprint import Fingerprint, fingerprint, run_fingerprint
 from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_HTML, REPORT_JSON, STATE
 
 app = typer.Typer(
@@ -55,6 +55,10 @@ def demo(
         recipe = parse_recipe(text, source="spiralkit/demo.yaml")
         if fresh and out.exists():
             shutil.rmtree(out)
+        earlier = run_fingerprint(out)
+        if earlier is not None and earlier.differences(fingerprint(recipe)):
+            raise SpiralError(f"{out} holds a run of another demo recipe (an earlier spiralkit's): "
+                              "start over with `spiral demo --fresh`")
         resume = (out / STATE).exists()
         Spiral(recipe).run(out, resume=resume)
     except SpiralError as exc:
@@ -194,21 +198,13 @@ def _write_run_html(run_dir: Path, out: Path) -> Path:
     return write_html_report(report_, out, recipe_text=_recipe_text(run_dir), weights=run_dir / MODEL)
 
 
-def _recipe_keys(run_dir: Path) -> Fingerprint | None:
-    """The run's recipe as dotted keys: its saved fingerprint, else its recipe.yaml's (None: neither)."""
-    saved = read_fingerprint(run_dir)
-    if saved is not None or not (run_dir / RECIPE).exists():
-        return saved
-    return fingerprint(load_recipe(run_dir / RECIPE))
-
-
 def _compare_runs(run_dirs: list[Path]) -> list[CompareRun]:
     """The runs to compare, each with its recipe's differences from the first run's."""
-    first = _recipe_keys(run_dirs[0])
+    first = run_fingerprint(run_dirs[0])
     names = _run_names(run_dirs)
     runs = [CompareRun(name=names[0], report=_load_report(run_dirs[0]), recipe_changes=[])]
     for run_dir, name in zip(run_dirs[1:], names[1:]):
-        these = _recipe_keys(run_dir)
+        these = run_fingerprint(run_dir)
         changes = None if first is None or these is None else [
             (key, _keyed(first, key), _keyed(these, key)) for key in first.differences(these)
         ]

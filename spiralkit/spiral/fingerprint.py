@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spiralkit.errors import SpiralError
 from spiralkit.export import atomic_write_text
-from spiralkit.spiral.recipe import Recipe
+from spiralkit.spiral.recipe import Recipe, load_recipe
+from spiralkit.spiral.rundir import RECIPE
 
-__all__ = ["FINGERPRINT", "IGNORED", "Fingerprint", "check_fingerprint", "fingerprint", "read_fingerprint"]
+__all__ = ["FINGERPRINT", "IGNORED", "Fingerprint", "check_fingerprint", "fingerprint", "read_fingerprint", "run_fingerprint"]
 
 FINGERPRINT = "fingerprint.json"
 IGNORED = ("name", "threads", "measure", "data.root", "data.kwargs.cache_dir")
@@ -101,6 +102,19 @@ def read_fingerprint(run_dir: Path) -> Fingerprint | None:
         return Fingerprint.model_validate_json(path.read_text(encoding="utf-8"))
     except (ValidationError, UnicodeDecodeError, OSError) as exc:
         raise SpiralError(f"{path} is not a recipe fingerprint: {str(exc).splitlines()[0]}") from None
+
+
+def run_fingerprint(run_dir: Path) -> Fingerprint | None:
+    """What ``run_dir``'s results depend on: its saved fingerprint, else (a run that predates
+    fingerprints) its recipe.yaml's; None when it holds neither.
+
+    Raises:
+        SpiralError: a file is there but unreadable.
+    """
+    saved = read_fingerprint(run_dir)
+    if saved is not None or not (run_dir / RECIPE).exists():
+        return saved
+    return fingerprint(load_recipe(run_dir / RECIPE))
 
 
 def write_fingerprint(run_dir: Path, print_: Fingerprint) -> None:

@@ -29,10 +29,10 @@ from spiralkit.prune import next_sparsity
 from spiralkit.prune.plan import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.report.html import write_html_report
-from spiralkit.spiral.fingerprint import check_fingerprint, fingerprint, read_fingerprint, write_fingerprint
+from spiralkit.spiral.fingerprint import FINGERPRINT, check_fingerprint, fingerprint, run_fingerprint, write_fingerprint
 from spiralkit.spiral.context import RunContext, diverged, example_input, measure_model, stage_context
 from spiralkit.spiral.quantize import Quantized, StageInputs
-from spiralkit.spiral.recipe import Recipe, dump_recipe, load_recipe
+from spiralkit.spiral.recipe import Recipe, dump_recipe
 from spiralkit.spiral.recovery import Recovery, fitted_to
 from spiralkit.spiral.rundir import (
     BASELINE,
@@ -271,9 +271,9 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, *, resume: bool) -> None:
     if not resume and (run_dir / STATE).exists():
         raise SpiralError(f"{run_dir} already holds a run; resume it with --resume or choose another --out")
     if has_recipe:
-        saved = read_fingerprint(run_dir)
-        if saved is None:  # written before fingerprints: the saved recipe is the reference
-            saved = fingerprint(load_recipe(run_dir / RECIPE))
+        saved = run_fingerprint(run_dir)
+        assert saved is not None, "a directory with a recipe has a fingerprint"
+        if not (run_dir / FINGERPRINT).exists():  # written before fingerprints: keep the recipe's from now on
             write_fingerprint(run_dir, saved)
         check_fingerprint(run_dir, recipe, saved=saved)
         return

@@ -194,3 +194,13 @@ def test_compare_pages_name_runs_by_their_path_below_the_common_parent(tmp_path:
     runs = [tmp_path / "study" / "seed0" / "spiral", tmp_path / "study" / "seed0" / "oneshot", tmp_path / "other"]
     assert _run_names(runs) == ["study/seed0/spiral", "study/seed0/oneshot", "other"]
     assert _run_names([tmp_path / "a" / "run", tmp_path / "a" / "run"]) == ["run", "run"]
+
+
+def test_demo_into_an_earlier_demos_directory_says_to_start_over(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(TINY.replace("EPOCHS", "1"))  # e.g. the demo recipe of an earlier release
+    result = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert result.exit_code == 2
+    assert f"{out} holds a run of another demo recipe (an earlier spiralkit's): start over with `spiral demo --fresh`" \
+        in " ".join(result.output.split())
