@@ -46,6 +46,7 @@ class RoundRecord(Metrics):
         accepted: kept (True) or rolled back.
         seconds: wall-clock time of the round.
         reason: ``kept``, or why it was rolled back.
+        epochs: the round's recovery epochs (None in reports written before they were recorded).
     """
 
     index: int
@@ -55,6 +56,7 @@ class RoundRecord(Metrics):
     accepted: bool
     seconds: float
     reason: str
+    epochs: int | None = None
 
 
 class QuantInfo(BaseModel):

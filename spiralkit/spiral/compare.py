@@ -11,7 +11,8 @@ Three methods, each run for every seed (``recipe.seed + i``) from the same train
 ====================  ==============================================================
 
 **The same recovery budget.** The spiral's budget is every round it ran, kept or rolled
-back: ``rounds × recover.train.epochs``. Since that depends on the run, the spiral runs
+back: each round's recovery epochs (``recover.train.epochs``, or ``recover.last_epochs`` in
+a round reaching its target). Since that depends on the run, the spiral runs
 first for each seed; each one-shot method then gets those epochs in its single round per
 prune stage (``ceil(epochs / stages)`` each, which is all of them for a one-stage recipe),
 with the recipe's ``recover.train`` optimizer and learning-rate schedule. Every method's
@@ -126,7 +127,7 @@ class MethodRun(BaseModel):
         params: the final model's parameters.
         latency_ms: the final model's median latency.
         rounds: rounds run, kept or rolled back.
-        epochs: recovery epochs over all rounds (``rounds × recover.train.epochs``).
+        epochs: recovery epochs over all rounds (`spiral_epochs`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -211,8 +212,15 @@ def comparable(recipe: Recipe) -> Recipe:
 
 
 def baseline_recipe(recipe: Recipe) -> Recipe:
-    """The run that trains the baseline once: the recipe without pruning (nor a student)."""
-    return recipe.model_copy(update={"name": f"{recipe.name}_{BASELINE_RUN}", "prune": (), "student": None})
+    """The run that trains the baseline once: the recipe without pruning (nor a student).
+
+    The sections that only act on pruning rounds (``recover``, ``targets``) are reset to their
+    defaults, so the baseline's fingerprint depends on what trains it alone: a finished run of
+    a plain training recipe with the same model, data, training and seed (e.g.
+    ``recipes/cifar10_resnet20_finetune.yaml``) can be copied in as ``OUT/baseline`` and reused.
+    """
+    defaults = {key: Recipe.model_fields[key].get_default(call_default_factory=True) for key in ("recover", "targets")}
+    return recipe.model_copy(update={"name": f"{recipe.name}_{BASELINE_RUN}", "prune": (), "student": None} | defaults)
 
 
 def from_baseline(recipe: Recipe, checkpoint: Path, *, seed: int) -> Recipe:
@@ -229,14 +237,19 @@ def one_shot_recipe(recipe: Recipe, method: str, *, epochs: int) -> Recipe:
     """
     stages = tuple(stage.model_copy(update={"schedule": OneShot()}) for stage in recipe.prune)
     train = recipe.recover.train.model_copy(update={"epochs": math.ceil(epochs / len(stages))})
+    recipe = recipe.model_copy(update={"recover": recipe.recover.model_copy(update={"last_epochs": None})})
     targets = Targets(max_metric_drop=NO_ROLLBACK, min_step=recipe.targets.min_step, max_rounds=len(stages))
     return recipe.model_copy(update={"name": f"{recipe.name}_{method}", "prune": stages,
                                      "recover": ONE_SHOT[method](recipe, train), "targets": targets})
 
 
 def spiral_epochs(report: Report, *, per_round: int) -> int:
-    """Recovery epochs a run spent: every round it ran, kept or rolled back, times ``per_round``."""
-    return len(report.rounds) * per_round
+    """Recovery epochs a run spent over every round it ran, kept or rolled back.
+
+    Each round's own count (a round reaching its target may recover longer: ``last_epochs``);
+    ``per_round`` for rounds of reports that predate the count.
+    """
+    return sum(per_round if r.epochs is None else r.epochs for r in report.rounds)
 
 
 # --------------------------------------------------------------------------- running

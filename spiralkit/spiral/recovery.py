@@ -22,7 +22,26 @@ from spiralkit.train import Objective, TrainConfig, supervised, train
 Task = Classification | EmbeddingFidelity
 
 
-class Distill(BaseModel):
+class _RoundTraining:
+    """The training of a recovery in each spiral round, from its ``train`` and ``last_epochs``.
+
+    ``last_epochs`` is the epochs of the recovery in a round that reaches its stage's target
+    (default: ``train.epochs``). Iterative pruning spends most of its budget on models it
+    prunes further; giving the final architecture a longer recovery is what one-shot pruning
+    does with all of its epochs.
+    """
+
+    train: TrainConfig
+    last_epochs: int | None
+
+    def round_train(self, *, last: bool) -> TrainConfig:
+        """The recovery's training in a round; ``last``: the round reaches its stage's target."""
+        if last and self.last_epochs is not None:
+            return self.train.model_copy(update={"epochs": self.last_epochs})
+        return self.train
+
+
+class Distill(_RoundTraining, BaseModel):
     """Recover by distillation from the unpruned model.
 
     By default the loss is Hinton et al.'s (2015) logit distillation with cross-entropy on
@@ -39,6 +58,7 @@ class Distill(BaseModel):
             epochs (inputs must not be augmented).
         cache_budget_mb: RAM for cached teacher outputs; beyond it they spill to disk.
         train: epochs, optimizer and schedule of the recovery.
+        last_epochs: epochs of the recovery in the round reaching a stage's target (see `_RoundTraining`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,6 +70,7 @@ class Distill(BaseModel):
     cache_teacher: bool = True
     cache_budget_mb: float = Field(default=512.0, ge=0)
     train: TrainConfig = TrainConfig()
+    last_epochs: int | None = Field(default=None, ge=0)
 
     def shared_cache(self) -> TeacherCache | None:
         """A teacher cache for many recoveries from the same teacher on the same examples, if asked for."""
@@ -75,12 +96,13 @@ class Distill(BaseModel):
         )
 
 
-class Finetune(BaseModel):
-    """Recover by fine-tuning on the labels alone."""
+class Finetune(_RoundTraining, BaseModel):
+    """Recover by fine-tuning on the labels alone (``train``, ``last_epochs``: see `Distill`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["finetune"] = "finetune"
     train: TrainConfig = TrainConfig()
+    last_epochs: int | None = Field(default=None, ge=0)
 
     def shared_cache(self) -> TeacherCache | None:
         """None: fine-tuning never runs the teacher."""

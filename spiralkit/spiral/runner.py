@@ -149,8 +149,9 @@ def _run_round(
     cut = stage.cut(candidate, pruned.masks, target=target, ctx=stage_context(stage, state.baseline, ctx))
     objective = stage.recovery(ctx.recover.objective(task=recipe.task, teacher=ctx.teacher, cache=ctx.cache))
     reason = ""
+    recovery = ctx.recover.round_train(last=target >= stage.goal - 1e-6)
     try:
-        train(candidate, ctx.data.train, config=recipe.recover.train, objective=objective, seed=seed,
+        train(candidate, ctx.data.train, config=recovery, objective=objective, seed=seed,
               masks=cut.masks, progress=True, description=f"round {index} recover")
     except NonFiniteLoss as exc:
         ctx.console.print(f"round {index}: {exc}")
@@ -162,7 +163,7 @@ def _run_round(
             reason = f"val drop {drop:.2f} > {recipe.targets.max_metric_drop}"
     record = RoundRecord(
         **metrics.model_dump(), index=index, stage=state.stage + 1, progress=stage.progress_name, target=target,
-        accepted=not reason, seconds=time.perf_counter() - started, reason=reason or "kept",
+        accepted=not reason, seconds=time.perf_counter() - started, reason=reason or "kept", epochs=recovery.epochs,
     )
     plans = pruned.plans + ((cut.plan,) if cut.plan is not None else ())
     return Pruned(model=candidate, masks=cut.masks, plans=plans), record

@@ -156,9 +156,26 @@ def test_baseline_trained_once_and_read_by_every_method(compared: Compared) -> N
 
 def test_spiral_epochs_count_rolled_back_rounds(compared: Compared) -> None:
     report = Report.from_json((compared.out / "seed0" / "spiral" / "report.json").read_text())
-    rolled_back = report.rounds[0].model_copy(update={"accepted": False, "reason": "val drop"})
+    assert [r.epochs for r in report.rounds] == [1] * len(report.rounds)  # each round records its epochs
+    rolled_back = report.rounds[0].model_copy(update={"accepted": False, "reason": "val drop", "epochs": 5})
     with_rollback = report.model_copy(update={"rounds": [rolled_back, *report.rounds]})
-    assert spiral_epochs(with_rollback, per_round=3) == 3 * (len(report.rounds) + 1)
+    assert spiral_epochs(with_rollback, per_round=3) == 5 + len(report.rounds)
+    unrecorded = [r.model_copy(update={"epochs": None}) for r in with_rollback.rounds]  # an older report
+    assert spiral_epochs(report.model_copy(update={"rounds": unrecorded}), per_round=3) == 3 * (len(report.rounds) + 1)
+
+
+def test_last_epochs_recover_the_round_reaching_the_target_longer(tmp_path: Path) -> None:
+    recipe = parse_recipe(_replaced(RECIPE, "alpha: 0.7, train: {epochs: 1,", "alpha: 0.7, last_epochs: 3, train: {epochs: 1,"))
+    result = compare(recipe, tmp_path, CompareConfig(seeds=1), console=Console(quiet=True))
+    report = Report.from_json((tmp_path / "seed0" / "spiral" / "report.json").read_text())
+    epochs = [r.epochs for r in report.rounds]
+    reached = [r.target >= 0.6 - 1e-6 for r in report.rounds]
+    assert reached[-1] and not reached[0] and epochs == [3 if r else 1 for r in reached]
+    assert result.methods["spiral"].epochs == sum(epochs)
+    for method in ("oneshot_finetune", "oneshot_distill"):
+        saved = _saved_recipe(tmp_path / "seed0" / method)["recover"]
+        assert saved["train"]["epochs"] == sum(epochs) and saved["last_epochs"] is None
+        assert result.methods[method].epochs == sum(epochs)
 
 
 def test_one_shot_recipe_of_a_hybrid_finetuning_recipe() -> None:
