@@ -46,8 +46,14 @@ class Fingerprint(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
 
     def differences(self, other: Fingerprint) -> list[str]:
-        """The dotted keys whose values differ (a file's key when its contents differ)."""
-        keys = sorted(k for k in self.keys.keys() | other.keys.keys() if self.keys.get(k) != other.keys.get(k))
+        """The dotted keys whose values differ (a file's key when its contents differ).
+
+        A key naming a file that both fingerprints hashed is compared by the file's contents,
+        not its path: a comparison or run directory moved elsewhere still resumes.
+        """
+        hashed = self.files.keys() & other.files.keys()
+        keys = sorted(k for k in self.keys.keys() | other.keys.keys()
+                      if k not in hashed and self.keys.get(k) != other.keys.get(k))
         files = sorted(f"{k} (file contents)" for k in self.files.keys() | other.files.keys()
                        if self.files.get(k) != other.files.get(k) and k not in keys)
         return keys + files

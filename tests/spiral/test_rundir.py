@@ -85,6 +85,22 @@ def test_fingerprint_hashes_the_checkpoint_file(tmp_path: Path) -> None:
     assert before.differences(fingerprint(parse_recipe(text))) == ["model.checkpoint (file contents)"]
 
 
+def test_a_moved_checkpoint_with_the_same_contents_is_the_same_recipe(tmp_path: Path) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+    from spiralkit.models import ModelSpec, load_model  # noqa: PLC0415
+
+    model = load_model(ModelSpec(name="mlp", kwargs={"in_features": 64, "widths": [16]}))
+    old, new = tmp_path / "old" / "w.safetensors", tmp_path / "moved" / "w.safetensors"
+    for path in (old, new):
+        path.parent.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    spec = "model: {name: mlp, kwargs: {in_features: 64, widths: [16]}}"
+    at = {path: TINY.replace(spec, spec[:-1] + f", checkpoint: {path}}}") for path in (old, new)}
+    assert fingerprint(parse_recipe(at[old])).differences(fingerprint(parse_recipe(at[new]))) == []
+    without = fingerprint(parse_recipe(TINY))  # no file to compare: the key itself differs
+    assert fingerprint(parse_recipe(at[old])).differences(without) == ["model.checkpoint"]
+
+
 def test_resume_with_a_changed_recipe_is_refused_naming_the_keys(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     Spiral(parse_recipe(TINY)).run(run_dir, console=quiet())
