@@ -16,7 +16,16 @@ from spiralkit.prune.importance import (
 )
 from spiralkit.prune.plan import BlockPlan, GroupPlan, HeadPlan, MemberPlan, PrunePlan, SkippedPlan
 from spiralkit.prune.saved import load_pruned, save_pruned
-from spiralkit.prune.schedules import AGP, Iterative, OneShot, Schedule, agp_sparsity, next_sparsity
+from spiralkit.prune.schedules import (
+    AGP,
+    Geometric,
+    Iterative,
+    OneShot,
+    Schedule,
+    agp_sparsity,
+    geometric_sparsity,
+    next_sparsity,
+)
 from spiralkit.prune.selectors import Selector, selected_weights
 from spiralkit.prune.structured import StructuredPrune, plan_pruning, prune_structured
 from spiralkit.prune.structured_importance import (
@@ -68,6 +77,7 @@ __all__ = [
     "bn_l1_penalty",
     "score_structures",
     "AGP",
+    "Geometric",
     "Criterion",
     "Iterative",
     "Magnitude",
@@ -83,6 +93,7 @@ __all__ = [
     "WEIGHT_CRITERIA",
     "WeightCriterion",
     "agp_sparsity",
+    "geometric_sparsity",
     "apply_masks",
     "enforce_masks",
     "finalize",

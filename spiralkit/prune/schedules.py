@@ -5,6 +5,11 @@
 * ``AGP`` — gradual polynomial pruning (Zhu & Gupta 2017, "To prune, or not to prune"):
   ``s_k = s_f + (s_i − s_f)·(1 − k/n)³`` for rounds ``k = 1..n``, pruning fast while
   many redundant weights remain and slowly near the target.
+* ``Geometric`` — the same share of the remaining weights each round:
+  ``1 − s_k = (1 − s_i)·((1 − s_f)/(1 − s_i))^(k/n)``, as Han et al.'s (2015) iterative
+  pruning does. Near extreme targets (98%: 2% of the weights left) AGP's last rounds cut the
+  remaining weights by 3x or more in one step; a geometric schedule cuts them by the same
+  factor every round.
 """
 
 from __future__ import annotations
@@ -41,8 +46,17 @@ class AGP(BaseModel):
     exponent: float = Field(default=3.0, gt=0)
 
 
+class Geometric(BaseModel):
+    """The same fraction of the remaining weights pruned each round, over ``rounds`` rounds from ``initial``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["geometric"] = "geometric"
+    rounds: int = Field(gt=0)
+    initial: float = Field(default=0.0, ge=0, lt=1)
+
+
 Schedule = Annotated[
-    OneShot | Iterative | AGP, Field(discriminator="kind"), BeforeValidator(kind_from_string)
+    OneShot | Iterative | AGP | Geometric, Field(discriminator="kind"), BeforeValidator(kind_from_string)
 ]
 
 
@@ -57,7 +71,7 @@ def next_sparsity(schedule: object, *, current: float, target: float, rounds_don
     """The sparsity the next round should reach, before any rollback halving.
 
     Args:
-        schedule: a ``OneShot``, ``Iterative`` or ``AGP`` config.
+        schedule: a ``OneShot``, ``Iterative``, ``AGP`` or ``Geometric`` config.
         current: the model's sparsity now.
         target: the final sparsity.
         rounds_done: accepted rounds so far.
@@ -75,14 +89,27 @@ def _(schedule: Iterative, *, current: float, target: float, rounds_done: int) -
     return min(target, current + schedule.step)
 
 
-@next_sparsity.register
-def _(schedule: AGP, *, current: float, target: float, rounds_done: int) -> float:
+def geometric_sparsity(k: int, *, rounds: int, initial: float, final: float) -> float:
+    """Sparsity after round ``k`` of ``rounds`` when each round keeps the same share of the remaining weights."""
+    progress = min(max(k, 0), rounds) / rounds
+    return 1.0 - (1.0 - initial) * ((1.0 - final) / (1.0 - initial)) ** progress
+
+
+def _first_ahead(curve: list[float], *, current: float, target: float) -> float:
     # After a rolled-back, halved step the model lags the curve: take the first point of
     # the curve (from this round on) that is still ahead of the current sparsity.
-    for k in range(rounds_done + 1, schedule.rounds + 1):
-        proposal = agp_sparsity(
-            k, rounds=schedule.rounds, initial=schedule.initial, final=target, exponent=schedule.exponent
-        )
-        if proposal > current + 1e-9:
-            return proposal
-    return target
+    return next((point for point in curve if point > current + 1e-9), target)
+
+
+@next_sparsity.register
+def _(schedule: AGP, *, current: float, target: float, rounds_done: int) -> float:
+    curve = [agp_sparsity(k, rounds=schedule.rounds, initial=schedule.initial, final=target, exponent=schedule.exponent)
+             for k in range(rounds_done + 1, schedule.rounds + 1)]
+    return _first_ahead(curve, current=current, target=target)
+
+
+@next_sparsity.register
+def _(schedule: Geometric, *, current: float, target: float, rounds_done: int) -> float:
+    curve = [geometric_sparsity(k, rounds=schedule.rounds, initial=schedule.initial, final=target)
+             for k in range(rounds_done + 1, schedule.rounds + 1)]
+    return _first_ahead(curve, current=current, target=target)

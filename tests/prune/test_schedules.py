@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from spiralkit.prune import AGP, Iterative, OneShot, agp_sparsity, next_sparsity
+from spiralkit.errors import RecipeError
+from spiralkit.prune import AGP, Geometric, Iterative, OneShot, agp_sparsity, geometric_sparsity, next_sparsity
+from spiralkit.spiral.recipe import parse_recipe
+from tests.spiral.tiny import TINY
 
 
 def test_agp_values_match_formula() -> None:
@@ -29,3 +32,29 @@ def test_iterative_and_one_shot() -> None:
     assert next_sparsity(Iterative(step=0.25), current=0.5, target=0.9, rounds_done=2) == pytest.approx(0.75)
     assert next_sparsity(Iterative(step=0.25), current=0.75, target=0.9, rounds_done=3) == pytest.approx(0.9)
     assert next_sparsity(OneShot(), current=0.0, target=0.9, rounds_done=0) == pytest.approx(0.9)
+
+
+def test_geometric_keeps_the_same_share_of_the_remaining_weights_each_round() -> None:
+    curve = [geometric_sparsity(k, rounds=5, initial=0.0, final=0.98) for k in range(6)]
+    assert curve[0] == 0.0 and curve[-1] == pytest.approx(0.98)
+    shares = [(1 - after) / (1 - before) for before, after in zip(curve, curve[1:])]
+    assert shares == pytest.approx([0.02 ** 0.2] * 5)
+    steps, current = [], 0.0
+    for done in range(5):
+        current = next_sparsity(Geometric(rounds=5), current=current, target=0.98, rounds_done=done)
+        steps.append(current)
+    assert steps == pytest.approx(curve[1:])
+
+
+def test_geometric_after_a_rollback_takes_the_next_point_ahead() -> None:
+    # a halved step left the model behind round 2's point: the next round aims at round 3's
+    lagging = geometric_sparsity(1, rounds=4, initial=0.0, final=0.9) + 0.01
+    proposal = next_sparsity(Geometric(rounds=4), current=lagging, target=0.9, rounds_done=2)
+    assert proposal == pytest.approx(geometric_sparsity(3, rounds=4, initial=0.0, final=0.9))
+
+
+def test_geometric_in_a_recipe_and_an_unknown_schedule_named() -> None:
+    stage = parse_recipe(TINY.replace("schedule: {kind: one-shot}", "schedule: {kind: geometric, rounds: 3}")).prune[0]
+    assert stage.schedule == Geometric(rounds=3)
+    with pytest.raises(RecipeError, match="geometric"):
+        parse_recipe(TINY.replace("schedule: {kind: one-shot}", "schedule: {kind: geometrik, rounds: 3}"))
