@@ -316,7 +316,9 @@ def bench_command(
                 rows = bench(candidates, shape, config_, where)
                 table = bench_table(rows, title=f"{target}: interleaved x{repeats}, median and p10–p90")
                 data = BenchResult(target=target, input_shape=shape, config=config_, rows=rows).to_dict()
-        Console().print(table)
+        console = Console()
+        # Piped or captured output gets the whole table; a terminal keeps its own width.
+        (console if console.is_terminal else Console(width=132)).print(table)
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -167,7 +167,8 @@ def bench_table(rows: Sequence[BenchRow], *, title: str) -> Table:
     """The rows as a rich table: median with its p10–p90 spread, and the speed-up."""
     table = Table(title=title)
     for column in ("model", "runtime", "batch", "threads", "median ms", "p10–p90 ms", "MMACs", "speed-up"):
-        table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
+        table.add_column(column, justify="left" if column in ("model", "runtime") else "right",
+                         no_wrap=column in ("model", "runtime"))
     for row in rows:
         table.add_row(row.model, row.runtime, str(row.batch), str(row.threads), f"{row.median_ms:.3f}",
                       f"{row.p10_ms:.3f}–{row.p90_ms:.3f}", "" if row.macs is None else f"{row.macs / 1e6:,.2f}",

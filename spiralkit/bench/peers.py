@@ -378,7 +378,8 @@ def peers_table(report: PeersReport) -> Table:
     table = Table(title=f"{report.model}: peers at {config.macs:.0%} of the MACs, batch {config.batch}, "
                         f"{config.threads} thread(s), interleaved x{config.repeats}")
     for column in ("method", "runtime", "median ms", "p10–p90 ms", "speed-up", "MMACs", "size KB", "cosine"):
-        table.add_column(column, justify="left" if column in ("method", "runtime") else "right")
+        table.add_column(column, justify="left" if column in ("method", "runtime") else "right",
+                         no_wrap=column in ("method", "runtime"))
     for m in report.methods.values():
         table.add_row(m.name, m.runtime, f"{m.latency_ms:.3f}", f"{m.p10_ms:.3f}–{m.p90_ms:.3f}",
                       f"{m.speedup_vs_eager_fp32:.2f}x", f"{m.macs / 1e6:,.1f}", f"{m.size_bytes / 1e3:,.0f}",
