@@ -7,6 +7,8 @@ Every method is built in one process, then all are timed round-robin
 * ``ort_fp32`` — the dense model in ONNX Runtime;
 * ``ort_int8_default`` — ONNX Runtime's own ``quantize_static`` with its defaults (QDQ,
   int8 activations and weights, per-tensor, MinMax) after its recommended ``quant_pre_process``;
+* ``spiralkit_int8`` — the dense model through spiralkit's static int8 (see below), for the
+  same-model comparison with ``ort_int8_default`` and ``openvino_nncf_int8``;
 * ``torchpruning_fp32`` / ``torchpruning_ort_int8`` — Torch-Pruning's ``MetaPruner`` with
   ``GroupMagnitudeImportance(p=2)`` (layer-wise, classifier kept), its ratio bisected to the
   MACs budget; in ONNX Runtime, then through ONNX Runtime's default int8;
@@ -17,9 +19,10 @@ Every method is built in one process, then all are timed round-robin
   MACs budget (`spiralkit_plan`), in ONNX Runtime, then through spiralkit's static int8
   (`spiralkit.quant.ptq.StaticInt8`: per-channel symmetric int8 weights, uint8 activations);
 * with OpenVINO installed: ``openvino_fp32`` and ``openvino_bf16`` (the dense model with each
-  precision hint), ``openvino_nncf_int8`` (NNCF 's ``nncf.quantize`` defaults, compiled with
-  OpenVINO's default precision), and ``spiralkit_prune_int8_openvino`` (spiralkit's own int8
-  ``.onnx`` run by OpenVINO).
+  precision hint), ``openvino_nncf_int8`` (NNCF's ``nncf.quantize`` defaults, compiled with
+  OpenVINO's default precision), and ``spiralkit_int8_openvino`` / ``spiralkit_prune_int8_openvino``
+  (spiralkit's own int8 ``.onnx`` files, dense and pruned, run by OpenVINO: the same integer
+  graph on OpenVINO's kernels).
 
 Calibration data: ``calibration_batches`` random normal inputs of the model's input shape,
 seeded, for every int8 method alike (no data set is read, so any model can be benchmarked;
@@ -52,7 +55,7 @@ from spiralkit.modules import torch_threads
 from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.structured import StructuredPrune, planner
 from spiralkit.quant.ort import BatchReader
-from spiralkit.quant.ptq import StaticInt8, quantize
+from spiralkit.quant.ptq import QuantizedModel, StaticInt8, quantize
 from spiralkit.spiral.prune import search_ratio
 
 __all__ = ["PEERS_SCHEMA", "PeerResult", "PeersConfig", "PeersReport", "peers", "peers_table", "spiralkit_plan",
@@ -254,6 +257,12 @@ def _nncf_int8(float_path: Path, calibration: Sequence[Tensor], out: Path) -> Pa
 # --------------------------------------------------------------------------- building and timing
 
 
+def _spiralkit_int8(model: nn.Module, x: Tensor, calibration: list[Tensor], workdir: Path, threads: int) -> QuantizedModel:
+    """spiralkit's static int8 (its defaults) of ``model``, calibrated on ``calibration``."""
+    return quantize(model, StaticInt8(calibration_batches=len(calibration)), [(c, c) for c in calibration],
+                    example=x, workdir=workdir, threads=threads)
+
+
 def _file_size(*paths: Path) -> int:
     return sum(path.stat().st_size for path in paths)
 
@@ -273,8 +282,13 @@ def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: Peers
                _file_size(dense_onnx)),
     ]
     ort_int8 = ort_default_int8(dense_onnx, calibration, workdir / "dense.ort-int8.onnx")
-    built.append(_Built("ort_int8_default", "dense, ONNX Runtime quantize_static defaults", "ort",
-                        ort.from_onnx(ort_int8, x, threads), dense_macs, _file_size(ort_int8), twin="ort_fp32"))
+    dense_int8 = _spiralkit_int8(model, x, calibration, workdir / "spiralkit-dense", threads)
+    built += [
+        _Built("ort_int8_default", "dense, ONNX Runtime quantize_static defaults", "ort",
+               ort.from_onnx(ort_int8, x, threads), dense_macs, _file_size(ort_int8), twin="ort_fp32"),
+        _Built("spiralkit_int8", "dense, spiralkit static int8, ONNX Runtime", "ort",
+               ort.from_onnx(dense_int8.path, x, threads), dense_macs, dense_int8.size_bytes, twin="ort_fp32"),
+    ]
     tp_model = torchpruning_plan(model, x, macs=budget)
     tp_onnx = export_onnx(tp_model, x, workdir / "torchpruning.onnx")
     tp_int8 = ort_default_int8(tp_onnx, calibration, workdir / "torchpruning.ort-int8.onnx")
@@ -290,8 +304,7 @@ def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: Peers
                         eager.from_module(sparse, x, workdir, threads), count_macs(sparse, x),
                         size_on_disk(sparse, workdir / "unstructured").best_bytes, twin="eager_fp32"))
     ours = spiralkit_plan(model, x, macs=budget)
-    ours_int8 = quantize(ours, StaticInt8(calibration_batches=len(calibration)), [(c, c) for c in calibration],
-                         example=x, workdir=workdir / "spiralkit", threads=threads)
+    ours_int8 = _spiralkit_int8(ours, x, calibration, workdir / "spiralkit", threads)
     ours_macs = count_macs(ours, x)
     built += [
         _Built("spiralkit_prune_fp32", f"spiralkit structured plan (round_to {_ROUND_TO}), ONNX Runtime", "ort",
@@ -300,12 +313,12 @@ def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: Peers
                ort.from_onnx(ours_int8.path, x, threads), ours_macs, ours_int8.size_bytes, twin="spiralkit_prune_fp32"),
     ]
     if RUNTIMES["openvino"].missing is None:
-        built += _openvino_methods(dense_onnx, ours_int8.path, x, calibration, threads, workdir,
+        built += _openvino_methods(dense_onnx, dense_int8.path, ours_int8.path, x, calibration, threads, workdir,
                                    dense_macs=dense_macs, ours_macs=ours_macs)
     return built
 
 
-def _openvino_methods(dense_onnx: Path, ours_int8: Path, x: Tensor, calibration: list[Tensor], threads: int,
+def _openvino_methods(dense_onnx: Path, dense_int8: Path, ours_int8: Path, x: Tensor, calibration: list[Tensor], threads: int,
                       workdir: Path, *, dense_macs: int, ours_macs: int) -> list[_Built]:
     nncf_xml = _nncf_int8(dense_onnx, calibration, workdir / "dense.nncf-int8.xml")
     return [
@@ -317,6 +330,9 @@ def _openvino_methods(dense_onnx: Path, ours_int8: Path, x: Tensor, calibration:
         _Built("openvino_nncf_int8", "dense, NNCF quantize defaults, OpenVINO default precision", "openvino",
                openvino_compiled(nncf_xml, x, threads, precision=None), dense_macs,
                _file_size(nncf_xml, nncf_xml.with_suffix(".bin")), twin="ort_fp32"),
+        _Built("spiralkit_int8_openvino", "dense, spiralkit's int8 .onnx, run by OpenVINO", "openvino",
+               openvino_compiled(dense_int8, x, threads, precision="f32"), dense_macs, _file_size(dense_int8),
+               twin="ort_fp32"),
         _Built("spiralkit_prune_int8_openvino", "spiralkit plan + spiralkit's int8 .onnx, run by OpenVINO", "openvino",
                openvino_compiled(ours_int8, x, threads, precision="f32"), ours_macs, _file_size(ours_int8),
                twin="spiralkit_prune_fp32"),
