@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,7 +146,7 @@ def _compile_all(candidates: Sequence[Candidate], x: torch.Tensor, runtimes: Seq
     return compiled
 
 
-def _call(run: Compiled, x: torch.Tensor) -> object:
+def _call(run: Compiled, x: torch.Tensor) -> Callable[[], object]:
     return lambda: run(x)
 
 

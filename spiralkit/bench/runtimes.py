@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from spiralkit.errors import SpiralError
 from spiralkit.export.onnx import OrtModel, export_onnx
 
-__all__ = ["RUNTIMES", "BenchError", "Compiled", "Runtime", "runtime", "runtime_version"]
+__all__ = ["RUNTIMES", "BenchError", "Compiled", "Runtime", "openvino_compiled", "runtime", "runtime_version"]
 
 Compiled = Callable[[Tensor], Tensor]
 """A model ready to run: one input batch in, the first output out (on the CPU)."""
