@@ -299,34 +299,44 @@ def bench_command(
 ) -> None:
     """Time models on chosen runtimes, batches and threads, interleaved; with --peers, against the other tools."""
     try:
+        batches, thread_counts = _ints(batch, "--batch"), _ints(threads, "--threads")
+        # Configs first: a bad runtime or budget fails before any model is built.
+        grid = None if peers else BenchConfig(runtimes=tuple(_split(runtimes)), batches=batches, threads=thread_counts,
+                                              warmup=warmup, repeats=repeats)
+        budget = PeersConfig(macs=macs, batch=batches[0], threads=thread_counts[0], warmup=warmup,
+                             repeats=repeats) if peers else None
         shape = _ints([input_shape], "--input-shape") if input_shape else ()
         candidates, shape = _bench_target(target, checkpoint, shape, allow_code)
         with tempfile.TemporaryDirectory(prefix="spiral-bench-") as tmp:
             where = workdir or Path(tmp)
-            if peers:
+            if budget is not None:
                 model = candidates[0].module
                 assert model is not None  # the first candidate is always a module (a model, a run's baseline)
-                config = PeersConfig(macs=macs, batch=_ints(batch, "--batch")[0], threads=_ints(threads, "--threads")[0],
-                                     warmup=warmup, repeats=repeats)
-                report_ = run_peers(model, target, shape, config, where)
-                table, data = peers_table(report_), report_.to_dict()
+                measured = run_peers(model, target, shape, budget, where)
+                table, data = peers_table(measured), measured.to_dict()
             else:
-                config_ = BenchConfig(runtimes=tuple(_split(runtimes)), batches=_ints(batch, "--batch"),
-                                      threads=_ints(threads, "--threads"), warmup=warmup, repeats=repeats)
-                rows = bench(candidates, shape, config_, where)
+                assert grid is not None
+                rows = bench(candidates, shape, grid, where)
                 table = bench_table(rows, title=f"{target}: interleaved x{repeats}, median and p10–p90")
-                data = BenchResult(target=target, input_shape=shape, config=config_, rows=rows).to_dict()
+                data = BenchResult(target=target, input_shape=shape, config=grid, rows=rows).to_dict()
         console = Console()
         # Piped or captured output gets the whole table; a terminal keeps its own width.
         (console if console.is_terminal else Console(width=132)).print(table)
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-            Console(stderr=True).print(f"wrote {json_out}", highlight=False, soft_wrap=True)
+            _write_json(json_out, data)
     except SpiralError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
+
+
+def _write_json(path: Path, data: object) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise SpiralError(f"cannot write {path}: {exc.strerror or exc}") from None
+    Console(stderr=True).print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
