@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from spiralkit.bench import RUNTIMES, BenchConfig, BenchResult, Candidate, bench, bench_table, input_shape_of
 from spiralkit.bench import model_candidates, run_candidates
@@ -39,7 +40,8 @@ app = typer.Typer(
 
 
 def _fail(exc: SpiralError) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escaped: messages may hold brackets ("pip install 'spiralkit[openvino]'") that are not markup
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 

@@ -9,15 +9,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 
-from spiralkit.bench.runtimes import BenchError, Compiled, runtime, runtime_version
+from spiralkit.bench.runtimes import BenchError, Compiled, runtime, runtime_status
 from spiralkit.bench.targets import Candidate
 from spiralkit.bench.timing import Timing, time_interleaved
 from spiralkit.measure import count_macs
 from spiralkit.modules import torch_threads
 
-__all__ = ["BENCH_SCHEMA", "BenchConfig", "BenchRow", "bench", "bench_table", "machine"]
+__all__ = ["BENCH_SCHEMA", "BenchConfig", "BenchResult", "BenchRow", "bench", "bench_table", "machine", "runtimes_caption"]
 
 BENCH_SCHEMA = "spiralkit.bench/1"
 
@@ -97,8 +98,14 @@ def machine() -> dict[str, object]:
         "cores": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "isa": [flag for flag in wanted if flag in flags],
-        "versions": {name: runtime_version(name) for name in ("eager", "ort", "openvino")},
+        "runtimes": runtime_status(),
     }
+
+
+def runtimes_caption() -> str:
+    """One line naming every runtime's version, or that it is not installed."""
+    text = "runtimes: " + "; ".join(f"{name}: {status}" for name, status in runtime_status().items())
+    return escape(text)  # "spiralkit[openvino]" is not rich markup
 
 
 def bench(candidates: Sequence[Candidate], input_shape: Sequence[int], config: BenchConfig, workdir: Path) -> list[BenchRow]:
@@ -164,8 +171,8 @@ def _rows(candidates: Sequence[Candidate], timings: dict[tuple[str, str], Timing
 
 
 def bench_table(rows: Sequence[BenchRow], *, title: str) -> Table:
-    """The rows as a rich table: median with its p10–p90 spread, and the speed-up."""
-    table = Table(title=title)
+    """The rows as a rich table: median with its p10–p90 spread, and the speed-up; the runtimes below it."""
+    table = Table(title=title, caption=runtimes_caption())
     for column in ("model", "runtime", "batch", "threads", "median ms", "p10–p90 ms", "MMACs", "speed-up"):
         table.add_column(column, justify="left" if column in ("model", "runtime") else "right",
                          no_wrap=column in ("model", "runtime"))

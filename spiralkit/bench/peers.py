@@ -45,7 +45,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from spiralkit.bench.core import machine
+from spiralkit.bench.core import machine, runtimes_caption
 from spiralkit.bench.runtimes import RUNTIMES, BenchError, Compiled, openvino_compiled, runtime
 from spiralkit.bench.timing import time_interleaved
 from spiralkit.export import save_weights
@@ -392,7 +392,7 @@ def peers_table(report: PeersReport) -> Table:
     """The methods as a rich table."""
     config = report.config
     table = Table(title=f"{report.model}: peers at {config.macs:.0%} of the MACs, batch {config.batch}, "
-                        f"{config.threads} thread(s), interleaved x{config.repeats}")
+                        f"{config.threads} thread(s), interleaved x{config.repeats}", caption=runtimes_caption())
     for column in ("method", "runtime", "median ms", "p10–p90 ms", "speed-up", "MMACs", "size KB", "cosine"):
         table.add_column(column, justify="left" if column in ("method", "runtime") else "right",
                          no_wrap=column in ("method", "runtime"))

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from spiralkit.errors import SpiralError
 from spiralkit.export.onnx import OrtModel, export_onnx
 
-__all__ = ["RUNTIMES", "BenchError", "Compiled", "Runtime", "openvino_compiled", "runtime", "runtime_version"]
+__all__ = ["RUNTIMES", "BenchError", "Compiled", "Runtime", "openvino_compiled", "runtime", "runtime_status", "runtime_version"]
 
 Compiled = Callable[[Tensor], Tensor]
 """A model ready to run: one input batch in, the first output out (on the CPU)."""
@@ -176,3 +176,10 @@ def runtime_version(name: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return ""
+
+
+def runtime_status() -> dict[str, str]:
+    """Every runtime of `RUNTIMES` → its package and version (``onnxruntime 1.31.1``), or why it cannot run here."""
+    packages = {"eager": "torch", "ort": "onnxruntime"}
+    return {name: r.missing or f"{packages.get(name, r.package)} {runtime_version(name)}".strip()
+            for name, r in RUNTIMES.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_interleaved_timing_calls_every_candidate_round_robin_with_a_rotating_st
 def test_unknown_and_missing_runtimes_are_errors_that_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(BenchError, match=r"unknown runtime 'tensorrt'; runtimes: eager, ort, openvino, openvino_bf16"):
         runtime("tensorrt")
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    hide_openvino(monkeypatch)
     assert RUNTIMES["openvino"].missing == "not installed (pip install 'spiralkit[openvino]')"
     assert RUNTIMES["ort"].missing is None
     with pytest.raises(BenchError, match=r"runtime 'openvino_bf16' is not installed \(pip install 'spiralkit\[openvino\]'\)"):
@@ -68,7 +69,8 @@ def test_the_cli_prints_the_table_and_writes_json_for_a_model(tmp_path: Path) ->
     assert {(r["runtime"], r["batch"], r["threads"]) for r in data["rows"]} == {
         ("eager", 1, 1), ("ort", 1, 1), ("eager", 2, 1), ("ort", 2, 1)}
     assert {"median_ms", "p10_ms", "p90_ms", "repeats", "macs"} <= set(data["rows"][0])
-    assert data["machine"]["cores"] >= 1 and "ort" in data["machine"]["versions"]
+    assert data["machine"]["cores"] >= 1 and data["machine"]["runtimes"]["ort"].startswith("onnxruntime ")
+    assert "runtimes: eager: torch" in " ".join(output.split())
 
 
 def test_the_cli_times_a_run_directorys_baseline_pruned_and_final_models(tmp_path: Path) -> None:
@@ -97,6 +99,12 @@ def test_bad_inputs_are_errors_that_name_them(args: list[str], message: str) -> 
     assert code == 2 and message in " ".join(output.split()), output
 
 
+def test_a_runtime_that_is_not_installed_is_an_error_saying_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    hide_openvino(monkeypatch)
+    code, output = invoke("lenet5", "--runtime", "ort,openvino", *FAST)
+    assert code == 2 and "runtime 'openvino' is not installed (pip install 'spiralkit[openvino]')" in output
+
+
 def test_a_directory_that_is_not_a_run_is_an_error(tmp_path: Path) -> None:
     code, output = invoke(str(tmp_path), *FAST)
     assert code == 2 and f"{tmp_path} is not a run directory: it holds no recipe.yaml" in " ".join(output.split())
@@ -116,11 +124,22 @@ def test_plans_meet_the_macs_budget_and_spiralkit_keeps_widths_multiples_of_16()
     assert model.conv1.out_channels == 20  # the dense model is not changed
 
 
-def test_peers_json_has_the_contract_fields_and_methods(tmp_path: Path) -> None:
+def hide_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make spiralkit see OpenVINO as not installed (what it checks: ``importlib.util.find_spec``)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec",
+                        lambda name, *args: None if name in ("openvino", "nncf") else real(name, *args))
+
+
+def test_peers_json_has_the_contract_fields_and_methods_without_openvino(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    hide_openvino(monkeypatch)
     out = tmp_path / "peers.json"
     code, output = invoke("--peers", "lenet5", "--json", str(out), *FAST)
     assert code == 0, output
     assert "spiralkit_prune_int8" in output and "torchpruning_ort_int8" in output
+    assert "openvino: not installed (pip install 'spiralkit[openvino]')" in " ".join(output.split())
+    assert not any(name.startswith("openvino") for name in json.loads(out.read_text())["methods"])
     data = json.loads(out.read_text())
     assert data["schema"] == "spiralkit.bench-peers/1" and data["config"]["batch"] == 1 and data["config"]["threads"] == 1
     methods = data["methods"]
