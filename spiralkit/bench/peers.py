@@ -36,7 +36,7 @@ import copy
 import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,10 +58,13 @@ from spiralkit.quant.ort import BatchReader
 from spiralkit.quant.ptq import QuantizedModel, StaticInt8, quantize
 from spiralkit.spiral.prune import search_ratio
 
-__all__ = ["PEERS_SCHEMA", "PeerResult", "PeersConfig", "PeersReport", "peers", "peers_table", "spiralkit_plan",
+__all__ = ["PEERS_SCHEMA", "PeerResult", "PlanFn", "PeersConfig", "PeersReport", "peers", "peers_table", "spiralkit_plan",
            "torchpruning_plan"]
 
 PEERS_SCHEMA = "spiralkit.bench-peers/1"
+
+PlanFn = Callable[..., nn.Module]
+"""``plan(model, example, *, macs) → pruned copy``: how spiralkit's rows prune (default `spiralkit_plan`)."""
 _ROUND_TO = 16  # kernel-friendly widths: multiples of 16 keep AVX-512 convolutions in their fast layouts
 _MAX_RATIO = 0.95
 _EVAL_INPUTS = 4
@@ -267,7 +270,8 @@ def _file_size(*paths: Path) -> int:
     return sum(path.stat().st_size for path in paths)
 
 
-def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: PeersConfig, workdir: Path) -> list[_Built]:
+def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: PeersConfig, workdir: Path,
+           plan: PlanFn) -> list[_Built]:
     """Every method, compiled and ready to time."""
     threads, budget = config.threads, config.macs
     eager, ort = runtime("eager"), runtime("ort")
@@ -303,11 +307,11 @@ def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: Peers
     built.append(_Built("torch_prune_unstructured", "torch.nn.utils.prune L1 unstructured, eager", "eager",
                         eager.from_module(sparse, x, workdir, threads), count_macs(sparse, x),
                         size_on_disk(sparse, workdir / "unstructured").best_bytes, twin="eager_fp32"))
-    ours = spiralkit_plan(model, x, macs=budget)
+    ours = plan(model, x, macs=budget)
     ours_int8 = _spiralkit_int8(ours, x, calibration, workdir / "spiralkit", threads)
     ours_macs = count_macs(ours, x)
     built += [
-        _Built("spiralkit_prune_fp32", f"spiralkit structured plan (round_to {_ROUND_TO}), ONNX Runtime", "ort",
+        _Built("spiralkit_prune_fp32", f"spiralkit plan ({getattr(plan, '__name__', 'custom')}), ONNX Runtime", "ort",
                ort.from_onnx(ours_int8.float_path, x, threads), ours_macs, _file_size(ours_int8.float_path)),
         _Built("spiralkit_prune_int8", "spiralkit plan + spiralkit static int8, ONNX Runtime", "ort",
                ort.from_onnx(ours_int8.path, x, threads), ours_macs, ours_int8.size_bytes, twin="spiralkit_prune_fp32"),
@@ -349,7 +353,8 @@ def _cosines(built: Sequence[_Built], inputs: Sequence[Tensor]) -> dict[str, flo
     return {b.name: compare_outputs(outputs(b.twin), outputs(b.name)).cosine for b in built if b.twin is not None}
 
 
-def peers(model: nn.Module, name: str, input_shape: Sequence[int], config: PeersConfig, workdir: Path) -> PeersReport:
+def peers(model: nn.Module, name: str, input_shape: Sequence[int], config: PeersConfig, workdir: Path, *,
+          plan: PlanFn = spiralkit_plan) -> PeersReport:
     """Build every peer method from ``model`` at ``config.macs`` of its MACs and time them, interleaved.
 
     Args:
@@ -358,6 +363,7 @@ def peers(model: nn.Module, name: str, input_shape: Sequence[int], config: Peers
         input_shape: One input's shape, without the batch.
         config: Budget, batch, threads, repeats, calibration.
         workdir: Where the exported and quantized files go.
+        plan: How spiralkit prunes for its rows (a latency-aware planner can be passed here).
 
     Returns:
         The methods measured, ``eager_fp32`` first.
@@ -369,7 +375,7 @@ def peers(model: nn.Module, name: str, input_shape: Sequence[int], config: Peers
     evaluation = [torch.randn(shape, generator=generator) for _ in range(_EVAL_INPUTS)]
     model = model.eval()
     with torch_threads(config.threads):
-        built = _build(model, x, calibration, config, workdir)
+        built = _build(model, x, calibration, config, workdir, plan)
         timings = time_interleaved({b.name: (lambda run=b.run: run(x)) for b in built},
                                    warmup=config.warmup, repeats=config.repeats)
         cosines = _cosines(built, evaluation)
