@@ -65,7 +65,7 @@ class BenchRow:
         p10_ms: 10th percentile.
         p90_ms: 90th percentile.
         repeats: Timed calls.
-        macs: MACs of one batch (None for an ONNX-only model).
+        macs: MACs of one batch (an int8 ONNX model: its float model's; None when that is unknown).
         speedup: The first candidate's median on the same runtime, batch and threads over this one's.
     """
 
@@ -159,7 +159,8 @@ def _call(run: Compiled, x: torch.Tensor) -> Callable[[], object]:
 
 def _rows(candidates: Sequence[Candidate], timings: dict[tuple[str, str], Timing], x: torch.Tensor, *,
           batch: int, threads: int) -> list[BenchRow]:
-    macs = {c.name: count_macs(c.module, x) if c.module is not None else None for c in candidates}
+    counted = {c.name: c.module if c.module is not None else c.float_model for c in candidates}
+    macs = {name: None if model is None else count_macs(model, x) for name, model in counted.items()}
     first: dict[str, float] = {}
     rows = []
     for (model, name), timing in timings.items():

@@ -38,11 +38,13 @@ class Candidate:
         name: How the table calls it (``baseline``, ``pruned``, ``final`` or the model's name).
         module: The PyTorch model, or None for a model that exists only as ONNX.
         onnx: An ``.onnx`` file to run instead of exporting ``module`` (a run's int8 artefact).
+        float_model: For an ONNX-only int8 model, the float model it quantizes (its MACs are counted).
     """
 
     name: str
     module: nn.Module | None
     onnx: Path | None = None
+    float_model: nn.Module | None = None
 
 
 def input_shape_of(name: str, given: Sequence[int] | None) -> tuple[int, ...]:
@@ -104,7 +106,7 @@ def run_candidates(run_dir: Path, *, allow_code: bool = False) -> tuple[list[Can
     if quantization is not None and state.final is not None:
         artefact = run_dir / quantization.artefact
         if artefact.suffix == ".onnx":
-            candidates.append(Candidate("final", None, onnx=artefact))
+            candidates.append(Candidate("final", None, onnx=artefact, float_model=pruned))
         elif quantization.kind == "compact":
             candidates.append(Candidate("final", load_compressed(artefact).eval()))
     x, _ = next(iter(load_data(recipe.data, seed=recipe.seed).val))

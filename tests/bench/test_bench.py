@@ -83,7 +83,8 @@ def test_the_cli_times_a_run_directorys_baseline_pruned_and_final_models(tmp_pat
     # the int8 final model exists only as ONNX: ONNX Runtime times it, eager cannot
     assert [(r["model"], r["runtime"]) for r in rows] == [
         ("baseline", "eager"), ("baseline", "ort"), ("pruned", "eager"), ("pruned", "ort"), ("final", "ort")]
-    assert json.loads(out.read_text())["input_shape"] == [1, 8, 8]  # the digits, as the run's data gives them
+    assert json.loads(out.read_text())["input_shape"] == [1, 8, 8]
+    assert rows[-1]["macs"] == rows[-2]["macs"]  # the int8 model counts the MACs of the float model it quantizes  # the digits, as the run's data gives them
 
 
 @pytest.mark.parametrize(("args", "message"), [
