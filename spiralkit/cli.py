@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -11,7 +13,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from spiralkit.bench import RUNTIMES, BenchConfig, BenchResult, Candidate, bench, bench_table, input_shape_of
+from spiralkit.bench import model_candidates, run_candidates
+from spiralkit.bench.peers import PeersConfig, peers_table
+from spiralkit.bench.peers import peers as run_peers
 from spiralkit.errors import SpiralError
 from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
@@ -33,7 +40,8 @@ app = typer.Typer(
 
 
 def _fail(exc: SpiralError) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escaped: messages may hold brackets ("pip install 'spiralkit[openvino]'") that are not markup
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -247,6 +255,90 @@ def export_command(
     check = exported.check
     Console().print(f"wrote {exported.path}: {exported.note}; ONNX Runtime agrees (max |diff| "
                     f"{check.max_abs_diff:.2e}, cosine {check.cosine:.6f})", highlight=False, soft_wrap=True)
+
+
+def _split(values: list[str]) -> list[str]:
+    """Repeated options and comma-separated lists alike: ``["eager,ort", "openvino"]`` → three values."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _ints(values: list[str], option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(value) for value in _split(values))
+    except ValueError:
+        raise SpiralError(f"{option} takes whole numbers (comma-separated or repeated), got {' '.join(values)!r}") from None
+
+
+def _bench_target(target: str, checkpoint: Optional[Path], input_shape: tuple[int, ...],
+                  allow_code: bool) -> tuple[list[Candidate], tuple[int, ...]]:
+    """A run directory's models (TARGET is a directory or a path), else the model TARGET names."""
+    path = Path(target)
+    if path.is_dir() or os.sep in target:
+        if not path.is_dir():
+            raise SpiralError(f"{target} is not a run directory: no such directory")
+        if checkpoint is not None:
+            raise SpiralError("--checkpoint goes with a MODEL, not with a run directory (which has its own weights)")
+        candidates, shape = run_candidates(path, allow_code=allow_code)
+        return candidates, input_shape or shape
+    return model_candidates(target, checkpoint), input_shape_of(target, input_shape)
+
+
+@app.command("bench")
+def bench_command(
+    target: Annotated[str, typer.Argument(help="A run directory (its baseline, pruned and final models), or a MODEL as recipes name it: lenet5, cifar_resnet20, torchvision:resnet18.")],
+    peers: Annotated[bool, typer.Option("--peers", help="Compare spiralkit with ONNX Runtime, Torch-Pruning, torch.nn.utils.prune and OpenVINO + NNCF on TARGET at the --macs budget (batch and threads: the first given).")] = False,
+    runtimes: Annotated[list[str], typer.Option("--runtime", help=f"Runtimes, repeated or comma-separated: {', '.join(RUNTIMES)}.")] = ["eager", "ort"],  # noqa: B006 (typer reads, never mutates)
+    batch: Annotated[list[str], typer.Option(help="Batch sizes, repeated or comma-separated.")] = ["1"],  # noqa: B006
+    threads: Annotated[list[str], typer.Option(help="Intra-op thread counts, repeated or comma-separated.")] = ["1"],  # noqa: B006
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Weights for MODEL (.safetensors or a weights-only torch file); default: its initial weights.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="One input's shape without the batch, e.g. 3,224,224 (default: known per model, or the run's data).")] = None,
+    macs: Annotated[float, typer.Option(help="With --peers: the fraction of the dense MACs the pruned methods keep.")] = 0.5,
+    repeats: Annotated[int, typer.Option(help="Timed rounds (each calls every candidate once, round-robin).")] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 5,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON.")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Keep the exported .onnx files here (default: a temporary directory).")] = None,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="Let a run directory's recipe name code to import and run. Only for run directories you trust.")] = False,
+) -> None:
+    """Time models on chosen runtimes, batches and threads, interleaved; with --peers, against the other tools."""
+    try:
+        batches, thread_counts = _ints(batch, "--batch"), _ints(threads, "--threads")
+        # Configs first: a bad runtime or budget fails before any model is built.
+        grid = None if peers else BenchConfig(runtimes=tuple(_split(runtimes)), batches=batches, threads=thread_counts,
+                                              warmup=warmup, repeats=repeats)
+        budget = PeersConfig(macs=macs, batch=batches[0], threads=thread_counts[0], warmup=warmup,
+                             repeats=repeats) if peers else None
+        shape = _ints([input_shape], "--input-shape") if input_shape else ()
+        candidates, shape = _bench_target(target, checkpoint, shape, allow_code)
+        with tempfile.TemporaryDirectory(prefix="spiral-bench-") as tmp:
+            where = workdir or Path(tmp)
+            if budget is not None:
+                model = candidates[0].module
+                assert model is not None  # the first candidate is always a module (a model, a run's baseline)
+                measured = run_peers(model, target, shape, budget, where)
+                table, data = peers_table(measured), measured.to_dict()
+            else:
+                assert grid is not None
+                rows = bench(candidates, shape, grid, where)
+                table = bench_table(rows, title=f"{target}: interleaved x{repeats}, median and p10–p90")
+                data = BenchResult(target=target, input_shape=shape, config=grid, rows=rows).to_dict()
+        console = Console()
+        # Piped or captured output gets the whole table; a terminal keeps its own width.
+        (console if console.is_terminal else Console(width=132)).print(table)
+        if json_out is not None:
+            _write_json(json_out, data)
+    except SpiralError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+
+
+def _write_json(path: Path, data: object) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise SpiralError(f"cannot write {path}: {exc.strerror or exc}") from None
+    Console(stderr=True).print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

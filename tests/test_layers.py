@@ -28,11 +28,11 @@ LAYERS: dict[str, int] = {
     "train": 3, "tasks": 3,
     # what runs a recipe
     "spiral": 4,
-    # the command
-    "cli": 5, "__main__": 5,
+    # the command and its benchmarks
+    "bench": 5, "cli": 5, "__main__": 5,
 }
 ALGORITHMS = ("prune", "graph", "distill", "quant", "models", "data", "measure")
-FORBIDDEN_FOR_ALGORITHMS = ("spiral", "train", "tasks", "cli")
+FORBIDDEN_FOR_ALGORITHMS = ("spiral", "train", "tasks", "bench", "cli")
 
 
 def _module_name(path: Path) -> str:

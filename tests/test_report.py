@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from spiralkit.report import Measurement, Metrics, Report, RoundRecord, TaskInfo, console_table, markdown, write_report
+from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, console_table, markdown, write_report
 
 
 def metrics(**overrides: float) -> Metrics:
@@ -16,14 +16,14 @@ def metrics(**overrides: float) -> Metrics:
     return Metrics(**{**values, **overrides})
 
 
-def sample() -> Report:
+def sample(quantization: QuantInfo | None = None) -> Report:
     kept = RoundRecord(**metrics(nonzero_params=20_000, sparsity=0.925, size_bytes=120_000).model_dump(),
                        index=1, accepted=True, seconds=12.5, target=0.93, reason="kept")
     dropped = RoundRecord(**metrics(metric=90.0, val_metric=89.0).model_dump(),
                           index=2, accepted=False, seconds=3.0, target=0.97, reason="val drop 9.10 > 0.1")
     return Report(name="t", task=TaskInfo(metric="accuracy", higher_is_better=True),
                   measurement=Measurement(batch_size=1, threads=1, warmup=10, repeats=50),
-                  baseline=metrics(), rounds=[kept, dropped],
+                  baseline=metrics(), rounds=[kept, dropped], quantization=quantization,
                   final=metrics(nonzero_params=20_000, sparsity=0.925, size_bytes=120_000), stopped="target reached")
 
 
@@ -31,7 +31,7 @@ def test_json_schema_and_round_trip(tmp_path: Path) -> None:
     report = sample()
     write_report(report, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
-    assert list(data)[0] == "schema" and data["schema"] == "spiralkit.report/2"
+    assert list(data)[0] == "schema" and data["schema"] == "spiralkit.report/3"
     assert data["rounds"][1]["accepted"] is False
     assert Report.from_json((tmp_path / "report.json").read_text()) == report
 
@@ -50,3 +50,33 @@ def test_console_table_fits_80_columns_untruncated() -> None:
     assert "…" not in text
     assert "round 2 ✗" in text and "round 2 rolled back: val drop 9.10 > 0.1" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_every_latency_names_its_runtime_batch_and_threads(tmp_path: Path) -> None:
+    report = sample(QuantInfo(kind="static-int8", method="ptq", bits={"*": 8}, artefact="int8/model.int8.onnx"))
+    data = json.loads(report.to_json())
+    for entry in [data["baseline"], *data["rounds"]]:
+        assert (entry["latency_runtime"], entry["latency_batch_size"], entry["latency_threads"]) == ("eager", 1, 1)
+    assert data["final"]["latency_runtime"] == "ort"
+
+
+def test_a_schema_2_report_still_loads_with_its_latencies_named() -> None:
+    """Version 2 had no latency_* fields: they come from the measurement, the runtime from the artefact."""
+    data = json.loads(sample().to_json())
+    data["schema"] = "spiralkit.report/2"
+    data["measurement"] = {"batch_size": 64, "threads": 2, "warmup": 10, "repeats": 50}
+    for entry in [data["baseline"], data["final"], *data["rounds"]]:
+        for key in ("latency_runtime", "latency_batch_size", "latency_threads"):
+            del entry[key]
+    old = Report.from_json(json.dumps(data))
+    assert old.schema_ == "spiralkit.report/3"
+    assert (old.baseline.latency_runtime, old.baseline.latency_batch_size, old.baseline.latency_threads) == ("eager", 64, 2)
+    assert old.final is not None and old.final.latency_runtime == "eager"  # no .onnx artefact: measured in PyTorch
+    assert old.rounds[1].latency_threads == 2
+
+
+def test_a_recorded_latency_runtime_is_kept() -> None:
+    named = metrics(latency_runtime="ort", latency_batch_size=8, latency_threads=4)
+    report = sample().model_copy(update={"final": named})
+    again = Report.from_json(report.to_json())
+    assert again.final is not None and (again.final.latency_runtime, again.final.latency_batch_size) == ("ort", 8)

@@ -91,7 +91,8 @@ def caption_lines(report: Report) -> list[str]:
     timing = f"latency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)"
     if report.final is not None and report.final.latency_ms > 0:
         base, final = report.baseline.latency_ms, report.final.latency_ms
-        timing += f"; {base:.3f} → {final:.3f} ms, {base / final:.1f}x faster (measured)"
+        timing += (f"; {base:.3f} ms ({report.baseline.latency_runtime}) → {final:.3f} ms "
+                   f"({report.final.latency_runtime}), {base / final:.1f}x faster (measured)")
     return [*notes, summary(report), timing]
 
 

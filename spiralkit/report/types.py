@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal, TypeVar
 
-SCHEMA = "spiralkit.report/2"
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA = "spiralkit.report/3"
+"""Version 3: every latency names its runtime, batch size and threads (`Metrics.latency_runtime`...)."""
+OLDER_SCHEMAS = ("spiralkit.report/2",)
+"""Reports that still load: their latencies get the report's ``measurement`` batch and threads and
+the runtime the spiral used (ONNX Runtime for an ``.onnx`` final artefact, else eager PyTorch)."""
+
+LatencyRuntime = Literal["eager", "ort", "openvino", "openvino_bf16"]
 
 
 class Metrics(BaseModel):
@@ -19,7 +27,13 @@ class Metrics(BaseModel):
         size_bytes: the saved artefact on disk (sparse encoding when that is smaller).
         dense_size_bytes: the dense safetensors file on disk.
         macs: multiply-accumulates of one forward pass at the latency batch size.
-        latency_ms: median latency of one forward pass (see the report's ``measurement``).
+        latency_ms: median latency of one forward pass.
+        latency_runtime: what ran it: ``eager`` (PyTorch), ``ort`` (ONNX Runtime), ``openvino``.
+        latency_batch_size: the batch size it was timed at.
+        latency_threads: the intra-op threads it was timed with.
+
+    The three ``latency_*`` fields are None only in run states saved before schema 3; a
+    `Report` fills them (see `OLDER_SCHEMAS`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -32,6 +46,12 @@ class Metrics(BaseModel):
     dense_size_bytes: int
     macs: int
     latency_ms: float
+    latency_runtime: LatencyRuntime | None = None
+    latency_batch_size: int | None = None
+    latency_threads: int | None = None
+
+
+_M = TypeVar("_M", bound=Metrics)
 
 
 class RoundRecord(Metrics):
@@ -134,6 +154,26 @@ class Report(Outcome, _ReportHeader):
     """
 
     baseline: Metrics
+
+    @model_validator(mode="after")
+    def _name_latencies(self) -> Report:
+        """Latencies recorded before schema 3 get the measurement's batch and threads and the spiral's runtime."""
+        onnx_final = self.quantization is not None and self.quantization.artefact.endswith(".onnx")
+        self.baseline = self._named(self.baseline, "eager")
+        self.student = self._named(self.student, "eager")
+        self.rounds = [self._named(record, "eager") for record in self.rounds]
+        self.pruned = self._named(self.pruned, "eager")
+        self.final = self._named(self.final, "ort" if onnx_final else "eager")
+        if self.schema_ in OLDER_SCHEMAS:
+            self.schema_ = SCHEMA  # what it holds now is a schema-3 report
+        return self
+
+    def _named(self, metrics: _M | None, runtime: LatencyRuntime) -> _M | None:
+        """``metrics`` (a copy) with its latency named, when it is not yet."""
+        if metrics is None or metrics.latency_runtime is not None:
+            return metrics
+        return metrics.model_copy(update={"latency_runtime": runtime, "latency_batch_size": self.measurement.batch_size,
+                                          "latency_threads": self.measurement.threads})
 
     def to_json(self) -> str:
         """The report as JSON, with ``schema`` as its first key."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from spiralkit.data import DataSplits
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.errors import SpiralError
+from spiralkit.export.onnx import OrtModel
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.report import Metrics
 from spiralkit.spiral.prune import PruneStage, SizeMeasure, StageContext
@@ -77,6 +78,9 @@ def measure_model(model: nn.Module, ctx: RunContext) -> Metrics:
         dense_size_bytes=size.dense_bytes,
         macs=count_macs(model, ctx.example),
         latency_ms=latency,
+        latency_runtime="ort" if isinstance(model, OrtModel) else "eager",
+        latency_batch_size=int(ctx.example.shape[0]),
+        latency_threads=recipe.measure.threads,
     )
 
 

@@ -182,7 +182,7 @@ def test_ctrl_c_exits_130_saying_how_to_resume_and_the_resume_finishes(tmp_path:
 def test_a_truncated_report_is_a_one_line_error(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "report.json").write_text('{"schema": "spiralkit.report/2", "name": "x", "rou')
+    (run_dir / "report.json").write_text('{"schema": "spiralkit.report/3", "name": "x", "rou')
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 2
     assert f"{run_dir / 'report.json'} is not a readable spiralkit report" in " ".join(result.output.split())
