@@ -190,6 +190,7 @@ def choose_widths(
     narrowest_ms: float | None = None,
     step: int = 8,
     max_ratio: float = 1.0,
+    strict: bool = True,
 ) -> LatencyPlan:
     """Per-group widths with the most importance whose predicted latency is at most ``target_ms``.
 
@@ -204,12 +205,14 @@ def choose_widths(
             width (`narrowest_counts`); with it the calibration is a line, not an offset.
         step: the grid step; widths are multiples of it (or the full width).
         max_ratio: at most this fraction of a group's channels may go.
+        strict: a target that even the narrowest widths miss is an error; otherwise the
+            narrowest widths are returned (a spiral round gets as close as it may).
 
     Returns:
         The plan and its predicted latency.
 
     Raises:
-        LatencyError: even the narrowest allowed widths predict more than ``target_ms``.
+        LatencyError: ``strict`` and even the narrowest allowed widths predict more than ``target_ms``.
     """
     problem = _Problem(plan_for, blocks, table, step=step, max_ratio=max_ratio)
     counts = {g.id: g.size for g in plan_for.channels}
@@ -221,7 +224,7 @@ def choose_widths(
     offset = measured_ms - scale * full_sum
     narrowest = offset + scale * narrow_sum
     env = table.env
-    if narrowest > target_ms:
+    if narrowest > target_ms and strict:
         raise LatencyError(
             f"latency target {target_ms:.3f} ms is out of reach on {env.runtime} (batch {env.batch}, "
             f"{env.threads} thread(s)): the narrowest widths allowed predict {narrowest:.3f} ms "

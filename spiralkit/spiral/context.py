@@ -96,7 +96,7 @@ def _size_measure(stage: PruneStage, baseline: Metrics, ctx: RunContext) -> tupl
     Latency on a runtime other than eager PyTorch is measured there, the baseline's (the
     frozen teacher's) once per run.
     """
-    name, runtime = stage.size_measure, stage.runtime
+    name, runtime = stage.size_measure, stage.runtime or "eager"
     if name == "macs":
         return (lambda m: float(count_macs(m, ctx.example))), float(baseline.macs)
     if name == "params":

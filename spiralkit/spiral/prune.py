@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError, PruneError
-from spiralkit.latency import RUNTIMES, calibration_ms, choose_widths, table_for
+from spiralkit.latency import RUNTIMES, LatencyPlan, calibration_ms, choose_widths, table_for
 from spiralkit.measure import Clock
 from spiralkit.prune.config import UnstructuredPrune, prune_to
 from spiralkit.prune.importance import LossFn, Magnitude
@@ -103,14 +103,14 @@ class PruneStage(Protocol):
     Attributes:
         kind: the recipe's name of the stage kind.
         size_measure: the model size the stage's progress is measured on.
-        runtime: where latency is measured (a name in `spiralkit.latency.RUNTIMES`).
+        runtime: where latency is measured (a name in `spiralkit.latency.RUNTIMES`; None: ``eager``).
         removes_structure: the stage makes the model physically smaller (it must come
             before stages that only mask weights).
     """
 
     kind: str
     size_measure: SizeMeasure
-    runtime: str
+    runtime: str | None
     removes_structure: ClassVar[bool]
 
     @property
@@ -145,7 +145,7 @@ class UnstructuredStage(UnstructuredPrune):
     """Unstructured spiral rounds: masks to the schedule's next sparsity (see `UnstructuredPrune`)."""
 
     size_measure: ClassVar[SizeMeasure] = "macs"
-    runtime: ClassVar[str] = "eager"
+    runtime: ClassVar[str | None] = None
     removes_structure: ClassVar[bool] = False
 
     @property
@@ -204,9 +204,11 @@ class StructuredStage(BaseModel):
         max_ratio: at most this fraction of the remaining channels goes in one round.
         bn_penalty: network slimming's L1 penalty on batch-norm scales, added to the
             recovery loss of every structured round (0: none; Liu et al. 2017).
-        runtime: where ``measure: latency`` is measured and tabled: ``eager`` (PyTorch) or
-            ``ort`` (ONNX Runtime fp32); see `spiralkit.latency.RUNTIMES`.
-        width_step: with ``measure: latency``, group widths are multiples of this (or whole).
+        runtime: where ``measure: latency`` is measured and tabled: ``eager`` (PyTorch, the
+            default) or ``ort`` (ONNX Runtime fp32); see `spiralkit.latency.RUNTIMES`.
+        width_step: with ``measure: latency``, group widths are multiples of this (or whole;
+            default 8). Both default to None so that recipes without them keep their
+            fingerprint (a missing key and None compare equal).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -223,13 +225,13 @@ class StructuredStage(BaseModel):
     heads: bool = True
     max_ratio: float = Field(default=0.9, gt=0, lt=1)
     bn_penalty: float = Field(default=0.0, ge=0)
-    runtime: str = "eager"
-    width_step: int = Field(default=8, ge=1)
+    runtime: str | None = None
+    width_step: int | None = Field(default=None, ge=1)
 
     @field_validator("runtime")
     @classmethod
-    def _known_runtime(cls, value: str) -> str:
-        if value not in RUNTIMES:
+    def _known_runtime(cls, value: str | None) -> str | None:
+        if value is not None and value not in RUNTIMES:
             raise ValueError(f"unknown runtime {value!r}; known runtimes: {', '.join(RUNTIMES)}")
         return value
 
@@ -273,17 +275,34 @@ class StructuredStage(BaseModel):
         """Widths from the latency table within ``(1 − target)·baseline`` ms.
 
         The prediction is calibrated on the model and its narrowest copy (measured
-        interleaved) and checked with one measurement of the pruned model.
+        interleaved) and checked with one measurement of the pruned model (the stage's size
+        measure, which also measures the model before the cut once). A stage target
+        that even the narrowest widths miss is an error (in its first round, before any
+        recovery); a round's own target is approached as closely as the widths allow.
+
+        Raises:
+            LatencyError: even the narrowest widths miss the stage's ``target_reduction``.
         """
-        blocks, table = table_for(plan_for, model, ctx.example, runtime=self.runtime, threads=ctx.threads,
-                                  step=self.width_step, clock=ctx.clock)
-        full_ms, narrowest_ms = calibration_ms(model, plan_for, ctx.example, runtime=self.runtime, threads=ctx.threads,
-                                               step=self.width_step, max_ratio=self.max_ratio, clock=ctx.clock)
-        chosen = choose_widths(plan_for, blocks, table, target_ms=(1.0 - target) * ctx.baseline_size,
-                               measured_ms=full_ms, narrowest_ms=narrowest_ms, step=self.width_step,
-                               max_ratio=self.max_ratio)
+        runtime, step = self.runtime or "eager", self.width_step or 8
+        blocks, table = table_for(plan_for, model, ctx.example, runtime=runtime, threads=ctx.threads, step=step,
+                                  clock=ctx.clock)
+        full_ms, narrowest_ms = calibration_ms(model, plan_for, ctx.example, runtime=runtime, threads=ctx.threads,
+                                               step=step, max_ratio=self.max_ratio, clock=ctx.clock)
+        # Targets in the calibration's terms: interleaved minima read lower than the stage's own
+        # measure (a median), so the goal is scaled by the model's latency in both.
+        scale = full_ms / ctx.size(model)
+
+        def widths(reduction: float, *, strict: bool) -> LatencyPlan:
+            return choose_widths(plan_for, blocks, table, target_ms=(1.0 - reduction) * ctx.baseline_size * scale,
+                                 measured_ms=full_ms, narrowest_ms=narrowest_ms, step=step, max_ratio=self.max_ratio,
+                                 strict=strict)
+
+        if narrowest_ms > (1.0 - self.target_reduction) * ctx.baseline_size * scale:
+            widths(self.target_reduction, strict=True)  # the stage's goal is out of reach: the error names the key
+        chosen = widths(target, strict=False)
         apply_plan(model, chosen.plan, mode="remove")
-        return RoundCut(masks=None, plan=chosen.plan, predicted_ms=chosen.predicted_ms, measured_ms=ctx.size(model))
+        predicted = chosen.predicted_ms / scale  # back in the stage measure's terms, like the measurement
+        return RoundCut(masks=None, plan=chosen.plan, predicted_ms=predicted, measured_ms=ctx.size(model))
 
     def recovery(self, objective: Objective) -> Objective:
         """The recipe's recovery, plus network slimming's batch-norm penalty when asked for."""
