@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from spiralkit.data import load_data
 from spiralkit.latency import calibration_ms, choose_widths, interleaved_ms, table_for

@@ -18,7 +18,7 @@ from spiralkit.errors import SpiralError
 from spiralkit.latency import latency_of
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.report import Metrics
-from spiralkit.spiral.prune import PruneStage, SizeMeasure, StageContext
+from spiralkit.spiral.prune import PruneStage, StageContext
 from spiralkit.tasks import evaluate
 
 if TYPE_CHECKING:  # the recipe names the stages, which use the context: no import cycle at run time

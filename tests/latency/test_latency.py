@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import spiralkit.latency.table as table_module
+import spiralkit.spiral.prune as spiral_prune
 from spiralkit.errors import RecipeError
 from spiralkit.latency import (
     LatencyError,
@@ -240,7 +241,11 @@ prune:
 # --------------------------------------------------------------------------- the spiral's stage
 
 
-def test_structured_latency_round_plans_from_the_table_and_records_the_prediction(timer: Timer) -> None:
+def test_structured_latency_round_plans_from_the_table_and_records_the_prediction(
+    timer: Timer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Calibration measured as 1 ms unpruned and 0.3 ms at the narrowest widths: no timing noise.
+    monkeypatch.setattr(spiral_prune, "calibration_ms", lambda *args, **kwargs: (1.0, 0.3))
     model, x = cnn(), torch.randn(2, 3, 8, 8)
     stage = StructuredStage(measure="latency", target_reduction=0.5, runtime="eager", width_step=8)
     measured: list[int] = []
@@ -284,7 +289,8 @@ prune: [{kind: structured, target_reduction: 0.5}]
     assert "prune.0.runtime" in now.keys and now.differences(before) == []
 
 
-def test_a_stage_goal_out_of_reach_is_an_error_in_the_first_round(timer: Timer) -> None:
+def test_a_stage_goal_out_of_reach_is_an_error_in_the_first_round(timer: Timer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spiral_prune, "calibration_ms", lambda *args, **kwargs: (1.0, 0.3))
     model, x = cnn(), torch.randn(2, 3, 8, 8)
     stage = StructuredStage(measure="latency", target_reduction=0.95, runtime="eager")
     ctx = StageContext(example=x, batches=(), loss_fn=nn.functional.cross_entropy, size=lambda m: 1.0, baseline_size=1.0)
