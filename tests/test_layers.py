@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     # models, data, counting and timing, weights and ONNX I/O
     "models": 1, "data": 1, "measure": 1, "export": 1,
     # the algorithms (and the report's types and writers, which the spiral fills)
-    "prune": 2, "graph": 2, "distill": 2, "quant": 2, "report": 2,
+    "prune": 2, "graph": 2, "distill": 2, "quant": 2, "report": 2, "latency": 2,
     # training loops and what "good" means
     "train": 3, "tasks": 3,
     # what runs a recipe
@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     # the command and its benchmarks
     "bench": 5, "cli": 5, "__main__": 5,
 }
-ALGORITHMS = ("prune", "graph", "distill", "quant", "models", "data", "measure")
+ALGORITHMS = ("prune", "graph", "distill", "quant", "latency", "models", "data", "measure")
 FORBIDDEN_FOR_ALGORITHMS = ("spiral", "train", "tasks", "bench", "cli")
 
 
@@ -140,7 +140,7 @@ def test_the_checks_catch_what_they_are_for() -> None:
 # decided the order; each is tried first in its own interpreter, so that a cycle between
 # modules (which the package graph above does not see) fails here.
 ENTRY_MODULES = ["spiralkit.measure", "spiralkit.export", "spiralkit.models", "spiralkit.quant", "spiralkit.quant.compact",
-                 "spiralkit.spiral.recipe", "spiralkit.spiral.quantize", "spiralkit.cli"]
+                 "spiralkit.latency", "spiralkit.spiral.recipe", "spiralkit.spiral.quantize", "spiralkit.cli"]
 
 
 def test_each_entry_module_imports_alone() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -241,6 +241,21 @@ class Planner:
             blocks=self.blocks,
             skipped=self.skipped,
         )
+
+    def keep(self, group: ChannelGroup, count: int) -> tuple[int, ...]:
+        """The ``count`` best root channels of ``group`` (a multiple of its blocks), as `__call__` keeps them."""
+        return _keep(self.scores.channels[group.id], count, group.blocks)
+
+    def with_counts(self, counts: Mapping[str, int]) -> PrunePlan:
+        """The plan keeping ``counts[id]`` best channels of each channel group named (heads stay whole).
+
+        Used by planners that choose every group's width themselves (e.g.
+        `spiralkit.latency.planner`); groups not in ``counts`` are kept whole.
+        """
+        removed = [b.module for b in self.blocks]
+        plans = [_group_plan(g, self.keep(g, counts[g.id]), removed)
+                 for g in self.channels if counts.get(g.id, g.size) < g.size]
+        return PrunePlan(groups=tuple(p for p in plans if p is not None), blocks=self.blocks, skipped=self.skipped)
 
 
 def planner(

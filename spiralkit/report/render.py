@@ -84,11 +84,23 @@ def summary(report: Report) -> str:
     )
 
 
+def prediction_lines(report: Report) -> list[str]:
+    """For each latency-constrained round: the latency its table predicted, the one measured, the error."""
+    return [
+        f"round {r.index} latency on {r.latency_runtime}: predicted {r.predicted_latency_ms:.3f} ms, "
+        f"measured {r.measured_latency_ms:.3f} ms (prediction error {100 * r.prediction_error:+.1f}%)"
+        for r in report.rounds if r.prediction_error is not None
+    ]
+
+
 def caption_lines(report: Report) -> list[str]:
     """What the table's caption says: why rounds were rolled back, the summary, how latency was measured."""
     m = report.measurement
     notes = [f"round {r.index} rolled back: {r.reason}" for r in report.rounds if not r.accepted]
+    notes += prediction_lines(report)
     timing = f"latency: median of {m.repeats} at batch {m.batch_size}, {m.threads} thread(s)"
+    if m.clock != "wall":
+        timing += f", {m.clock} time"
     if report.final is not None and report.final.latency_ms > 0:
         base, final = report.baseline.latency_ms, report.final.latency_ms
         timing += (f"; {base:.3f} ms ({report.baseline.latency_runtime}) → {final:.3f} ms "
@@ -123,13 +135,16 @@ def markdown(report: Report) -> str:
         "",
         f"Task metric: **{report.task.metric}** ({'higher' if report.task.higher_is_better else 'lower'} is better), "
         "on held-out test data; `val` is the validation split that decided keep/roll back.",
-        f"Latency: median of {m.repeats} runs after {m.warmup} warm-up, batch {m.batch_size}, {m.threads} thread(s).",
+        f"Latency: median of {m.repeats} runs after {m.warmup} warm-up, batch {m.batch_size}, {m.threads} thread(s)"
+        + (f", {m.clock} time." if m.clock != "wall" else "."),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in report_rows(report)]
     lines += ["", summary(report), ""]
+    if predictions := prediction_lines(report):
+        lines += [*(f"- {line}" for line in predictions), ""]
     return "\n".join(lines)
 
 

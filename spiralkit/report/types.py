@@ -67,6 +67,11 @@ class RoundRecord(Metrics):
         seconds: wall-clock time of the round.
         reason: ``kept``, or why it was rolled back.
         epochs: the round's recovery epochs (None in reports written before they were recorded).
+        predicted_latency_ms: a latency-constrained round: the pruned model's latency its
+            latency table predicted (None otherwise, and in older reports).
+        measured_latency_ms: the same model's latency measured end to end, right after the cut.
+        latency_runtime: the runtime both are on (``ort``, ``eager``…), at the report's
+            ``measurement`` batch size and threads.
     """
 
     index: int
@@ -77,6 +82,16 @@ class RoundRecord(Metrics):
     seconds: float
     reason: str
     epochs: int | None = None
+    predicted_latency_ms: float | None = None
+    measured_latency_ms: float | None = None
+    latency_runtime: str | None = None
+
+    @property
+    def prediction_error(self) -> float | None:
+        """``predicted / measured − 1`` of a latency-constrained round (None for other rounds)."""
+        if self.predicted_latency_ms is None or not self.measured_latency_ms:
+            return None
+        return self.predicted_latency_ms / self.measured_latency_ms - 1.0
 
 
 class QuantInfo(BaseModel):
@@ -105,6 +120,7 @@ class Measurement(BaseModel):
     threads: int
     warmup: int
     repeats: int
+    clock: str = "wall"
 
 
 class Outcome(BaseModel):

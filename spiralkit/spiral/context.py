@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,9 +16,10 @@ from spiralkit.data import DataSplits
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.errors import SpiralError
 from spiralkit.export.onnx import OrtModel
+from spiralkit.latency import latency_of
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.report import Metrics
-from spiralkit.spiral.prune import PruneStage, SizeMeasure, StageContext
+from spiralkit.spiral.prune import PruneStage, StageContext
 from spiralkit.tasks import evaluate
 
 if TYPE_CHECKING:  # the recipe names the stages, which use the context: no import cycle at run time
@@ -33,6 +34,8 @@ class RunContext:
     """What every stage of a run works with, passed explicitly.
 
     ``recover`` is the recipe's recovery fitted to the data (`spiralkit.spiral.recovery.fitted_to`).
+    ``baseline_latency`` holds the baseline's latency per runtime once measured (eager's is
+    the baseline's ``latency_ms``), so every round's progress is against the same number.
     """
 
     recipe: Recipe
@@ -44,6 +47,7 @@ class RunContext:
     console: Console
     recover: Recovery
     cache: TeacherCache | None = None
+    baseline_latency: dict[str, float] = field(default_factory=dict)
 
 
 def example_input(data: DataSplits, batch_size: int) -> Tensor:
@@ -56,7 +60,7 @@ def example_input(data: DataSplits, batch_size: int) -> Tensor:
 def _latency_ms(model: nn.Module, ctx: RunContext) -> float:
     measure = ctx.recipe.measure
     return measure_latency(
-        model, ctx.example, threads=measure.threads, warmup=measure.warmup, repeats=measure.repeats
+        model, ctx.example, threads=measure.threads, warmup=measure.warmup, repeats=measure.repeats, clock=measure.clock
     ).median_ms
 
 
@@ -84,20 +88,36 @@ def measure_model(model: nn.Module, ctx: RunContext) -> Metrics:
     )
 
 
-def _size_measure(name: SizeMeasure, baseline: Metrics, ctx: RunContext) -> tuple[Callable[[nn.Module], float], float]:
-    """A stage's measure of a model's size, and the baseline's value of it."""
+def _runtime_latency_ms(model: nn.Module, runtime: str, ctx: RunContext) -> float:
+    measure = ctx.recipe.measure
+    return latency_of(model, ctx.example, runtime=runtime, threads=measure.threads, warmup=measure.warmup,
+                      repeats=measure.repeats, clock=measure.clock).median_ms
+
+
+def _size_measure(stage: PruneStage, baseline: Metrics, ctx: RunContext) -> tuple[Callable[[nn.Module], float], float]:
+    """A stage's measure of a model's size, and the baseline's value of it.
+
+    Latency on a runtime other than eager PyTorch is measured there, the baseline's (the
+    frozen teacher's) once per run.
+    """
+    name, runtime = stage.size_measure, stage.runtime or "eager"
     if name == "macs":
         return (lambda m: float(count_macs(m, ctx.example))), float(baseline.macs)
     if name == "params":
         return (lambda m: float(count_params(m).total)), float(baseline.params)
-    return (lambda m: _latency_ms(m, ctx)), baseline.latency_ms
+    if runtime == "eager":
+        return (lambda m: _latency_ms(m, ctx)), baseline.latency_ms
+    if runtime not in ctx.baseline_latency:
+        ctx.baseline_latency[runtime] = _runtime_latency_ms(ctx.teacher, runtime, ctx)
+    return (lambda m: _runtime_latency_ms(m, runtime, ctx)), ctx.baseline_latency[runtime]
 
 
 def stage_context(stage: PruneStage, baseline: Metrics, ctx: RunContext) -> StageContext:
     """What ``stage`` needs from the run to measure and prune a model."""
-    size, baseline_size = _size_measure(stage.size_measure, baseline, ctx)
+    size, baseline_size = _size_measure(stage, baseline, ctx)
     return StageContext(example=ctx.example, batches=ctx.data.train, loss_fn=ctx.recipe.task.loss,
-                        size=size, baseline_size=baseline_size)
+                        size=size, baseline_size=baseline_size, threads=ctx.recipe.measure.threads,
+                        clock=ctx.recipe.measure.clock)
 
 
 def _first_nonfinite_batch(batches: Iterable[tuple[object, Tensor]]) -> int | None:

@@ -11,6 +11,8 @@ stage                 progress (0 → target)                         one round
 `UnstructuredStage`   sparsity of the selected weights               masks to the next sparsity
 `StructuredStage`     ``1 − size/size(baseline)``, size = MACs,      removes channels/heads, with
                       parameters or measured latency                 the ratio searched to hit it
+                                                                     (latency: per-group widths
+                                                                     from a latency table)
 ====================  ===========================================  ===============================
 
 Each stage kind is one class implementing `PruneStage` (goal, progress, one cut, and its
@@ -26,11 +28,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError, PruneError
+from spiralkit.latency import RUNTIMES, LatencyPlan, calibration_ms, choose_widths, table_for
+from spiralkit.measure import Clock
 from spiralkit.prune.config import UnstructuredPrune, prune_to
 from spiralkit.prune.importance import LossFn, Magnitude
 from spiralkit.prune.schedules import AGP, Schedule
@@ -66,6 +70,8 @@ class StageContext:
         loss_fn: the task's loss, for data-driven criteria.
         size: the stage's size measure of a model (MACs, parameters or latency).
         baseline_size: the same measure of the unpruned baseline.
+        threads: intra-op threads latency is measured with.
+        clock: the clock latency is measured on (``wall`` or ``cpu``).
     """
 
     example: Tensor
@@ -73,14 +79,22 @@ class StageContext:
     loss_fn: LossFn
     size: Callable[[nn.Module], float]
     baseline_size: float
+    threads: int = 1
+    clock: Clock = "wall"
 
 
 @dataclass(frozen=True)
 class RoundCut:
-    """What one round's pruning did: the masks now in force, and the plan it removed (if any)."""
+    """What one round's pruning did: the masks now in force, and the plan it removed (if any).
+
+    A latency-constrained cut also says what its latency table predicted for the pruned
+    model and what one end-to-end measurement of it gave (milliseconds).
+    """
 
     masks: Masks | None
     plan: PrunePlan | None
+    predicted_ms: float | None = None
+    measured_ms: float | None = None
 
 
 class PruneStage(Protocol):
@@ -89,12 +103,14 @@ class PruneStage(Protocol):
     Attributes:
         kind: the recipe's name of the stage kind.
         size_measure: the model size the stage's progress is measured on.
+        runtime: where latency is measured (a name in `spiralkit.latency.RUNTIMES`; None: ``eager``).
         removes_structure: the stage makes the model physically smaller (it must come
             before stages that only mask weights).
     """
 
     kind: str
     size_measure: SizeMeasure
+    runtime: str | None
     removes_structure: ClassVar[bool]
 
     @property
@@ -129,6 +145,7 @@ class UnstructuredStage(UnstructuredPrune):
     """Unstructured spiral rounds: masks to the schedule's next sparsity (see `UnstructuredPrune`)."""
 
     size_measure: ClassVar[SizeMeasure] = "macs"
+    runtime: ClassVar[str | None] = None
     removes_structure: ClassVar[bool] = False
 
     @property
@@ -167,11 +184,14 @@ class StructuredStage(BaseModel):
 
     Each round searches the channel ratio whose removal brings the model to the next point
     of the schedule (e.g. 30% → 50% → 65% → 70% fewer MACs than the baseline) and removes
-    those channels physically; recovery then distils from the unpruned model.
+    those channels physically; recovery then distils from the unpruned model. With
+    ``measure: latency`` a round instead chooses every group's width from a latency table of
+    the model's blocks on ``runtime`` (`spiralkit.latency.planner`), keeping the most
+    importance within the predicted latency, and checks the prediction with one measurement.
 
     Attributes:
-        measure: what the target is on — ``macs``, ``params`` or ``latency`` (measured as
-            the recipe's ``measure`` section says).
+        measure: what the target is on — ``macs``, ``params`` or ``latency`` (measured on
+            ``runtime`` at the recipe's ``measure`` batch size and threads).
         target_reduction: the fraction of the baseline's measure to remove, e.g. 0.7 for a
             model with 30% of the baseline's MACs.
         schedule: how the rounds approach the target (on the reduction).
@@ -184,6 +204,11 @@ class StructuredStage(BaseModel):
         max_ratio: at most this fraction of the remaining channels goes in one round.
         bn_penalty: network slimming's L1 penalty on batch-norm scales, added to the
             recovery loss of every structured round (0: none; Liu et al. 2017).
+        runtime: where ``measure: latency`` is measured and tabled: ``eager`` (PyTorch, the
+            default) or ``ort`` (ONNX Runtime fp32); see `spiralkit.latency.RUNTIMES`.
+        width_step: with ``measure: latency``, group widths are multiples of this (or whole;
+            default 8). Both default to None so that recipes without them keep their
+            fingerprint (a missing key and None compare equal).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -200,6 +225,15 @@ class StructuredStage(BaseModel):
     heads: bool = True
     max_ratio: float = Field(default=0.9, gt=0, lt=1)
     bn_penalty: float = Field(default=0.0, ge=0)
+    runtime: str | None = None
+    width_step: int | None = Field(default=None, ge=1)
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str | None) -> str | None:
+        if value is not None and value not in RUNTIMES:
+            raise ValueError(f"unknown runtime {value!r}; known runtimes: {', '.join(RUNTIMES)}")
+        return value
 
     @property
     def size_measure(self) -> SizeMeasure:
@@ -228,12 +262,47 @@ class StructuredStage(BaseModel):
         return 1.0 - ctx.size(model) / ctx.baseline_size
 
     def cut(self, model: nn.Module, masks: Masks | None, *, target: float, ctx: StageContext) -> RoundCut:
-        """Remove the channels of the ratio that brings the size measure to ``target``."""
+        """Remove the channels of the ratio (or, for latency, the widths) that bring the size measure to ``target``."""
         plan_for = planner(model, self.step(), example=ctx.example, batches=ctx.batches, loss_fn=ctx.loss_fn)
+        if self.measure == "latency":
+            return self._latency_cut(plan_for, model, target=target, ctx=ctx)
         plan = search_ratio(plan_for, model, size=ctx.size, goal=(1.0 - target) * ctx.baseline_size,
                             max_ratio=self.max_ratio)
         apply_plan(model, plan, mode="remove")
         return RoundCut(masks=None, plan=plan)
+
+    def _latency_cut(self, plan_for: Planner, model: nn.Module, *, target: float, ctx: StageContext) -> RoundCut:
+        """Widths from the latency table within ``(1 − target)·baseline`` ms.
+
+        The prediction is calibrated on the model and its narrowest copy (measured
+        interleaved) and checked with one measurement of the pruned model (the stage's size
+        measure, which also measures the model before the cut once). A stage target
+        that even the narrowest widths miss is an error (in its first round, before any
+        recovery); a round's own target is approached as closely as the widths allow.
+
+        Raises:
+            LatencyError: even the narrowest widths miss the stage's ``target_reduction``.
+        """
+        runtime, step = self.runtime or "eager", self.width_step or 8
+        blocks, table = table_for(plan_for, model, ctx.example, runtime=runtime, threads=ctx.threads, step=step,
+                                  clock=ctx.clock)
+        full_ms, narrowest_ms = calibration_ms(model, plan_for, ctx.example, runtime=runtime, threads=ctx.threads,
+                                               step=step, max_ratio=self.max_ratio, clock=ctx.clock)
+        # Targets in the calibration's terms: interleaved minima read lower than the stage's own
+        # measure (a median), so the goal is scaled by the model's latency in both.
+        scale = full_ms / ctx.size(model)
+
+        def widths(reduction: float, *, strict: bool) -> LatencyPlan:
+            return choose_widths(plan_for, blocks, table, target_ms=(1.0 - reduction) * ctx.baseline_size * scale,
+                                 measured_ms=full_ms, narrowest_ms=narrowest_ms, step=step, max_ratio=self.max_ratio,
+                                 strict=strict)
+
+        if narrowest_ms > (1.0 - self.target_reduction) * ctx.baseline_size * scale:
+            widths(self.target_reduction, strict=True)  # the stage's goal is out of reach: the error names the key
+        chosen = widths(target, strict=False)
+        apply_plan(model, chosen.plan, mode="remove")
+        predicted = chosen.predicted_ms / scale  # back in the stage measure's terms, like the measurement
+        return RoundCut(masks=None, plan=chosen.plan, predicted_ms=predicted, measured_ms=ctx.size(model))
 
     def recovery(self, objective: Objective) -> Objective:
         """The recipe's recovery, plus network slimming's batch-norm penalty when asked for."""

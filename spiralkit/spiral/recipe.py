@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from torch import Tensor, nn
@@ -66,13 +66,19 @@ class Targets(BaseModel):
 
 
 class MeasureConfig(BaseModel):
-    """How latency is measured: batch size, threads, warm-up and repeats (median reported)."""
+    """How latency is measured: batch size, threads, warm-up and repeats (median reported), and the clock.
+
+    ``clock: cpu`` times the CPU time of the process instead of the wall clock: on a machine
+    whose cores other jobs share it is not inflated by preemption (one thread only; see
+    `spiralkit.measure.measure_call`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     batch_size: int = Field(default=1, gt=0)
     threads: int = Field(default=1, gt=0)
     warmup: int = Field(default=10, ge=0)
     repeats: int = Field(default=50, gt=0)
+    clock: Literal["wall", "cpu"] = "wall"
 
 
 class Recipe(BaseModel):

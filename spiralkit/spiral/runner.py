@@ -164,6 +164,8 @@ def _run_round(
     record = RoundRecord(
         **metrics.model_dump(), index=index, stage=state.stage + 1, progress=stage.progress_name, target=target,
         accepted=not reason, seconds=time.perf_counter() - started, reason=reason or "kept", epochs=recovery.epochs,
+        predicted_latency_ms=cut.predicted_ms, measured_latency_ms=cut.measured_ms,
+        latency_runtime=(stage.runtime or "eager") if cut.predicted_ms is not None else None,
     )
     plans = pruned.plans + ((cut.plan,) if cut.plan is not None else ())
     return Pruned(model=candidate, masks=cut.masks, plans=plans), record

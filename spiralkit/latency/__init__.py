@@ -1,0 +1,41 @@
+"""Measured latency as a pruning target: runtimes, latency tables and the latency-constrained planner.
+
+* `spiralkit.latency.runtimes` — the runtimes (``eager``, ``ort``) as an explicit table, and
+  `latency_of` to time a model on one.
+* `spiralkit.latency.table` — per-block latency tables over a grid of widths, cached on disk.
+* `spiralkit.latency.planner` — per-group widths that keep the most importance within a
+  predicted latency (`plan_for_latency`, `choose_widths`).
+"""
+
+from spiralkit.latency.planner import (
+    LatencyPlan,
+    calibration_ms,
+    choose_widths,
+    narrowest_counts,
+    plan_for_latency,
+    table_for,
+)
+from spiralkit.latency.runtimes import RUNTIMES, LatencyError, Runtime, get_runtime, interleaved_ms, latency_of
+from spiralkit.latency.table import Block, BlockShape, LatencyTable, TableEnv, build_table, table_blocks, width_grid
+
+__all__ = [
+    "RUNTIMES",
+    "Block",
+    "BlockShape",
+    "LatencyError",
+    "LatencyPlan",
+    "LatencyTable",
+    "Runtime",
+    "TableEnv",
+    "build_table",
+    "calibration_ms",
+    "choose_widths",
+    "get_runtime",
+    "interleaved_ms",
+    "latency_of",
+    "narrowest_counts",
+    "plan_for_latency",
+    "table_blocks",
+    "table_for",
+    "width_grid",
+]

@@ -1,0 +1,298 @@
+"""Latency tables (building, cache reuse and invalidation) and the latency-constrained planner."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import spiralkit.latency.table as table_module
+import spiralkit.spiral.prune as spiral_prune
+from spiralkit.errors import RecipeError
+from spiralkit.latency import (
+    LatencyError,
+    LatencyTable,
+    build_table,
+    choose_widths,
+    get_runtime,
+    latency_of,
+    plan_for_latency,
+    table_blocks,
+    table_for,
+    width_grid,
+)
+from spiralkit.latency.runtimes import EagerRuntime, block_onnx, interleaved_ms
+from spiralkit.latency.table import BlockShape, TableEnv
+from spiralkit.models.resnet_cifar import cifar_resnet20
+from spiralkit.prune.apply import apply_plan
+from spiralkit.prune.structured import StructuredPrune, planner
+from spiralkit.report import Measurement, Metrics, Report, RoundRecord, TaskInfo
+from spiralkit.report.render import caption_lines, markdown
+from spiralkit.spiral.prune import StageContext, StructuredStage
+from spiralkit.spiral.recipe import parse_recipe
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    ).eval()
+
+
+def fake_ms(shape: BlockShape, pair: tuple[int, int]) -> float:
+    """A deterministic cost: MACs-like, with widths off multiples of 16 as slow as the next multiple."""
+    cin, cout = (-(-w // 16) * 16 for w in pair)
+    pixels = 1
+    for size in shape.spatial:
+        pixels *= size
+    return 1e-4 * cin * cout * pixels + 0.01
+
+
+class Timer:
+    """Stands in for `time_entries`: counts what it is asked to time."""
+
+    def __init__(self) -> None:
+        self.timed: list[tuple[str, tuple[int, int]]] = []
+
+    def __call__(self, entries: Sequence[tuple[BlockShape, tuple[int, int]]], *, env: TableEnv, **_: object) -> list[float]:
+        self.timed += [(shape.key(), pair) for shape, pair in entries]
+        return [fake_ms(shape, pair) for shape, pair in entries]
+
+
+@pytest.fixture
+def timer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Timer:
+    fake = Timer()
+    monkeypatch.setattr(table_module, "time_entries", fake)
+    monkeypatch.setenv("SPIRALKIT_CACHE_DIR", str(tmp_path / "cache"))
+    return fake
+
+
+def test_width_grid_is_multiples_and_the_full_width() -> None:
+    assert width_grid(20, 8) == (8, 16, 20)
+    assert width_grid(32, 16) == (16, 32)
+    assert width_grid(3, 8) == (3,)
+
+
+def test_blocks_carry_their_input_shapes() -> None:
+    blocks = table_blocks(cnn(), torch.randn(2, 3, 8, 8))
+    assert [(b.name, b.in_size, b.out_size) for b in blocks] == [("0", 3, 16), ("3", 16, 32), ("8", 32, 4)]
+    assert blocks[0].shape.spatial == (8, 8) and blocks[1].shape.stride == (2, 2)
+    assert blocks[2].shape.kind == "linear"
+
+
+def test_table_is_built_once_then_read_from_the_cache(timer: Timer, tmp_path: Path) -> None:
+    model, x = cnn(), torch.randn(4, 3, 8, 8)
+    first = build_table(model, x, runtime="eager", step=8)
+    # conv 3→16: 1×2 pairs; conv 16→32: 2×4; linear 32→4: 4×1 (4 is its own grid).
+    assert first.timed == len(timer.timed) == 2 + 8 + 4
+    files = list((tmp_path / "cache" / "latency").glob("eager-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["batch"] == 4
+    second = build_table(model, x, runtime="eager", step=8)
+    assert second.timed == 0 and len(timer.timed) == 14, "the second build times nothing"
+    assert second.entries == first.entries
+
+
+@pytest.mark.parametrize("change", ["threads", "batch", "runtime version", "runtime"])
+def test_table_is_rebuilt_when_its_environment_changes(timer: Timer, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    model, x = cnn(), torch.randn(4, 3, 8, 8)
+    build_table(model, x, runtime="eager", step=8)
+    kwargs: dict[str, object] = {"runtime": "eager", "step": 8}
+    if change == "threads":
+        kwargs["threads"] = 2
+    elif change == "batch":
+        x = torch.randn(2, 3, 8, 8)
+    elif change == "runtime version":
+        monkeypatch.setattr(EagerRuntime, "version", lambda self: "0.0-other")
+    else:
+        kwargs["runtime"] = "ort"
+    assert build_table(model, x, **kwargs).timed == 14  # type: ignore[arg-type]
+
+
+def test_table_lookup_off_the_grid_takes_the_next_wider_entry() -> None:
+    shape = BlockShape(kind="linear", spatial=())
+    table = LatencyTable(env=TableEnv("eager", "1", 1, 1, "cpu"), entries={shape.key(): {(8, 8): 1.0, (16, 16): 2.0}})
+    assert table.ms(shape, 8, 8) == 1.0 and table.ms(shape, 9, 4) == 2.0
+    with pytest.raises(LatencyError, match=r"no entry for linear .* at widths \(17, 8\)"):
+        table.ms(shape, 17, 8)
+
+
+def test_real_tables_time_every_entry_on_both_runtimes(tmp_path: Path) -> None:
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    for runtime in ("eager", "ort"):
+        table = build_table(model, x, runtime=runtime, step=16, directory=tmp_path, repeats=1, passes=1, warmup=0)
+        values = [ms for row in table.entries.values() for ms in row.values()]
+        assert table.timed == len(values) == 1 + 2 + 2 and all(ms > 0 for ms in values)
+
+
+def test_a_block_written_as_onnx_computes_what_the_module_does(tmp_path: Path) -> None:
+    from spiralkit.export.onnx import OrtModel
+
+    torch.manual_seed(0)
+    block = BlockShape(kind="conv2d", spatial=(6, 6), kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1),
+                       bias=True).module(8, 16).eval()
+    block[1].running_mean.normal_()
+    block[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 6, 6)
+    path = tmp_path / "block.onnx"
+    proto = block_onnx(block)
+    assert proto is not None and block_onnx(nn.Sequential(nn.Conv2d(2, 2, 1))) is None
+    path.write_bytes(proto.SerializeToString())
+    torch.testing.assert_close(OrtModel(path)(x), block(x), atol=1e-5, rtol=1e-4)
+
+
+def test_interleaved_timing_gives_one_value_per_run() -> None:
+    model = cnn()
+    ms = interleaved_ms([(model, torch.randn(1, 3, 8, 8)), (model, torch.randn(8, 3, 8, 8))], runtime="eager",
+                        repeats=1, passes=2, warmup=0, clock="cpu")
+    assert len(ms) == 2 and all(v > 0 for v in ms)
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def _plan(model: nn.Module, x: torch.Tensor, *, target: float, step: int = 8):  # type: ignore[no-untyped-def]
+    plan_for = planner(model, StructuredPrune(ratio=0.0), example=x)
+    blocks, table = table_for(plan_for, model, x, runtime="eager", threads=1, step=step)
+    full = sum(table.ms(b.shape, b.in_size, b.out_size) for b in blocks) + 1.0  # 1 ms outside the blocks
+    return plan_for, blocks, table, choose_widths(plan_for, blocks, table, target_ms=target * full, measured_ms=full,
+                                                  step=step)
+
+
+@pytest.mark.parametrize("step", [8, 16])
+def test_planner_meets_the_predicted_target_with_table_widths_only(timer: Timer, step: int) -> None:
+    model, x = cifar_resnet20().eval(), torch.randn(2, 3, 16, 16)
+    plan_for, blocks, table, chosen = _plan(model, x, target=0.5, step=step)
+    assert chosen.predicted_ms <= 0.5 * chosen.full_ms
+    sizes = {g.id: g.size for g in plan_for.channels}
+    assert all(k in width_grid(sizes[g], step) for g, k in chosen.counts.items())
+    assert any(k < sizes[g] for g, k in chosen.counts.items())
+    # The plan keeps residual streams consistent: the pruned model runs, and every conv's widths are table entries.
+    pruned = apply_plan(copy.deepcopy(model), chosen.plan, mode="remove")
+    assert pruned(x).shape == (2, 10)
+    for block in table_blocks(pruned, x):
+        assert (block.in_size, block.out_size) in table.entries[block.shape.key()]
+    # The prediction is the calibrated sum of the table entries of the pruned widths.
+    predicted = sum(table.ms(b.shape, b.in_size, b.out_size) for b in table_blocks(pruned, x)) + 1.0
+    assert chosen.predicted_ms == pytest.approx(predicted)
+
+
+def test_planner_keeps_the_most_important_channels_it_can_afford(timer: Timer) -> None:
+    model, x = cifar_resnet20().eval(), torch.randn(2, 3, 16, 16)
+    _, _, _, loose = _plan(model, x, target=0.9)
+    _, _, _, tight = _plan(model, x, target=0.5)
+    assert sum(loose.counts.values()) > sum(tight.counts.values())
+
+
+def test_two_point_calibration_is_the_line_through_both_measurements(timer: Timer) -> None:
+    model, x = cifar_resnet20().eval(), torch.randn(2, 3, 16, 16)
+    plan_for = planner(model, StructuredPrune(ratio=0.0), example=x)
+    blocks, table = table_for(plan_for, model, x, runtime="eager", threads=1, step=8)
+    chosen = choose_widths(plan_for, blocks, table, target_ms=30.0, measured_ms=40.0, narrowest_ms=20.0, step=8)
+    full = sum(table.ms(b.shape, b.in_size, b.out_size) for b in blocks)
+    assert chosen.offset_ms + chosen.scale * full == pytest.approx(40.0)
+    assert chosen.predicted_ms <= 30.0
+
+
+def test_one_shot_plan_from_the_api(timer: Timer) -> None:
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    plan = plan_for_latency(model, StructuredPrune(ratio=0.0), example=x, target_ms=0.6, runtime="eager", measured_ms=1.0)
+    assert [len(g.keep) for g in plan.groups] and all(len(g.keep) % 8 == 0 for g in plan.groups)
+
+
+def test_impossible_target_is_an_error_naming_the_key(timer: Timer) -> None:
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    # The blocks take 5 of the 10 ms; at their narrowest (8 channels cost as 16) they still take 3.3.
+    with pytest.raises(LatencyError, match=r"latency target 5\.000 ms is out of reach on eager \(batch 2, 1 thread\(s\)\)"
+                                            r": the narrowest widths allowed predict 8\.3.* ask for a smaller 'target_reduction'"):
+        plan_for_latency(model, StructuredPrune(ratio=0.0), example=x, target_ms=5.0, runtime="eager", measured_ms=10.0)
+
+
+def test_unknown_runtime_is_an_error_listing_the_known_ones() -> None:
+    with pytest.raises(LatencyError, match=r"unknown runtime 'tensorrt' \(key 'runtime'\); known runtimes: eager, ort"):
+        get_runtime("tensorrt")
+    with pytest.raises(LatencyError, match="unknown runtime 'tensorrt'"):
+        latency_of(cnn(), torch.randn(1, 3, 8, 8), runtime="tensorrt")
+    with pytest.raises(LatencyError, match="unknown runtime 'tensorrt'"):
+        build_table(cnn(), torch.randn(1, 3, 8, 8), runtime="tensorrt")
+
+
+def test_recipe_with_an_unknown_runtime_names_the_key() -> None:
+    text = """\
+name: t
+model: {name: mlp, kwargs: {in_features: 64, widths: [32]}}
+data: {name: digits}
+prune:
+  - kind: structured
+    measure: latency
+    target_reduction: 0.5
+    runtime: tensorrt
+"""
+    with pytest.raises(RecipeError, match=r"line 8: key 'prune\.0\.runtime'.*unknown runtime 'tensorrt'; known runtimes: eager, ort"):
+        parse_recipe(text, source="r.yaml")
+
+
+# --------------------------------------------------------------------------- the spiral's stage
+
+
+def test_structured_latency_round_plans_from_the_table_and_records_the_prediction(
+    timer: Timer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Calibration measured as 1 ms unpruned and 0.3 ms at the narrowest widths: no timing noise.
+    monkeypatch.setattr(spiral_prune, "calibration_ms", lambda *args, **kwargs: (1.0, 0.3))
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    stage = StructuredStage(measure="latency", target_reduction=0.5, runtime="eager", width_step=8)
+    measured: list[int] = []
+
+    def size(m: nn.Module) -> float:
+        measured.append(1)
+        return 1.0
+
+    ctx = StageContext(example=x, batches=(), loss_fn=nn.functional.cross_entropy, size=size, baseline_size=1.0)
+    cut = stage.cut(model, None, target=0.5, ctx=ctx)
+    assert cut.plan is not None and cut.predicted_ms is not None and cut.predicted_ms <= 0.5 + 1e-9
+    assert cut.measured_ms == 1.0 and len(measured) == 2, "one measurement before the cut, one checks the prediction"
+    assert model[0].out_channels % 8 == 0
+
+
+def test_round_records_without_latency_fields_load_and_predictions_are_reported() -> None:
+    metrics = {"metric": 90.0, "val_metric": 90.0, "params": 10, "nonzero_params": 10, "sparsity": 0.0,
+               "size_bytes": 1, "dense_size_bytes": 1, "macs": 1, "latency_ms": 2.0}
+    old = RoundRecord.model_validate({**metrics, "index": 1, "target": 0.5, "accepted": True, "seconds": 1.0, "reason": "kept"})
+    assert old.predicted_latency_ms is None and old.prediction_error is None
+    new = old.model_copy(update={"predicted_latency_ms": 1.1, "measured_latency_ms": 1.0, "latency_runtime": "ort"})
+    report = Report(name="r", task=TaskInfo(metric="acc", higher_is_better=True),
+                    measurement=Measurement(batch_size=64, threads=1, warmup=1, repeats=3),
+                    baseline=Metrics(**metrics), rounds=[new])
+    line = "round 1 latency on ort: predicted 1.100 ms, measured 1.000 ms (prediction error +10.0%)"
+    assert line in caption_lines(report) and line in markdown(report)
+    assert Report.from_json(report.to_json()).rounds[0].latency_runtime == "ort"
+
+
+def test_structured_recipes_without_the_new_keys_keep_their_fingerprint() -> None:
+    from spiralkit.spiral.fingerprint import Fingerprint, fingerprint
+
+    recipe = parse_recipe("""\
+name: t
+model: {name: mlp, kwargs: {in_features: 64, widths: [32]}}
+data: {name: digits}
+prune: [{kind: structured, target_reduction: 0.5}]
+""")
+    now = fingerprint(recipe)
+    before = Fingerprint(keys={k: v for k, v in now.keys.items() if k not in ("prune.0.runtime", "prune.0.width_step")})
+    assert "prune.0.runtime" in now.keys and now.differences(before) == []
+
+
+def test_a_stage_goal_out_of_reach_is_an_error_in_the_first_round(timer: Timer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spiral_prune, "calibration_ms", lambda *args, **kwargs: (1.0, 0.3))
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    stage = StructuredStage(measure="latency", target_reduction=0.95, runtime="eager")
+    ctx = StageContext(example=x, batches=(), loss_fn=nn.functional.cross_entropy, size=lambda m: 1.0, baseline_size=1.0)
+    with pytest.raises(LatencyError, match=r"out of reach on eager .* ask for a smaller 'target_reduction'"):
+        stage.cut(model, None, target=0.3, ctx=ctx)
