@@ -21,7 +21,7 @@ from spiralkit.spiral.analyze import suggest as suggest_fragment
 from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
 from spiralkit.spiral.fingerprint import Fingerprint, fingerprint, run_fingerprint
-from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_HTML, REPORT_JSON, STATE
+from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_HTML, REPORT_JSON, STATE, load_curves
 
 app = typer.Typer(
     name="spiral",
@@ -195,7 +195,8 @@ def _write_run_html(run_dir: Path, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SpiralError(f"cannot create {out}: {exc.strerror or exc}") from None
-    return write_html_report(report_, out, recipe_text=_recipe_text(run_dir), weights=run_dir / MODEL)
+    return write_html_report(report_, out, recipe_text=_recipe_text(run_dir), weights=run_dir / MODEL,
+                             curves=load_curves(run_dir))
 
 
 def _compare_runs(run_dirs: list[Path]) -> list[CompareRun]:
