@@ -119,7 +119,8 @@ def compare_command(
 def analyze_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     out: Annotated[Path, typer.Option(help="Where analysis.json and analysis.html go (and the trained baseline, reused next time).")],
-    limit: Annotated[Optional[int], typer.Option(help="Measure on the first N validation examples (default: all).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Measure on the first N examples of the split (default: all).")] = None,
+    split: Annotated[str, typer.Option(help="The split measured on: val (carved from the training data, as a run decides) or test (held out, e.g. SST-2's dev sentences).")] = "val",
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Analyse this run directory's baseline.safetensors instead of training one.")] = None,
     suggest: Annotated[bool, typer.Option("--suggest", help="Print a recipe fragment: layers to keep unpruned, bits per layer.")] = False,
     max_drop: Annotated[Optional[float], typer.Option(help="The drop --suggest tolerates (default: the recipe's targets.max_metric_drop).")] = None,
@@ -127,7 +128,7 @@ def analyze_command(
 ) -> None:
     """Scan how much each layer's pruning or quantization alone costs, without recovery."""
     try:
-        config = AnalyzeConfig(limit=limit, from_run=from_run, allow_code=allow_code)
+        config = AnalyzeConfig(limit=limit, from_run=from_run, split=split, allow_code=allow_code)  # type: ignore[arg-type]
         loaded = load_recipe(recipe)
         result = analyze(loaded, out, config)
         Console(stderr=True).print(f"wrote {out / ANALYSIS_JSON} and {out / ANALYSIS_HTML}", highlight=False, soft_wrap=True)

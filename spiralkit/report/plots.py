@@ -274,7 +274,8 @@ def heatmap_svg(
         The SVG markup from its ``<svg`` tag on (no XML declaration or doctype).
     """
     grid = np.asarray(values, dtype=float).reshape(len(rows), len(columns))
-    figure = Figure(figsize=(1.2 + 0.75 * len(columns), 1.2 + 0.35 * len(rows)), layout="constrained")
+    labels = max((len(row) for row in rows), default=0)  # long layer names need room on the left
+    figure = Figure(figsize=(2.2 + 0.75 * len(columns) + 0.07 * labels, 1.2 + 0.35 * len(rows)), layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="Reds")
     axes.set_xticks(range(len(columns)), labels=list(columns), rotation=45, ha="right")
