@@ -16,7 +16,7 @@ from spiralkit.errors import SpiralError
 from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
 from spiralkit.report.analysis import ANALYSIS_HTML, ANALYSIS_JSON
-from spiralkit.spiral.analyze import AnalyzeConfig, analyze
+from spiralkit.spiral.analyze import SCANS, AnalyzeConfig, analyze, scans_only
 from spiralkit.spiral.analyze import suggest as suggest_fragment
 from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
@@ -120,6 +120,7 @@ def analyze_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     out: Annotated[Path, typer.Option(help="Where analysis.json and analysis.html go (and the trained baseline, reused next time).")],
     limit: Annotated[Optional[int], typer.Option(help="Measure on the first N examples of the split (default: all).")] = None,
+    scan: Annotated[Optional[list[str]], typer.Option(help=f"Scan only this (repeat for more): {', '.join(SCANS)} (default: all).")] = None,
     split: Annotated[str, typer.Option(help="The split measured on: val (carved from the training data, as a run decides) or test (held out, e.g. SST-2's dev sentences).")] = "val",
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Analyse this run directory's baseline.safetensors instead of training one.")] = None,
     suggest: Annotated[bool, typer.Option("--suggest", help="Print a recipe fragment: layers to keep unpruned, bits per layer.")] = False,
@@ -129,6 +130,8 @@ def analyze_command(
     """Scan how much each layer's pruning or quantization alone costs, without recovery."""
     try:
         config = AnalyzeConfig(limit=limit, from_run=from_run, split=split, allow_code=allow_code)  # type: ignore[arg-type]
+        if scan:
+            config = scans_only(config, scan)
         loaded = load_recipe(recipe)
         result = analyze(loaded, out, config)
         Console(stderr=True).print(f"wrote {out / ANALYSIS_JSON} and {out / ANALYSIS_HTML}", highlight=False, soft_wrap=True)

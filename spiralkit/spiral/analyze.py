@@ -74,7 +74,7 @@ from spiralkit.spiral.rundir import BASELINE
 from spiralkit.spiral.runner import train_baseline
 from spiralkit.tasks import evaluate, metric_drop
 
-__all__ = ["AnalyzeConfig", "analyze", "fewest_bits", "suggest"]
+__all__ = ["SCANS", "AnalyzeConfig", "analyze", "fewest_bits", "scans_only", "suggest"]
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -115,6 +115,31 @@ class AnalyzeConfig:
             bad = [r for r in getattr(self, name) if not 0 <= r < 1]
             if bad:
                 raise SpiralError(f"{name} must be in [0, 1), got {bad[0]}")
+
+
+SCANS = ("weights", "bits", "channels", "heads", "depth")
+"""What `scans_only` can keep: one-layer magnitude pruning, one-layer quantization, channel
+groups, attention heads, and blocks removed (depth)."""
+
+
+def scans_only(config: AnalyzeConfig, scans: Sequence[str]) -> AnalyzeConfig:
+    """``config`` scanning only ``scans`` (names from `SCANS`); the others get no settings.
+
+    Raises:
+        SpiralError: a name not in `SCANS`.
+    """
+    unknown = [s for s in scans if s not in SCANS]
+    if unknown:
+        raise SpiralError(f"unknown --scan {unknown[0]!r}: choose from {', '.join(SCANS)}")
+    chosen = set(scans)
+    return dataclasses.replace(
+        config,
+        prune_ratios=config.prune_ratios if "weights" in chosen else (),
+        bits=config.bits if "bits" in chosen else (),
+        channel_ratios=config.channel_ratios if "channels" in chosen else (),
+        head_ratios=config.head_ratios if "heads" in chosen else (),
+        depth=config.depth and "depth" in chosen,
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -353,7 +378,7 @@ def analyze(recipe: Recipe, out: Path, config: AnalyzeConfig, *, console: Consol
             baseline = first.metric
             pruned = prune_scan(model, measure, layers=layers, ratios=config.prune_ratios)
             quant = sensitivity_scan(model, evaluate=measure, layers=layers, bits=config.bits,
-                                     granularity=_granularity(recipe))
+                                     granularity=_granularity(recipe)).metrics if config.bits else {}
             channels = channel_scan(model, measure, plans=plans, ratios=config.channel_ratios)
             heads = head_scan(model, measure, plans=plans, ratios=config.head_ratios)
             without = block_scan(model, measure, blocks=blocks)
@@ -372,7 +397,7 @@ def analyze(recipe: Recipe, out: Path, config: AnalyzeConfig, *, console: Consol
             LayerAnalysis(name=name, type=type(modules[name]).__name__, params=costs[name][0],
                           param_share=costs[name][1], macs=costs[name][2], mac_share=costs[name][3],
                           prune=_samples(pruned[name], baseline, drop),
-                          quant=_samples([(b, quant.metrics[name][b]) for b in widths], baseline, drop),
+                          quant=_samples([(b, quant[name][b]) for b in widths], baseline, drop),
                           latency_share=shares.get(name))
             for name in layers
         ),

@@ -16,7 +16,7 @@ from spiralkit.cli import app
 from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.report.analysis import ANALYSIS_SCHEMA, Analysis, GroupAnalysis, LayerAnalysis, Sample, analysis_html
 from spiralkit.spiral import parse_recipe
-from spiralkit.spiral.analyze import AnalyzeConfig, analyze, fewest_bits, first_examples, suggest
+from spiralkit.spiral.analyze import AnalyzeConfig, analyze, fewest_bits, first_examples, scans_only, suggest
 from spiralkit.spiral.recipe import Recipe
 from tests.spiral.tiny import TINY, TINY_TRANSFORMER
 
@@ -170,7 +170,8 @@ def test_the_page_shows_heads_layers_and_latency(transformer: tuple[Analysis, Pa
 def test_a_model_without_attention_or_residual_blocks_has_none(scanned: tuple[Analysis, Path]) -> None:
     analysis = scanned[0]
     assert analysis.heads == () and analysis.blocks == ()
-    assert [m.name for m in analysis.latency] == ["fc1", "act", "fc2"] or {"fc1", "fc2"} <= {m.name for m in analysis.latency}
+    assert [(m.name, m.type) for m in analysis.latency] == [("flatten", "Flatten"), ("fc1", "Linear"),
+                                                            ("relu1", "ReLU"), ("fc2", "Linear")]
     assert all(layer.latency_share is not None and 0 < layer.latency_share < 1 for layer in analysis.layers)
 
 
@@ -179,6 +180,22 @@ def test_depth_off_scans_no_blocks(tmp_path: Path) -> None:
                            allow_code=True)
     analysis = analyze(parse_recipe(TINY_TRANSFORMER), tmp_path, config)
     assert analysis.blocks == () and len(analysis.heads) == 2 and analysis.heads[0].prune == ()
+
+
+def test_only_the_chosen_scans_run(tmp_path: Path) -> None:
+    config = scans_only(AnalyzeConfig(limit=50, allow_code=True), ["heads", "depth"])
+    assert (config.prune_ratios, config.bits, config.channel_ratios, config.depth) == ((), (), (), True)
+    assert config.head_ratios == (0.25, 0.5, 0.75)
+    path = tmp_path / "tt.yaml"
+    path.write_text(TINY_TRANSFORMER, encoding="utf-8")
+    result = CliRunner().invoke(app, ["analyze", str(path), "--out", str(tmp_path / "a"), "--limit", "50",
+                                      "--scan", "heads", "--scan", "depth", "--allow-code"])
+    assert result.exit_code == 0, result.output
+    analysis = Analysis.from_json((tmp_path / "a" / "analysis.json").read_text(encoding="utf-8"))
+    assert all(layer.prune == () and layer.quant == () for layer in analysis.layers)
+    assert [len(g.prune) for g in analysis.groups] == [0, 0]
+    assert [len(h.prune) for h in analysis.heads] == [3, 3] and len(analysis.blocks) == 2
+    assert (tmp_path / "a" / "analysis.html").read_text(encoding="utf-8").count("<svg") == 2  # heads, blocks
 
 
 def test_a_version_1_analysis_still_loads(scanned: tuple[Analysis, Path]) -> None:
@@ -347,6 +364,9 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--limit must be at least 1 validation example, got 0" in result.stderr
     result = runner.invoke(app, ["analyze", str(path), "--out", str(tmp_path / "a"), "--split", "dev"])
     assert result.exit_code == 2 and "--split must be 'val' or 'test', got 'dev'" in result.stderr
+    result = runner.invoke(app, ["analyze", str(path), "--out", str(tmp_path / "a"), "--scan", "layers"])
+    assert result.exit_code == 2
+    assert "unknown --scan 'layers': choose from weights, bits, channels, heads, depth" in result.stderr
     coded = tmp_path / "coded.yaml"
     coded.write_text(TINY.replace("name: mlp", "name: pkg.mod:build"), encoding="utf-8")
     result = runner.invoke(app, ["analyze", str(coded), "--out", str(tmp_path / "a")])
