@@ -23,12 +23,12 @@ from spiralkit.errors import SpiralError
 from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
 from spiralkit.report.analysis import ANALYSIS_HTML, ANALYSIS_JSON
-from spiralkit.spiral.analyze import AnalyzeConfig, analyze
+from spiralkit.spiral.analyze import SCANS, AnalyzeConfig, analyze, scans_only
 from spiralkit.spiral.analyze import suggest as suggest_fragment
 from spiralkit.spiral.compare import CompareConfig, compare
 from spiralkit.spiral.export import export_run
 from spiralkit.spiral.fingerprint import Fingerprint, fingerprint, run_fingerprint
-from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_HTML, REPORT_JSON, STATE
+from spiralkit.spiral.rundir import MODEL, RECIPE, REPORT_HTML, REPORT_JSON, STATE, load_curves
 
 app = typer.Typer(
     name="spiral",
@@ -127,7 +127,9 @@ def compare_command(
 def analyze_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     out: Annotated[Path, typer.Option(help="Where analysis.json and analysis.html go (and the trained baseline, reused next time).")],
-    limit: Annotated[Optional[int], typer.Option(help="Measure on the first N validation examples (default: all).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Measure on the first N examples of the split (default: all).")] = None,
+    scan: Annotated[Optional[list[str]], typer.Option(help=f"Scan only this (repeat for more): {', '.join(SCANS)} (default: all).")] = None,
+    split: Annotated[str, typer.Option(help="The split measured on: val (carved from the training data, as a run decides) or test (held out, e.g. SST-2's dev sentences).")] = "val",
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Analyse this run directory's baseline.safetensors instead of training one.")] = None,
     suggest: Annotated[bool, typer.Option("--suggest", help="Print a recipe fragment: layers to keep unpruned, bits per layer.")] = False,
     max_drop: Annotated[Optional[float], typer.Option(help="The drop --suggest tolerates (default: the recipe's targets.max_metric_drop).")] = None,
@@ -135,7 +137,9 @@ def analyze_command(
 ) -> None:
     """Scan how much each layer's pruning or quantization alone costs, without recovery."""
     try:
-        config = AnalyzeConfig(limit=limit, from_run=from_run, allow_code=allow_code)
+        config = AnalyzeConfig(limit=limit, from_run=from_run, split=split, allow_code=allow_code)  # type: ignore[arg-type]
+        if scan:
+            config = scans_only(config, scan)
         loaded = load_recipe(recipe)
         result = analyze(loaded, out, config)
         Console(stderr=True).print(f"wrote {out / ANALYSIS_JSON} and {out / ANALYSIS_HTML}", highlight=False, soft_wrap=True)
@@ -203,7 +207,8 @@ def _write_run_html(run_dir: Path, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SpiralError(f"cannot create {out}: {exc.strerror or exc}") from None
-    return write_html_report(report_, out, recipe_text=_recipe_text(run_dir), weights=run_dir / MODEL)
+    return write_html_report(report_, out, recipe_text=_recipe_text(run_dir), weights=run_dir / MODEL,
+                             curves=load_curves(run_dir))
 
 
 def _compare_runs(run_dirs: list[Path]) -> list[CompareRun]:

@@ -26,6 +26,7 @@ __all__ = [
     "count_macs",
     "count_macs_by_module",
     "count_params",
+    "latency_by_module",
     "measure_call",
     "measure_latency",
     "size_on_disk",
@@ -248,6 +249,64 @@ def measure_call(
         threads=threads,
         repeats=repeats,
     )
+
+
+def latency_by_module(
+    model: nn.Module, example: Tensor, *, threads: int = 1, warmup: int = 2, repeats: int = 10
+) -> dict[str, float]:
+    """Milliseconds each module takes in a forward pass of ``model(example)``, timed with forward hooks.
+
+    Every module gets a pre-hook and a hook that read ``time.perf_counter``; a module's time
+    per pass is the sum over its calls and includes its children's, so only leaves (and
+    what runs outside any leaf: functional ops in a parent's ``forward``, e.g. the attention
+    product of a Hugging Face self-attention) add up to the whole pass. The hooks cost a few
+    microseconds per call, which matters only for tiny layers. Each module's value is its
+    median over ``repeats`` passes (no CUDA synchronisation: time a CPU model).
+
+    Args:
+        model: The model; run in eval and inference mode, its modes restored after.
+        example: An input batch.
+        threads: Intra-op CPU threads while timing (restored after).
+        warmup: Untimed passes first.
+        repeats: Timed passes.
+
+    Returns:
+        Module name (as in ``model.named_modules()``; ``""`` is the whole pass) → median
+        milliseconds, for every module that ran.
+
+    Raises:
+        ValueError: ``threads`` or ``repeats`` below 1, or ``warmup`` below 0.
+    """
+    if threads < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need threads >= 1, repeats >= 1, warmup >= 0; got {threads=}, {repeats=}, {warmup=}")
+    starts: dict[str, list[float]] = {}
+    spent: dict[str, float] = {}
+
+    def before(name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            starts.setdefault(name, []).append(time.perf_counter())
+        return hook
+
+    def after(name: str) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - starts[name].pop()
+        return hook
+
+    handles = [h for name, module in model.named_modules()
+               for h in (module.register_forward_pre_hook(before(name)), module.register_forward_hook(after(name)))]
+    passes: list[dict[str, float]] = []
+    try:
+        with torch_threads(threads), eval_mode(model), torch.inference_mode():
+            for index in range(warmup + repeats):
+                spent.clear()
+                model(example)
+                if index >= warmup:
+                    passes.append(dict(spent))
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = dict.fromkeys(name for one in passes for name in one)
+    return {name: 1000.0 * statistics.median(one.get(name, 0.0) for one in passes) for name in names}
 
 
 def size_on_disk(model: nn.Module | Mapping[str, Tensor], directory: Path) -> SizeInfo:

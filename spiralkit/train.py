@@ -71,11 +71,19 @@ class TrainConfig(BaseModel):
 
 @dataclass(frozen=True)
 class TrainStats:
-    """What a training call did."""
+    """What a training call did.
+
+    Attributes:
+        epochs: the epochs it ran.
+        steps: the optimizer steps it took.
+        last_loss: the loss of the last step (NaN without one).
+        epoch_losses: the mean loss of each epoch's steps, in order (NaN for an epoch without steps).
+    """
 
     epochs: int
     steps: int
     last_loss: float
+    epoch_losses: tuple[float, ...] = ()
 
 
 class _Sized(Protocol):
@@ -240,6 +248,7 @@ def _train(
     )
     log_epochs = progress and not console.is_terminal
     steps, loss_value, start = 0, math.nan, time.perf_counter()
+    epoch_losses: list[float] = []
     model.train()
     with enforcer, bar:
         job = bar.add_task(description, total=per_epoch * config.epochs, loss=math.nan)
@@ -263,8 +272,9 @@ def _train(
                 steps += 1
                 epoch_loss += loss_value
                 bar.update(job, advance=1, loss=loss_value)
+            epoch_losses.append(epoch_loss / (steps - epoch_start) if steps > epoch_start else math.nan)
             if log_epochs:
                 console.print(f"{description}: epoch {epoch + 1}/{config.epochs}, "
-                              f"mean loss {epoch_loss / max(1, steps - epoch_start):.4f}, {time.perf_counter() - start:.0f} s")
+                              f"mean loss {epoch_losses[-1]:.4f}, {time.perf_counter() - start:.0f} s")
     model.eval()
-    return TrainStats(epochs=config.epochs, steps=steps, last_loss=loss_value)
+    return TrainStats(epochs=config.epochs, steps=steps, last_loss=loss_value, epoch_losses=tuple(epoch_losses))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from spiralkit.measure import (
     SizeInfo,
     count_macs,
     count_params,
+    latency_by_module,
     measure_latency,
     size_on_disk,
 )
@@ -133,3 +135,51 @@ def test_count_macs_sees_multihead_attention_in_eval() -> None:
     # (The attention scores themselves, CPU scaled-dot-product attention, are not counted.)
     assert count_macs(layer, x) == 4 * 4 * 16 * 16 + 2 * 4 * 16 * 32
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _Sleep(nn.Module):
+    """Takes ``seconds`` per call: a layer whose time dominates any hook overhead."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_Sleep(0.02), nn.Sequential(_Sleep(0.01), _Sleep(0.01)), _Sleep(0.0))
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_latency_by_module_times_each_module_and_the_whole_pass() -> None:
+    model = _Net()
+    before = torch.get_num_threads()
+    times = latency_by_module(model, torch.zeros(1), warmup=0, repeats=3)
+    assert torch.get_num_threads() == before and not model.body[0]._forward_hooks and not model._forward_pre_hooks
+    times = {name.removeprefix("body."): ms for name, ms in times.items() if name != "body"}
+    assert sorted(times) == ["", "0", "1", "1.0", "1.1", "2"]  # "unused" never ran
+    assert times["0"] == pytest.approx(20.0, abs=8.0) and times["1"] == pytest.approx(20.0, abs=8.0)
+    assert times["1"] >= times["1.0"] + times["1.1"] - 1.0  # a module's time includes its children's
+    leaves = times["0"] + times["1.0"] + times["1.1"] + times["2"]
+    assert leaves / times[""] == pytest.approx(1.0, abs=0.1)  # the leaves add up to the whole pass
+
+
+def test_latency_by_module_counts_every_call_of_a_module() -> None:
+    sleep = _Sleep(0.01)
+    model = nn.Sequential(sleep, sleep)  # one module called twice
+    times = latency_by_module(model, torch.zeros(1), warmup=0, repeats=2)
+    assert times["0"] == pytest.approx(20.0, abs=8.0)
+
+
+@pytest.mark.parametrize("bad", [{"threads": 0}, {"repeats": 0}, {"warmup": -1}])
+def test_latency_by_module_rejects_bad_settings(bad: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="need threads >= 1, repeats >= 1, warmup >= 0"):
+        latency_by_module(nn.Linear(2, 2), torch.zeros(1, 2), **bad)

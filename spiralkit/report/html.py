@@ -18,7 +18,8 @@ from torch import Tensor
 
 from spiralkit.errors import SpiralError
 from spiralkit.export import atomic_write_text, load_state
-from spiralkit.report.plots import Series, bar_panels, figure_svg, path_panels, rounds_plot
+from spiralkit.report.curves import Curves
+from spiralkit.report.plots import Series, bar_panels, figure_svg, loss_plot, path_panels, rounds_plot
 from spiralkit.report.render import COLUMNS, caption_lines, count_text, report_rows, size_text, summary
 from spiralkit.report.types import Metrics, Report
 
@@ -139,6 +140,34 @@ def _rounds_svg(report: Report) -> str:
     return figure_svg(figure)
 
 
+def _losses_svg(report: Report, curves: Curves | None) -> str | None:
+    """The training loss of the baseline and of every round's recovery, one after the other.
+
+    A round is kept or rolled back as the report says; curves of rounds the report does not
+    have (a round interrupted before its state was saved) are left out.
+    """
+    if curves is None:
+        return None
+    rounds = {r.index: r for r in report.rounds}
+    segments, boundaries, epoch = [], [], 0
+    for curve in curves.trainings:
+        record = rounds.get(curve.round) if curve.round is not None else None
+        if curve.round is not None and record is None:
+            continue
+        x = [float(epoch + i + 1) for i in range(len(curve.losses))]
+        if record is None:
+            segments.append(Series("baseline training", x, list(curve.losses), color="tab:grey"))
+        else:
+            boundaries.append((epoch + 0.5, str(record.index)))
+            kept = record.accepted
+            segments.append(Series("kept round" if kept else "rolled-back round", x, list(curve.losses), line=kept,
+                                   marker="o" if kept else "X", color="tab:green" if kept else "tab:red"))
+        epoch += len(curve.losses)
+    if not any(s.x for s in segments):
+        return None
+    return figure_svg(loss_plot(segments, boundaries=boundaries, y_label="mean training loss per epoch"))
+
+
 def _path_svg(report: Report) -> str:
     steps = _path(report)
     names = [name if name in ("baseline", "final") else "" for name, _ in steps]
@@ -174,7 +203,10 @@ def _row_class(row: Sequence[str]) -> str:
     return "" if not kept else "kept" if kept == "yes" else "rolled-back"
 
 
-def report_html(report: Report, *, recipe_text: str | None = None, layers: Mapping[str, float] | None = None) -> str:
+def report_html(
+    report: Report, *, recipe_text: str | None = None, layers: Mapping[str, float] | None = None,
+    curves: Curves | None = None,
+) -> str:
     """One run's report as a self-contained HTML page.
 
     Args:
@@ -183,6 +215,8 @@ def report_html(report: Report, *, recipe_text: str | None = None, layers: Mappi
         recipe_text: the run's ``recipe.yaml``, shown verbatim (None: not shown).
         layers: per-layer sparsity (`layer_sparsity`; None: no per-layer chart unless the
             report has quantization bits).
+        curves: the run's training curves (None: no training-loss plot, as for a run written
+            before they were kept).
 
     Returns:
         The page's text.
@@ -202,6 +236,11 @@ def report_html(report: Report, *, recipe_text: str | None = None, layers: Mappi
     ]
     if report.rounds:
         body.append(_plot(f"{report.task.metric} per round", _rounds_svg(report)))
+    losses = _losses_svg(report, curves)
+    if losses is not None:
+        body.append(_plot("Training loss per epoch: baseline, then each round's recovery", losses))
+        body.append('<p class="note">Dotted lines: the start of each round (its number on top). A recovery '
+                    "that distils minimises another loss than the baseline's training.</p>")
     body.append(_plot(f"{report.task.metric} along the spiral: baseline → kept rounds → final", _path_svg(report)))
     for title, svg in (("Before and after", _before_after_svg(report)), ("Per layer", _layers_svg(report, layers))):
         if svg is not None:
@@ -211,7 +250,9 @@ def report_html(report: Report, *, recipe_text: str | None = None, layers: Mappi
     return _page(f"spiralkit report — {report.name}", body)
 
 
-def write_html_report(report: Report, run_dir: Path, *, recipe_text: str | None, weights: Path | None) -> Path:
+def write_html_report(
+    report: Report, run_dir: Path, *, recipe_text: str | None, weights: Path | None, curves: Curves | None = None,
+) -> Path:
     """Write ``report.html`` into ``run_dir`` (atomically).
 
     Args:
@@ -220,6 +261,7 @@ def write_html_report(report: Report, run_dir: Path, *, recipe_text: str | None,
         recipe_text: the run's recipe as YAML (None: not shown).
         weights: the final model's safetensors file, for per-layer sparsity; skipped when
             None or missing (a run written before that file existed, or not finished).
+        curves: the run's training curves, for the training-loss plot (None: no such plot).
 
     Returns:
         The file written.
@@ -230,7 +272,7 @@ def write_html_report(report: Report, run_dir: Path, *, recipe_text: str | None,
     """
     layers = layer_sparsity(load_state(weights)) if weights is not None and weights.exists() else None
     path = Path(run_dir) / REPORT_HTML
-    atomic_write_text(path, report_html(report, recipe_text=recipe_text, layers=layers))
+    atomic_write_text(path, report_html(report, recipe_text=recipe_text, layers=layers, curves=curves))
     return path
 
 

@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 from spiralkit.export import atomic_write_bytes
 
 __all__ = [
-    "PLOT_FORMATS", "Point", "Series", "bar_panels", "figure_svg", "heatmap_svg", "path_panels", "plain", "plot_points",
-    "rounds_plot",
+    "PLOT_FORMATS", "Point", "Series", "bar_panels", "figure_svg", "heatmap_svg", "loss_plot", "path_panels", "plain",
+    "plot_points", "rounds_plot",
 ]
 
 PLOT_FORMATS = ("png", "svg")
@@ -164,6 +164,41 @@ def rounds_plot(
     return figure
 
 
+def loss_plot(segments: Sequence[Series], *, boundaries: Sequence[tuple[float, str]], y_label: str) -> Figure:
+    """Training loss per epoch along a run: one line per training call, round boundaries marked.
+
+    The y axis is logarithmic when every loss is positive and they span more than a factor
+    of ten (a baseline trained from scratch starts far above a recovery's losses).
+
+    Args:
+        segments: one series per training call (x: the epoch along the run, y: its mean loss);
+            a series's label goes into the legend once.
+        boundaries: ``(x, text)`` of each round's start, drawn as a dotted line with its text.
+        y_label: the y axis's label.
+    """
+    figure, (axes,) = _panels(1, width=6.4, height=3.4)
+    shown: set[str] = set()
+    for segment in segments:
+        if not segment.x:
+            continue
+        label = plain(segment.label) if segment.label not in shown else None
+        shown.add(segment.label)
+        axes.plot(segment.x, segment.y, linestyle="-" if segment.line else "--", marker=segment.marker,
+                  color=segment.color or None, markersize=4, label=label)
+    for x, text in boundaries:
+        axes.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+        axes.annotate(plain(text), (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                      textcoords="offset points", fontsize=7, color="grey")
+    values = [y for segment in segments for y in segment.y if np.isfinite(y)]
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        axes.set_yscale("log")
+    axes.set_xlabel("epoch along the run")
+    axes.set_ylabel(plain(y_label))
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    _finish(axes)
+    return figure
+
+
 def path_panels(panels: Mapping[str, Sequence[Series]], *, y_label: str) -> Figure:
     """Side-by-side panels sharing the metric on y: x axis label → the series drawn on it.
 
@@ -239,7 +274,8 @@ def heatmap_svg(
         The SVG markup from its ``<svg`` tag on (no XML declaration or doctype).
     """
     grid = np.asarray(values, dtype=float).reshape(len(rows), len(columns))
-    figure = Figure(figsize=(1.2 + 0.75 * len(columns), 1.2 + 0.35 * len(rows)), layout="constrained")
+    labels = max((len(row) for row in rows), default=0)  # long layer names need room on the left
+    figure = Figure(figsize=(2.2 + 0.75 * len(columns) + 0.07 * labels, 1.2 + 0.35 * len(rows)), layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="Reds")
     axes.set_xticks(range(len(columns)), labels=list(columns), rotation=45, ha="right")

@@ -3,6 +3,8 @@
 ```
 RUN_DIR/recipe.yaml            the validated recipe (resume reads it from here)
 RUN_DIR/state.json             progress: baseline, rounds, current stage, progress and step scale
+RUN_DIR/curves.json            training loss per epoch of the baseline's training and of each
+                               round's recovery, and each round's validation metric (for the plots)
 RUN_DIR/baseline.safetensors   the trained dense model (the frozen teacher)
 RUN_DIR/student.json, student.safetensors  the student's layout and distilled weights, when
                                the recipe builds a student from the baseline
@@ -43,12 +45,14 @@ from spiralkit.prune import Masks
 from spiralkit.prune.apply import replay_plans
 from spiralkit.prune.plan import PrunePlan, read_plans, write_plans
 from spiralkit.report import Outcome
+from spiralkit.report.curves import Curves, TrainingCurve
 from spiralkit.report.html import REPORT_HTML
 from spiralkit.report.render import REPORT_JSON, REPORT_MARKDOWN
 
 __all__ = [
     "BASELINE",
     "COMPACT",
+    "CURVES",
     "INT8_DIR",
     "LOCK",
     "MODEL",
@@ -67,8 +71,10 @@ __all__ = [
     "STUDENT_WEIGHTS",
     "Pruned",
     "RunState",
+    "load_curves",
     "load_round",
     "load_run_state",
+    "record_training",
     "run_lock",
     "save_round",
     "save_run_state",
@@ -76,6 +82,7 @@ __all__ = [
 
 RECIPE = "recipe.yaml"
 STATE = "state.json"
+CURVES = "curves.json"
 BASELINE = "baseline.safetensors"
 STUDENT_LAYOUT = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
@@ -147,6 +154,32 @@ def load_run_state(run_dir: Path) -> RunState:
     except ValidationError as exc:
         raise SpiralError(f"{path} is not a run state spiralkit can resume ({exc.error_count()} error(s): "
                           f"{exc.errors()[0]['msg']})") from None
+
+
+def load_curves(run_dir: Path) -> Curves | None:
+    """The run's training curves; None for a run directory without ``curves.json`` (written before it existed).
+
+    Raises:
+        SpiralError: ``curves.json`` is not spiralkit's curves file.
+    """
+    path = Path(run_dir) / CURVES
+    if not path.exists():
+        return None
+    try:
+        return Curves.from_json(path.read_text(encoding="utf-8"))
+    except (ValidationError, UnicodeDecodeError) as exc:
+        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "not UTF-8 text"
+        raise SpiralError(f"{path} is not a spiralkit curves file ({detail}); delete it to render without curves") from None
+
+
+def record_training(run_dir: Path, curve: TrainingCurve) -> None:
+    """Add ``curve`` to ``curves.json`` (atomically), replacing an entry of the same label.
+
+    A round interrupted after this and before ``state.json`` is run again on resume, and its
+    new curve replaces this one.
+    """
+    curves = load_curves(run_dir) or Curves()
+    atomic_write_text(Path(run_dir) / CURVES, curves.with_training(curve).to_json())
 
 
 def _round_dir(run_dir: Path, index: int) -> Path:

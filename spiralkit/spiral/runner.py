@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from spiralkit.modules import freeze, torch_threads
 from spiralkit.prune import next_sparsity
 from spiralkit.prune.plan import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
+from spiralkit.report.curves import TrainingCurve
 from spiralkit.report.html import write_html_report
 from spiralkit.spiral.fingerprint import FINGERPRINT, check_fingerprint, fingerprint, run_fingerprint, write_fingerprint
 from spiralkit.spiral.context import RunContext, diverged, example_input, measure_model, stage_context
@@ -43,15 +44,17 @@ from spiralkit.spiral.rundir import (
     STATE,
     Pruned,
     RunState,
+    load_curves,
     load_round,
     load_run_state,
+    record_training,
     run_lock,
     save_round,
     save_run_state,
 )
 from spiralkit.spiral.student import run_student
 from spiralkit.tasks import evaluate, metric_drop
-from spiralkit.train import NonFiniteLoss, supervised, train
+from spiralkit.train import NonFiniteLoss, TrainStats, supervised, train
 
 _REFERENCE_CACHE_MB = 256.0  # the fidelity reference's outputs on the evaluation splits, kept in memory
 
@@ -69,12 +72,16 @@ def _teacher_cache(recover: Recovery) -> Iterator[TeacherCache | None]:
         yield cache
 
 
-def train_baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console) -> None:
+def train_baseline(
+    model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console,
+    on_trained: Callable[[TrainStats], None] | None = None,
+) -> None:
     """Train the dense model when the recipe says so and save it as ``baseline.safetensors``.
 
     With a ``train`` section the model is trained from what it loads: random weights, or its
     checkpoint (or packaged weights), which makes the run a fine-tune; without one, the
-    checkpoint is the baseline as it is.
+    checkpoint is the baseline as it is. ``on_trained`` gets the training's statistics
+    before the weights are saved (so a kill in between trains, and reports, again).
     """
     path = run_dir / BASELINE
     if path.exists():
@@ -84,10 +91,12 @@ def train_baseline(model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: 
         verb = "fine-tuning" if recipe.model.checkpoint is not None or is_pretrained(recipe.model) else "training"
         console.print(f"[bold]baseline[/]: {verb} {recipe.model.name} for {recipe.train.epochs} epoch(s)")
         try:
-            train(model, data.train, config=recipe.train, objective=supervised(recipe.task.loss),
-                  seed=recipe.seed, progress=True, description="baseline")
+            stats = train(model, data.train, config=recipe.train, objective=supervised(recipe.task.loss),
+                          seed=recipe.seed, progress=True, description="baseline")
         except NonFiniteLoss as exc:
             raise diverged("baseline training", exc, data.train, key="train.optimizer.lr") from None
+        if on_trained is not None:
+            on_trained(stats)
     elif recipe.model.checkpoint is None and not trained and not is_pretrained(recipe.model):
         raise RecipeError(
             f"model {recipe.model.name!r} has no 'model.checkpoint' and the recipe has no 'train' section: "
@@ -149,10 +158,11 @@ def _run_round(
     cut = stage.cut(candidate, pruned.masks, target=target, ctx=stage_context(stage, state.baseline, ctx))
     objective = stage.recovery(ctx.recover.objective(task=recipe.task, teacher=ctx.teacher, cache=ctx.cache))
     reason = ""
+    losses: tuple[float, ...] = ()  # none after a non-finite loss
     recovery = ctx.recover.round_train(last=target >= stage.goal - 1e-6)
     try:
-        train(candidate, ctx.data.train, config=recovery, objective=objective, seed=seed,
-              masks=cut.masks, progress=True, description=f"round {index} recover")
+        losses = train(candidate, ctx.data.train, config=recovery, objective=objective, seed=seed,
+                       masks=cut.masks, progress=True, description=f"round {index} recover").epoch_losses
     except NonFiniteLoss as exc:
         ctx.console.print(f"round {index}: {exc}")
         reason = "non-finite loss"
@@ -167,6 +177,8 @@ def _run_round(
         predicted_latency_ms=cut.predicted_ms, measured_latency_ms=cut.measured_ms,
         latency_runtime=(stage.runtime or "eager") if cut.predicted_ms is not None else None,
     )
+    record_training(ctx.run_dir, TrainingCurve(label=f"round {index}", round=index, losses=losses,
+                                               val_metric=record.val_metric, accepted=record.accepted))
     plans = pruned.plans + ((cut.plan,) if cut.plan is not None else ())
     return Pruned(model=candidate, masks=cut.masks, plans=plans), record
 
@@ -338,7 +350,9 @@ class Spiral:
             example = example_input(data, recipe.measure.batch_size)
             if recipe.student is None:  # a student's layer names are known once it is built
                 recipe.check_model(model, example)
-            train_baseline(model, recipe, data, run_dir, trained=trained, console=console)
+            train_baseline(model, recipe, data, run_dir, trained=trained, console=console,
+                           on_trained=lambda stats: record_training(
+                               run_dir, TrainingCurve(label="baseline", losses=stats.epoch_losses)))
             teacher = freeze(copy.deepcopy(model))
             recover = fitted_to(recipe.recover, data.train)
             with _teacher_cache(recover) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
@@ -356,6 +370,7 @@ class Spiral:
                     save_run_state(run_dir, state)
         report = build_report(recipe, state)
         write_report(report, run_dir)
-        write_html_report(report, run_dir, recipe_text=dump_recipe(recipe), weights=run_dir / MODEL)
+        write_html_report(report, run_dir, recipe_text=dump_recipe(recipe), weights=run_dir / MODEL,
+                          curves=load_curves(run_dir))
         print_report(report, console)
         return report

@@ -50,7 +50,8 @@ def _error(*args: str) -> str:
 def test_runner_writes_report_html(runs: tuple[Path, Path]) -> None:
     half, seventy = runs
     page = (half / "report.html").read_text()
-    assert page.count("<svg") == 4 and "fc1.weight" in page and "target_sparsity: 0.5" in page
+    assert page.count("<svg") == 5 and "fc1.weight" in page and "target_sparsity: 0.5" in page
+    assert "Training loss per epoch" in page  # from curves.json
     assert "bits per layer" in (seventy / "report.html").read_text()
 
 
@@ -73,6 +74,24 @@ def test_report_html_of_a_run_written_before_html(runs: tuple[Path, Path], tmp_p
     _cli("report", str(tmp_path), "--html", "--out", str(tmp_path / "html"))
     page = (tmp_path / "html" / "report.html").read_text()
     assert "run not finished" in page and page.count("<svg") == 1
+
+
+def test_report_html_of_a_run_without_curves(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A run written before curves.json: the page renders without the training-loss plot."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "curves.json").unlink()
+    _cli("report", str(run), "--html")
+    page = (run / "report.html").read_text()
+    assert page.count("<svg") == 4 and "Training loss" not in page
+
+
+def test_report_html_with_corrupt_curves_is_one_line(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "curves.json").write_text('{"schema": "spiralkit.curves/9"}')
+    message = _error("report", str(run), "--html")
+    assert "curves.json is not a spiralkit curves file" in message and "delete it to render without curves" in message
 
 
 def test_compare_html(runs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -128,7 +147,7 @@ def test_pages_render_in_chromium(runs: tuple[Path, Path], tmp_path: Path) -> No
     if chromium is None:
         pytest.skip("chromium is not installed (SPIRALKIT_REQUIRE_BROWSER=1 makes this a failure)")
     _cli("report", *map(str, runs), "--html", "--out", str(tmp_path))
-    for page, plots in ((runs[1] / "report.html", 4), (tmp_path / "compare.html", 1)):
+    for page, plots in ((runs[1] / "report.html", 5), (tmp_path / "compare.html", 1)):
         shot = tmp_path / f"{page.stem}.png"
         taken = _open(chromium, page, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000")
         assert taken.returncode == 0, taken.stderr[-2000:]

@@ -16,9 +16,9 @@ from spiralkit.cli import app
 from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.report.analysis import ANALYSIS_SCHEMA, Analysis, GroupAnalysis, LayerAnalysis, Sample, analysis_html
 from spiralkit.spiral import parse_recipe
-from spiralkit.spiral.analyze import AnalyzeConfig, analyze, fewest_bits, first_examples, suggest
+from spiralkit.spiral.analyze import AnalyzeConfig, analyze, fewest_bits, first_examples, scans_only, suggest
 from spiralkit.spiral.recipe import Recipe
-from tests.spiral.tiny import TINY
+from tests.spiral.tiny import TINY, TINY_TRANSFORMER
 
 SCAN = AnalyzeConfig(limit=100, prune_ratios=(0.0, 0.5), channel_ratios=(0.0, 0.5), bits=(8, 2))
 
@@ -97,6 +97,134 @@ def test_html_escapes_names(scanned: tuple[Analysis, Path]) -> None:
     page = analysis_html(analysis.model_copy(update={"recipe": "<script>", "layers": (layer,)}))
     assert "<b>x&y</b>" not in page and "&lt;b&gt;x&amp;y&lt;/b&gt;" in page
     assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+# --------------------------------------------------------------------------- attention heads, depth, latency
+
+HEADS_SCAN = AnalyzeConfig(limit=100, prune_ratios=(0.5,), channel_ratios=(0.5,), head_ratios=(0.0, 0.5), bits=(8,),
+                           allow_code=True)
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Analysis, Path]:
+    out = tmp_path_factory.mktemp("transformer")
+    return analyze(parse_recipe(TINY_TRANSFORMER), out, HEADS_SCAN), out
+
+
+def test_a_transformer_s_heads_and_layers_are_scanned(transformer: tuple[Analysis, Path]) -> None:
+    analysis, out = transformer
+    assert [(h.module, h.heads) for h in analysis.heads] == [("encoder.layers.0.self_attn", 4),
+                                                             ("encoder.layers.1.self_attn", 4)]
+    for head in analysis.heads:
+        assert [s.setting for s in head.prune] == [0.0, 0.5]
+        assert head.prune[0].metric == analysis.baseline and head.prune[0].drop == 0.0
+        assert head.prune[1].drop == pytest.approx(analysis.baseline - head.prune[1].metric)
+        assert 0 < head.param_share < 1 and 0 < head.mac_share < 1
+    assert [b.module for b in analysis.blocks] == ["encoder.layers.0", "encoder.layers.1"]
+    assert all(0 < b.influence < 2 and b.params == 2224 for b in analysis.blocks)
+    assert any(h.prune[1].drop != 0 for h in analysis.heads) and any(b.drop != 0 for b in analysis.blocks)
+    assert Analysis.from_json((out / "analysis.json").read_text(encoding="utf-8")) == analysis
+
+
+def test_a_removed_layer_s_metric_is_that_of_the_model_without_it(transformer: tuple[Analysis, Path]) -> None:
+    from spiralkit.data import load_data
+    from spiralkit.export import load_state
+    from spiralkit.models import load_model
+    from spiralkit.tasks import evaluate
+
+    analysis, out = transformer
+    recipe = parse_recipe(TINY_TRANSFORMER)
+    model = load_model(recipe.model)
+    model.load_state_dict(load_state(out / "baseline.safetensors"))
+    del model.encoder.layers[1]
+    val = first_examples(load_data(recipe.data, seed=recipe.seed).val, 100)
+    assert evaluate(recipe.task, model, val).metric == analysis.blocks[1].metric
+
+
+def test_latency_shares_are_in_analysis_json(transformer: tuple[Analysis, Path]) -> None:
+    analysis, out = transformer
+    data = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
+    assert data["latency_ms"] > 0 and data["latency_batch"] == 1
+    shares = {m["name"]: m["share"] for m in data["latency"]}
+    # Innermost modules: the leaves that ran, and the attention layers (their out_proj is never called).
+    assert "encoder.layers.0.self_attn" in shares and "encoder.layers.0.self_attn.out_proj" not in shares
+    assert "encoder" not in shares and "encoder.layers.0" not in shares
+    assert 0.3 < sum(shares.values()) <= 1.0 + 1e-9  # the rest ran outside them (hooks, Python)
+    for layer in data["layers"]:
+        assert layer["latency_share"] == shares.get(layer["name"])
+    for head in data["heads"]:
+        assert head["latency_share"] == shares[head["module"]]
+    for block in data["blocks"]:  # a block's share includes its modules'
+        inner = sum(v for k, v in shares.items() if k.startswith(block["module"] + "."))
+        assert inner <= block["latency_share"] + 1e-9 <= 1.0
+
+
+def test_the_page_shows_heads_layers_and_latency(transformer: tuple[Analysis, Path]) -> None:
+    page = (transformer[1] / "analysis.html").read_text(encoding="utf-8")
+    assert page.count("<svg") == 5  # pruned, quantized, channel groups, heads, blocks
+    for text in ("<h2>Attention heads</h2>", "heads removed 50%", "<h2>Layers and blocks (depth)</h2>",
+                 "<td>encoder.layers.1</td>", "<h2>Measured latency</h2>", "MultiheadAttention"):
+        assert text in page
+
+
+def test_a_model_without_attention_or_residual_blocks_has_none(scanned: tuple[Analysis, Path]) -> None:
+    analysis = scanned[0]
+    assert analysis.heads == () and analysis.blocks == ()
+    assert [(m.name, m.type) for m in analysis.latency] == [("flatten", "Flatten"), ("fc1", "Linear"),
+                                                            ("relu1", "ReLU"), ("fc2", "Linear")]
+    assert all(layer.latency_share is not None and 0 < layer.latency_share < 1 for layer in analysis.layers)
+
+
+def test_depth_off_scans_no_blocks(tmp_path: Path) -> None:
+    config = AnalyzeConfig(limit=50, prune_ratios=(), channel_ratios=(), head_ratios=(), bits=(8,), depth=False,
+                           allow_code=True)
+    analysis = analyze(parse_recipe(TINY_TRANSFORMER), tmp_path, config)
+    assert analysis.blocks == () and len(analysis.heads) == 2 and analysis.heads[0].prune == ()
+
+
+def test_only_the_chosen_scans_run(tmp_path: Path) -> None:
+    config = scans_only(AnalyzeConfig(limit=50, allow_code=True), ["heads", "depth"])
+    assert (config.prune_ratios, config.bits, config.channel_ratios, config.depth) == ((), (), (), True)
+    assert config.head_ratios == (0.25, 0.5, 0.75)
+    path = tmp_path / "tt.yaml"
+    path.write_text(TINY_TRANSFORMER, encoding="utf-8")
+    result = CliRunner().invoke(app, ["analyze", str(path), "--out", str(tmp_path / "a"), "--limit", "50",
+                                      "--scan", "heads", "--scan", "depth", "--allow-code"])
+    assert result.exit_code == 0, result.output
+    analysis = Analysis.from_json((tmp_path / "a" / "analysis.json").read_text(encoding="utf-8"))
+    assert all(layer.prune == () and layer.quant == () for layer in analysis.layers)
+    assert [len(g.prune) for g in analysis.groups] == [0, 0]
+    assert [len(h.prune) for h in analysis.heads] == [3, 3] and len(analysis.blocks) == 2
+    assert (tmp_path / "a" / "analysis.html").read_text(encoding="utf-8").count("<svg") == 2  # heads, blocks
+
+
+def test_a_version_1_analysis_still_loads(scanned: tuple[Analysis, Path]) -> None:
+    data = json.loads(scanned[0].to_json())
+    data["schema"] = "spiralkit.analysis/1"
+    for key in ("heads", "blocks", "latency_ms", "latency_batch", "latency"):
+        del data[key]
+    for layer in data["layers"]:
+        del layer["latency_share"]
+    old = Analysis.from_json(json.dumps(data))
+    assert old.heads == () and old.latency_ms is None
+    page = analysis_html(old)
+    assert "Measured latency" not in page and "Attention heads" not in page and page.count("<svg") == 3
+
+
+def test_the_test_split_is_scanned_on_request(tmp_path: Path) -> None:
+    config = AnalyzeConfig(limit=30, prune_ratios=(), channel_ratios=(), bits=(8,), split="test")
+    assert analyze(_recipe(), tmp_path, config).examples == 30
+
+
+def test_data_without_a_test_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import spiralkit.spiral.analyze as module
+
+    real = module.load_data
+    monkeypatch.setattr(module, "load_data", lambda *a, **k: dataclasses.replace(real(*a, **k), test=None))
+    with pytest.raises(SpiralError, match="data 'digits' has no test split: analyse with --split val"):
+        analyze(_recipe(), tmp_path, AnalyzeConfig(split="test"))
 
 
 # --------------------------------------------------------------------------- suggestions
@@ -190,6 +318,8 @@ def test_from_run_errors(scanned: tuple[Analysis, Path], tmp_path: Path) -> None
     ({"limit": 0}, "--limit must be at least 1 validation example, got 0"),
     ({"prune_ratios": (0.5, 1.0)}, r"prune_ratios must be in \[0, 1\), got 1.0"),
     ({"channel_ratios": (-0.1,)}, r"channel_ratios must be in \[0, 1\), got -0.1"),
+    ({"head_ratios": (0.5, 1.0)}, r"head_ratios must be in \[0, 1\), got 1.0"),
+    ({"split": "train"}, "--split must be 'val' or 'test', got 'train'"),
 ])
 def test_bad_config(config: dict[str, Any], message: str) -> None:
     with pytest.raises(SpiralError, match=message):
@@ -232,6 +362,11 @@ def test_cli_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["analyze", str(path), "--out", str(tmp_path / "a"), "--limit", "0"])
     assert result.exit_code == 2 and "--limit must be at least 1 validation example, got 0" in result.stderr
+    result = runner.invoke(app, ["analyze", str(path), "--out", str(tmp_path / "a"), "--split", "dev"])
+    assert result.exit_code == 2 and "--split must be 'val' or 'test', got 'dev'" in result.stderr
+    result = runner.invoke(app, ["analyze", str(path), "--out", str(tmp_path / "a"), "--scan", "layers"])
+    assert result.exit_code == 2
+    assert "unknown --scan 'layers': choose from weights, bits, channels, heads, depth" in result.stderr
     coded = tmp_path / "coded.yaml"
     coded.write_text(TINY.replace("name: mlp", "name: pkg.mod:build"), encoding="utf-8")
     result = runner.invoke(app, ["analyze", str(coded), "--out", str(tmp_path / "a")])
