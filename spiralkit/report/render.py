@@ -87,7 +87,7 @@ def summary(report: Report) -> str:
 def prediction_lines(report: Report) -> list[str]:
     """For each latency-constrained round: the latency its table predicted, the one measured, the error."""
     return [
-        f"round {r.index} latency on {r.latency_runtime}: predicted {r.predicted_latency_ms:.3f} ms, "
+        f"round {r.index} latency on {r.prediction_runtime}: predicted {r.predicted_latency_ms:.3f} ms, "
         f"measured {r.measured_latency_ms:.3f} ms (prediction error {100 * r.prediction_error:+.1f}%)"
         for r in report.rounds if r.prediction_error is not None
     ]

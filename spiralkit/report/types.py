@@ -70,8 +70,9 @@ class RoundRecord(Metrics):
         predicted_latency_ms: a latency-constrained round: the pruned model's latency its
             latency table predicted (None otherwise, and in older reports).
         measured_latency_ms: the same model's latency measured end to end, right after the cut.
-        latency_runtime: the runtime both are on (``ort``, ``eager``…), at the report's
-            ``measurement`` batch size and threads.
+        prediction_runtime: the runtime both are on (``ort``, ``eager``…), at the report's
+            ``measurement`` batch size and threads (the round's own ``latency_ms`` names its
+            runtime in ``latency_runtime``, as every measured latency does).
     """
 
     index: int
@@ -84,7 +85,7 @@ class RoundRecord(Metrics):
     epochs: int | None = None
     predicted_latency_ms: float | None = None
     measured_latency_ms: float | None = None
-    latency_runtime: str | None = None
+    prediction_runtime: str | None = None
 
     @property
     def prediction_error(self) -> float | None:

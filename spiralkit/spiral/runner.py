@@ -175,7 +175,7 @@ def _run_round(
         **metrics.model_dump(), index=index, stage=state.stage + 1, progress=stage.progress_name, target=target,
         accepted=not reason, seconds=time.perf_counter() - started, reason=reason or "kept", epochs=recovery.epochs,
         predicted_latency_ms=cut.predicted_ms, measured_latency_ms=cut.measured_ms,
-        latency_runtime=(stage.runtime or "eager") if cut.predicted_ms is not None else None,
+        prediction_runtime=(stage.runtime or "eager") if cut.predicted_ms is not None else None,
     )
     record_training(ctx.run_dir, TrainingCurve(label=f"round {index}", round=index, losses=losses,
                                                val_metric=record.val_metric, accepted=record.accepted))

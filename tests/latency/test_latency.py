@@ -266,13 +266,13 @@ def test_round_records_without_latency_fields_load_and_predictions_are_reported(
                "size_bytes": 1, "dense_size_bytes": 1, "macs": 1, "latency_ms": 2.0}
     old = RoundRecord.model_validate({**metrics, "index": 1, "target": 0.5, "accepted": True, "seconds": 1.0, "reason": "kept"})
     assert old.predicted_latency_ms is None and old.prediction_error is None
-    new = old.model_copy(update={"predicted_latency_ms": 1.1, "measured_latency_ms": 1.0, "latency_runtime": "ort"})
+    new = old.model_copy(update={"predicted_latency_ms": 1.1, "measured_latency_ms": 1.0, "prediction_runtime": "ort"})
     report = Report(name="r", task=TaskInfo(metric="acc", higher_is_better=True),
                     measurement=Measurement(batch_size=64, threads=1, warmup=1, repeats=3),
                     baseline=Metrics(**metrics), rounds=[new])
     line = "round 1 latency on ort: predicted 1.100 ms, measured 1.000 ms (prediction error +10.0%)"
     assert line in caption_lines(report) and line in markdown(report)
-    assert Report.from_json(report.to_json()).rounds[0].latency_runtime == "ort"
+    assert Report.from_json(report.to_json()).rounds[0].prediction_runtime == "ort"
 
 
 def test_structured_recipes_without_the_new_keys_keep_their_fingerprint() -> None:

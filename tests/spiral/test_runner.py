@@ -328,7 +328,7 @@ def test_structured_targets_on_params_and_latency(tmp_path: Path, measure: str, 
         assert report.final.params <= 0.5 * report.baseline.params
     else:  # planned from a latency table, the prediction checked by a measurement
         (first,) = report.rounds
-        assert first.latency_runtime == (runtime or "eager") and first.predicted_latency_ms is not None
+        assert first.prediction_runtime == (runtime or "eager") and first.predicted_latency_ms is not None
         assert first.measured_latency_ms is not None and first.measured_latency_ms > 0
         assert list((tmp_path / "cache" / "latency").glob(f"{runtime or 'eager'}-*.json"))
 
