@@ -1,6 +1,7 @@
 """``spiral bench``: time models on explicit runtimes, interleaved, and against the peers (``--peers``).
 
-* `spiralkit.bench.runtimes` — the runtime table (eager, ONNX Runtime, optional OpenVINO fp32/bf16);
+* `spiralkit.bench.runtimes` — the command's lookup in the one runtime table, `spiralkit.latency.RUNTIMES`
+  (eager, ONNX Runtime, optional OpenVINO fp32/bf16);
 * `spiralkit.bench.timing` — round-robin timing with medians and spreads;
 * `spiralkit.bench.targets` — a run directory's models, or a model named as recipes name them;
 * `spiralkit.bench.core` — the timing grid (runtimes x batches x threads) and its table;
@@ -12,9 +13,10 @@ directories) with the algorithms.
 """
 
 from spiralkit.bench.core import BENCH_SCHEMA, BenchConfig, BenchResult, BenchRow, bench, bench_table, machine
-from spiralkit.bench.runtimes import RUNTIMES, BenchError, Runtime, runtime
+from spiralkit.bench.runtimes import BenchError, runtime
 from spiralkit.bench.targets import Candidate, input_shape_of, model_candidates, run_candidates
 from spiralkit.bench.timing import Timing, time_interleaved
+from spiralkit.latency.runtimes import RUNTIMES, Runtime
 
 __all__ = [
     "BENCH_SCHEMA",

@@ -12,9 +12,10 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from spiralkit.bench.runtimes import BenchError, Compiled, runtime, runtime_status
+from spiralkit.bench.runtimes import BenchError, runtime
 from spiralkit.bench.targets import Candidate
 from spiralkit.bench.timing import Timing, time_interleaved
+from spiralkit.latency.runtimes import Compiled, runtime_status
 from spiralkit.measure import count_macs
 from spiralkit.modules import torch_threads
 
@@ -28,7 +29,7 @@ class BenchConfig:
     """What to time and how often.
 
     Attributes:
-        runtimes: `spiralkit.bench.runtimes.RUNTIMES` names.
+        runtimes: `spiralkit.latency.runtimes.RUNTIMES` names.
         batches: Batch sizes.
         threads: Intra-op thread counts.
         warmup: Untimed rounds.
@@ -146,10 +147,11 @@ def _compile_all(candidates: Sequence[Candidate], x: torch.Tensor, runtimes: Seq
             where = workdir / f"{index}-{name}"
             where.mkdir(parents=True, exist_ok=True)
             if candidate.onnx is not None:
-                if target.from_onnx is not None:
-                    compiled[(candidate.name, name)] = target.from_onnx(candidate.onnx, x, threads)
+                if target.reads_onnx:
+                    compiled[(candidate.name, name)] = target.from_onnx(candidate.onnx, x, threads=threads)
             elif candidate.module is not None:
-                compiled[(candidate.name, name)] = target.from_module(candidate.module, x, where, threads)
+                compiled[(candidate.name, name)] = target.from_module(candidate.module, x, threads=threads,
+                                                                      scratch=where)
     return compiled
 
 

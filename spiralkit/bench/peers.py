@@ -46,10 +46,11 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from spiralkit.bench.core import machine, runtimes_caption
-from spiralkit.bench.runtimes import RUNTIMES, BenchError, Compiled, openvino_compiled, runtime
+from spiralkit.bench.runtimes import BenchError, runtime
 from spiralkit.bench.timing import time_interleaved
 from spiralkit.export import save_weights
 from spiralkit.export.onnx import compare_outputs, export_onnx
+from spiralkit.latency.runtimes import RUNTIMES, Compiled, openvino_compiled
 from spiralkit.measure import count_macs, size_on_disk
 from spiralkit.modules import torch_threads
 from spiralkit.prune.apply import apply_plan
@@ -106,7 +107,7 @@ class PeerResult:
     Attributes:
         name: The method (``spiralkit_prune_int8``, ``torchpruning_ort_int8``, ...).
         description: What it is.
-        runtime: What runs it (a `spiralkit.bench.runtimes.RUNTIMES` name).
+        runtime: What runs it (a `spiralkit.latency.runtimes.RUNTIMES` name).
         latency_ms: Median latency of one batch.
         p10_ms: 10th percentile.
         p90_ms: 90th percentile.
@@ -280,41 +281,44 @@ def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: Peers
     save_weights(model, workdir / "eager" / "weights.safetensors")
     dense_onnx = export_onnx(model, x, workdir / "dense.onnx")
     built = [
-        _Built("eager_fp32", "dense, PyTorch eager", "eager", eager.from_module(model, x, workdir, threads), dense_macs,
+        _Built("eager_fp32", "dense, PyTorch eager", "eager", eager.from_module(model, x, threads=threads, scratch=workdir),
+               dense_macs,
                _file_size(workdir / "eager" / "weights.safetensors")),
-        _Built("ort_fp32", "dense, ONNX Runtime", "ort", ort.from_onnx(dense_onnx, x, threads), dense_macs,
+        _Built("ort_fp32", "dense, ONNX Runtime", "ort", ort.from_onnx(dense_onnx, x, threads=threads), dense_macs,
                _file_size(dense_onnx)),
     ]
     ort_int8 = ort_default_int8(dense_onnx, calibration, workdir / "dense.ort-int8.onnx")
     dense_int8 = _spiralkit_int8(model, x, calibration, workdir / "spiralkit-dense", threads)
     built += [
         _Built("ort_int8_default", "dense, ONNX Runtime quantize_static defaults", "ort",
-               ort.from_onnx(ort_int8, x, threads), dense_macs, _file_size(ort_int8), twin="ort_fp32"),
+               ort.from_onnx(ort_int8, x, threads=threads), dense_macs, _file_size(ort_int8), twin="ort_fp32"),
         _Built("spiralkit_int8", "dense, spiralkit static int8, ONNX Runtime", "ort",
-               ort.from_onnx(dense_int8.path, x, threads), dense_macs, dense_int8.size_bytes, twin="ort_fp32"),
+               ort.from_onnx(dense_int8.path, x, threads=threads), dense_macs, dense_int8.size_bytes, twin="ort_fp32"),
     ]
     tp_model = torchpruning_plan(model, x, macs=budget)
     tp_onnx = export_onnx(tp_model, x, workdir / "torchpruning.onnx")
     tp_int8 = ort_default_int8(tp_onnx, calibration, workdir / "torchpruning.ort-int8.onnx")
     tp_macs = count_macs(tp_model, x)
     built += [
-        _Built("torchpruning_fp32", "Torch-Pruning MetaPruner, ONNX Runtime", "ort", ort.from_onnx(tp_onnx, x, threads),
+        _Built("torchpruning_fp32", "Torch-Pruning MetaPruner, ONNX Runtime", "ort",
+               ort.from_onnx(tp_onnx, x, threads=threads),
                tp_macs, _file_size(tp_onnx)),
         _Built("torchpruning_ort_int8", "Torch-Pruning MetaPruner + ONNX Runtime default int8", "ort",
-               ort.from_onnx(tp_int8, x, threads), tp_macs, _file_size(tp_int8), twin="torchpruning_fp32"),
+               ort.from_onnx(tp_int8, x, threads=threads), tp_macs, _file_size(tp_int8), twin="torchpruning_fp32"),
     ]
     sparse = unstructured(model, macs=budget)
     built.append(_Built("torch_prune_unstructured", "torch.nn.utils.prune L1 unstructured, eager", "eager",
-                        eager.from_module(sparse, x, workdir, threads), count_macs(sparse, x),
+                        eager.from_module(sparse, x, threads=threads, scratch=workdir), count_macs(sparse, x),
                         size_on_disk(sparse, workdir / "unstructured").best_bytes, twin="eager_fp32"))
     ours = plan(model, x, macs=budget)
     ours_int8 = _spiralkit_int8(ours, x, calibration, workdir / "spiralkit", threads)
     ours_macs = count_macs(ours, x)
     built += [
         _Built("spiralkit_prune_fp32", f"spiralkit plan ({getattr(plan, '__name__', 'custom')}), ONNX Runtime", "ort",
-               ort.from_onnx(ours_int8.float_path, x, threads), ours_macs, _file_size(ours_int8.float_path)),
+               ort.from_onnx(ours_int8.float_path, x, threads=threads), ours_macs, _file_size(ours_int8.float_path)),
         _Built("spiralkit_prune_int8", "spiralkit plan + spiralkit static int8, ONNX Runtime", "ort",
-               ort.from_onnx(ours_int8.path, x, threads), ours_macs, ours_int8.size_bytes, twin="spiralkit_prune_fp32"),
+               ort.from_onnx(ours_int8.path, x, threads=threads), ours_macs, ours_int8.size_bytes,
+               twin="spiralkit_prune_fp32"),
     ]
     if RUNTIMES["openvino"].missing is None:
         built += _openvino_methods(dense_onnx, dense_int8.path, ours_int8.path, x, calibration, threads, workdir,

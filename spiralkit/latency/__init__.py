@@ -1,7 +1,7 @@
 """Measured latency as a pruning target: runtimes, latency tables and the latency-constrained planner.
 
-* `spiralkit.latency.runtimes` — the runtimes (``eager``, ``ort``) as an explicit table, and
-  `latency_of` to time a model on one.
+* `spiralkit.latency.runtimes` — the one runtime table (``eager``, ``ort``, optional ``openvino``
+  and ``openvino_bf16``), shared with ``spiral bench``, and `latency_of` to time a model on one.
 * `spiralkit.latency.table` — per-block latency tables over a grid of widths, cached on disk.
 * `spiralkit.latency.planner` — per-group widths that keep the most importance within a
   predicted latency (`plan_for_latency`, `choose_widths`).
@@ -15,13 +15,23 @@ from spiralkit.latency.planner import (
     plan_for_latency,
     table_for,
 )
-from spiralkit.latency.runtimes import RUNTIMES, LatencyError, Runtime, get_runtime, interleaved_ms, latency_of
+from spiralkit.latency.runtimes import (
+    RUNTIMES,
+    Compiled,
+    LatencyError,
+    Runtime,
+    get_runtime,
+    interleaved_ms,
+    latency_of,
+    runtime_status,
+)
 from spiralkit.latency.table import Block, BlockShape, LatencyTable, TableEnv, build_table, table_blocks, width_grid
 
 __all__ = [
     "RUNTIMES",
     "Block",
     "BlockShape",
+    "Compiled",
     "LatencyError",
     "LatencyPlan",
     "LatencyTable",
@@ -35,6 +45,7 @@ __all__ = [
     "latency_of",
     "narrowest_counts",
     "plan_for_latency",
+    "runtime_status",
     "table_blocks",
     "table_for",
     "width_grid",

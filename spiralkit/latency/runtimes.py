@@ -1,19 +1,38 @@
-"""The runtimes a latency is measured on, as an explicit table: a new one is one class and one line.
+"""The runtimes a model is timed on, as one explicit table: a new one is one class and one line.
 
-A `Runtime` turns a model and an input batch into a call that runs one forward pass the way
-that runtime would in deployment (``eager``: the PyTorch module; ``ort``: the model exported
-by `spiralkit.export.onnx.export_onnx` and run by ONNX Runtime on pre-converted numpy input,
-so that no tensor conversion is timed). `latency_of` times such a call with
-`spiralkit.measure.measure_call`.
+Both the latency tables and planner (this package) and ``spiral bench`` (`spiralkit.bench`)
+take their runtimes from `RUNTIMES`. A `Runtime` runs a model the way it would run in
+deployment, in two shapes:
+
+* `Runtime.prepare` — a call without arguments running one forward pass on a fixed input,
+  converted once, so that only the runtime's own work is timed (`latency_of`, `interleaved_ms`);
+* `Runtime.from_module` / `Runtime.from_onnx` — a `Compiled` callable (a batch in, the first
+  output out) from a module or from an ``.onnx`` file it was exported or quantized to (int8
+  files), for benchmarks that also compare outputs.
+
+Runtimes:
+
+* ``eager`` — PyTorch eager mode (modules only).
+* ``ort`` — ONNX Runtime's CPU provider, all graph optimisations (BatchNorm folded, Conv+ReLU fused).
+* ``openvino`` — OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``: fp32 maths, so
+  its numbers compare with the others'. An int8 (Q/DQ) ``.onnx`` runs on its int8 kernels.
+* ``openvino_bf16`` — the same with ``bf16``, OpenVINO's own default on CPUs with bf16
+  instructions: near-lossless (report the cosine to fp32), about 2x faster than fp32 there.
+
+OpenVINO is optional: its runtimes are listed even when it is missing, `Runtime.missing` then
+says how to install it, and nothing imports it until one of them is used.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import math
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, Protocol
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -23,25 +42,54 @@ import torch
 from torch import Tensor, nn
 
 from spiralkit.errors import PruneError
-from spiralkit.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
+from spiralkit.export.onnx import INPUT_NAME, OUTPUT_NAME, OrtModel, export_onnx, ort_session
 from spiralkit.measure import Clock, Latency, measure_call
 from spiralkit.modules import eval_mode
 
-__all__ = ["RUNTIMES", "EagerRuntime", "block_onnx", "interleaved_ms", "LatencyError", "OrtRuntime", "Runtime", "get_runtime", "latency_of"]
+__all__ = [
+    "RUNTIMES",
+    "Compiled",
+    "EagerRuntime",
+    "LatencyError",
+    "OpenVinoBf16Runtime",
+    "OpenVinoRuntime",
+    "OrtRuntime",
+    "Runtime",
+    "block_onnx",
+    "get_runtime",
+    "interleaved_ms",
+    "latency_of",
+    "openvino_compiled",
+    "runtime_status",
+]
+
+Compiled = Callable[[Tensor], Tensor]
+"""A model ready to run: one input batch in, the first output out (on the CPU)."""
 
 
 class LatencyError(PruneError):
-    """A latency table or a latency-constrained plan cannot be made (unknown runtime, unreachable target)."""
+    """A latency cannot be measured or planned for (unknown or missing runtime, unreachable target)."""
 
 
 class Runtime(Protocol):
-    """What the latency tables ask of a runtime.
+    """What the latency tables and ``spiral bench`` ask of a runtime.
 
     Attributes:
-        name: the recipe's name of the runtime (``runtime: ort``).
+        name: Its key in `RUNTIMES`, in recipes (``runtime: ort``) and on the command line.
+        description: What it is, for tables.
+        package: The Python package that runs it (its version is the runtime's).
+        reads_onnx: Whether `from_onnx` can run an ``.onnx`` file (eager cannot).
     """
 
     name: ClassVar[str]
+    description: ClassVar[str]
+    package: ClassVar[str]
+    reads_onnx: ClassVar[bool]
+
+    @property
+    def missing(self) -> str | None:
+        """Why the runtime cannot run here (its package is not installed), or None."""
+        ...
 
     def version(self) -> str:
         """The runtime's version: part of a latency table's cache key."""
@@ -58,19 +106,54 @@ class Runtime(Protocol):
         """
         ...
 
+    def from_module(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Compiled:
+        """``model`` compiled for ``example``'s shape; ``scratch`` holds any exported file."""
+        ...
+
+    def from_onnx(self, path: Path, example: Tensor, *, threads: int) -> Compiled:
+        """The ``.onnx`` file compiled for ``example``'s shape.
+
+        Raises:
+            LatencyError: The runtime cannot run ONNX files (``reads_onnx`` is False).
+        """
+        ...
+
 
 class EagerRuntime:
-    """PyTorch eager mode on the CPU (threads are set by `latency_of` around the timing)."""
+    """PyTorch eager mode on the CPU (torch's threads are the caller's to set, around the whole timing:
+    setting them on every call would be timed too)."""
 
     name: ClassVar[str] = "eager"
+    description: ClassVar[str] = "PyTorch eager, inference mode"
+    package: ClassVar[str] = "torch"
+    reads_onnx: ClassVar[bool] = False
+
+    @property
+    def missing(self) -> str | None:
+        """Never: torch is always there."""
+        return None
 
     def version(self) -> str:
         """``torch.__version__``."""
         return str(torch.__version__)
 
     def prepare(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Callable[[], object]:
-        """``model(example)``."""
+        """``model(example)`` (`latency_of` runs it in eval and inference mode)."""
         return lambda: model(example)
+
+    def from_module(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Compiled:
+        """``model`` in eval and inference mode."""
+        model = model.eval()
+
+        def run(x: Tensor) -> Tensor:
+            with torch.inference_mode():
+                return model(x)
+
+        return run
+
+    def from_onnx(self, path: Path, example: Tensor, *, threads: int) -> Compiled:
+        """Not possible: eager runs PyTorch modules only."""
+        raise LatencyError(f"runtime 'eager' runs PyTorch modules, not ONNX files ({path})")
 
 
 class OrtRuntime:
@@ -82,6 +165,14 @@ class OrtRuntime:
     """
 
     name: ClassVar[str] = "ort"
+    description: ClassVar[str] = "ONNX Runtime CPU, all graph optimisations"
+    package: ClassVar[str] = "onnxruntime"
+    reads_onnx: ClassVar[bool] = True
+
+    @property
+    def missing(self) -> str | None:
+        """Never: onnxruntime is one of spiralkit's own dependencies."""
+        return None
 
     def version(self) -> str:
         """``onnxruntime.__version__``."""
@@ -89,14 +180,106 @@ class OrtRuntime:
 
     def prepare(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Callable[[], object]:
         """Export ``model`` at ``example``'s fixed shape, open a session, convert the input once."""
-        path = scratch / "model.onnx"
-        if (proto := block_onnx(model)) is not None:
-            path.write_bytes(proto.SerializeToString())
-        else:
-            export_onnx(model, example, path, dynamic_batch=False)
-        session = ort_session(path, threads=threads)
-        feed = {INPUT_NAME: np.ascontiguousarray(example.detach().cpu().float().numpy())}
+        session = ort_session(_fixed_shape_onnx(model, example, scratch), threads=threads)
+        feed = {INPUT_NAME: _numpy(example)}
         return lambda: session.run(None, feed)
+
+    def from_module(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Compiled:
+        """`export_onnx` of ``model`` (dynamic batch) run by `OrtModel`."""
+        return self.from_onnx(export_onnx(model, example, scratch / "model.onnx"), example, threads=threads)
+
+    def from_onnx(self, path: Path, example: Tensor, *, threads: int) -> Compiled:
+        """The file run by `OrtModel` (it converts each batch to numpy and the output back)."""
+        return OrtModel(path, threads=threads)
+
+
+class OpenVinoRuntime:
+    """OpenVINO's CPU plugin at a fixed precision hint; models are reshaped to the example's static shape."""
+
+    name: ClassVar[str] = "openvino"
+    description: ClassVar[str] = "OpenVINO CPU, fp32 precision hint"
+    package: ClassVar[str] = "openvino"
+    reads_onnx: ClassVar[bool] = True
+    precision: ClassVar[str] = "f32"
+
+    @property
+    def missing(self) -> str | None:
+        """``not installed (pip install 'spiralkit[openvino]')`` when the package is missing, else None."""
+        if importlib.util.find_spec(self.package) is not None:
+            return None
+        return f"not installed (pip install 'spiralkit[{self.package}]')"
+
+    def version(self) -> str:
+        """The installed ``openvino`` distribution's version (read without importing it)."""
+        return importlib.metadata.version(self.package)
+
+    def prepare(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Callable[[], object]:
+        """Export ``model`` at ``example``'s fixed shape, compile it, convert the input once."""
+        path = _fixed_shape_onnx(model, example, scratch)
+        request = _openvino_request(path, example, threads, precision=self.precision)
+        feed = {0: _numpy(example)}
+        return lambda: request.infer(feed)
+
+    def from_module(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Compiled:
+        """`export_onnx` of ``model``, compiled by `openvino_compiled`."""
+        return self.from_onnx(export_onnx(model, example, scratch / "model.onnx"), example, threads=threads)
+
+    def from_onnx(self, path: Path, example: Tensor, *, threads: int) -> Compiled:
+        """The file compiled by `openvino_compiled` at this runtime's precision."""
+        return openvino_compiled(path, example, threads, precision=self.precision)
+
+
+class OpenVinoBf16Runtime(OpenVinoRuntime):
+    """`OpenVinoRuntime` with the ``bf16`` precision hint (near-lossless; fast on CPUs with bf16 instructions)."""
+
+    name: ClassVar[str] = "openvino_bf16"
+    description: ClassVar[str] = "OpenVINO CPU, bf16 precision hint (near-lossless)"
+    precision: ClassVar[str] = "bf16"
+
+
+def _numpy(example: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(example.detach().cpu().float().numpy())
+
+
+def _fixed_shape_onnx(model: nn.Module, example: Tensor, scratch: Path) -> Path:
+    """``model`` as ``scratch/model.onnx``: `block_onnx` for a lone block, else `export_onnx` at ``example``'s shape."""
+    path = scratch / "model.onnx"
+    if (proto := block_onnx(model)) is not None:
+        path.write_bytes(proto.SerializeToString())
+        return path
+    return export_onnx(model, example, path, dynamic_batch=False)
+
+
+def _openvino_request(source: Any, example: Tensor, threads: int, *, precision: str | None) -> Any:
+    """An OpenVINO CPU infer request for ``source`` reshaped to ``example``'s shape (see `openvino_compiled`)."""
+    import openvino as ov  # optional: only when the runtime is used
+
+    core = ov.Core()
+    model = core.read_model(str(source)) if isinstance(source, (str, Path)) else source
+    model.reshape({model.inputs[0].get_any_name(): list(example.shape)})
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return core.compile_model(model, "CPU", config).create_infer_request()
+
+
+def openvino_compiled(source: Any, example: Tensor, threads: int, *, precision: str | None) -> Compiled:
+    """An OpenVINO CPU model (a path or an ``openvino.Model``) reshaped to ``example``'s shape and compiled.
+
+    Args:
+        source: An ``.onnx``/``.xml`` path or an ``openvino.Model``.
+        example: Its shape is the one compiled for (static shapes are OpenVINO's fast path).
+        threads: ``INFERENCE_NUM_THREADS``; one stream, latency hint.
+        precision: ``INFERENCE_PRECISION_HINT`` (``"f32"``, ``"bf16"``), or None for
+            OpenVINO's own default on this CPU.
+    """
+    request = _openvino_request(source, example, threads, precision=precision)
+
+    def run(x: Tensor) -> Tensor:
+        request.infer({0: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data))
+
+    return run
 
 
 def block_onnx(model: nn.Module) -> onnx.ModelProto | None:
@@ -141,19 +324,29 @@ def block_onnx(model: nn.Module) -> onnx.ModelProto | None:
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
 
 
-RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (EagerRuntime, OrtRuntime)}
-"""The runtimes latency can be measured and planned on: a new one is a `Runtime` class and a line here."""
+RUNTIMES: Mapping[str, Runtime] = MappingProxyType(
+    {r.name: r for r in (EagerRuntime(), OrtRuntime(), OpenVinoRuntime(), OpenVinoBf16Runtime())})
+"""The runtimes by name (read-only), listed even when not installed: a new one is a `Runtime` class and a line here."""
 
 
 def get_runtime(name: str) -> Runtime:
-    """The runtime called ``name``.
+    """The runtime called ``name``, installed.
 
     Raises:
-        LatencyError: No runtime has that name; the message lists the known ones.
+        LatencyError: No runtime has that name (the message lists the known ones), or its
+            package is not installed (the message says how to install it).
     """
-    if name not in RUNTIMES:
+    found = RUNTIMES.get(name)
+    if found is None:
         raise LatencyError(f"unknown runtime {name!r} (key 'runtime'); known runtimes: {', '.join(RUNTIMES)}")
-    return RUNTIMES[name]()
+    if (why := found.missing) is not None:
+        raise LatencyError(f"runtime {name!r} is {why}")
+    return found
+
+
+def runtime_status() -> dict[str, str]:
+    """Every runtime of `RUNTIMES` → its package and version (``onnxruntime 1.31.1``), or why it cannot run here."""
+    return {name: r.missing or f"{r.package} {r.version()}" for name, r in RUNTIMES.items()}
 
 
 def latency_of(
@@ -172,7 +365,7 @@ def latency_of(
         clock: ``wall`` or ``cpu`` time (see `spiralkit.measure.measure_call`).
 
     Raises:
-        LatencyError: ``runtime`` is unknown.
+        LatencyError: ``runtime`` is unknown or not installed.
     """
     chosen = get_runtime(runtime)
     with tempfile.TemporaryDirectory(prefix="spiralkit-latency-") as scratch, eval_mode(model), torch.no_grad():
@@ -200,7 +393,7 @@ def interleaved_ms(
     to one of them, and the runs compared see the same machine.
 
     Raises:
-        LatencyError: ``runtime`` is unknown.
+        LatencyError: ``runtime`` is unknown or not installed.
     """
     chosen = get_runtime(runtime)
     with tempfile.TemporaryDirectory(prefix="spiralkit-latency-") as scratch, torch.no_grad():

@@ -205,7 +205,8 @@ class StructuredStage(BaseModel):
         bn_penalty: network slimming's L1 penalty on batch-norm scales, added to the
             recovery loss of every structured round (0: none; Liu et al. 2017).
         runtime: where ``measure: latency`` is measured and tabled: ``eager`` (PyTorch, the
-            default) or ``ort`` (ONNX Runtime fp32); see `spiralkit.latency.RUNTIMES`.
+            default), ``ort`` (ONNX Runtime fp32), ``openvino`` / ``openvino_bf16`` (OpenVINO,
+            optional); see `spiralkit.latency.RUNTIMES`.
         width_step: with ``measure: latency``, group widths are multiples of this (or whole;
             default 8). Both default to None so that recipes without them keep their
             fingerprint (a missing key and None compare equal).
@@ -233,6 +234,8 @@ class StructuredStage(BaseModel):
     def _known_runtime(cls, value: str | None) -> str | None:
         if value is not None and value not in RUNTIMES:
             raise ValueError(f"unknown runtime {value!r}; known runtimes: {', '.join(RUNTIMES)}")
+        if value is not None and (why := RUNTIMES[value].missing) is not None:
+            raise ValueError(f"runtime {value!r} is {why}")
         return value
 
     @property

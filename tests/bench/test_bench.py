@@ -47,6 +47,13 @@ def test_unknown_and_missing_runtimes_are_errors_that_say_so(monkeypatch: pytest
         BenchConfig(runtimes=("eager", "openvino_bf16"))
 
 
+def test_bench_and_the_latency_tables_share_one_runtime_table() -> None:
+    from spiralkit.latency import RUNTIMES as LATENCY_RUNTIMES
+
+    assert RUNTIMES is LATENCY_RUNTIMES and runtime("ort") is RUNTIMES["ort"]
+    assert [name for name, r in RUNTIMES.items() if not r.reads_onnx] == ["eager"]
+
+
 def test_bench_times_every_candidate_on_every_runtime_batch_and_thread_count(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = mlp(in_features=16, widths=(8,), num_classes=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,6 +130,32 @@ def test_real_tables_time_every_entry_on_both_runtimes(tmp_path: Path) -> None:
         table = build_table(model, x, runtime=runtime, step=16, directory=tmp_path, repeats=1, passes=1, warmup=0)
         values = [ms for row in table.entries.values() for ms in row.values()]
         assert table.timed == len(values) == 1 + 2 + 2 and all(ms > 0 for ms in values)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is optional")
+def test_a_table_on_openvino_times_every_entry_and_keys_on_its_version(tmp_path: Path) -> None:
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    table = build_table(model, x, runtime="openvino", step=16, directory=tmp_path, repeats=1, passes=1, warmup=0)
+    assert table.timed == 5 and table.env.runtime_version == get_runtime("openvino").version() != ""
+
+
+def test_a_missing_runtime_is_an_error_saying_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "openvino" else real(name, *args))
+    with pytest.raises(LatencyError, match=r"runtime 'openvino' is not installed \(pip install 'spiralkit\[openvino\]'\)"):
+        build_table(cnn(), torch.randn(1, 3, 8, 8), runtime="openvino")
+    text = """\
+name: t
+model: {name: mlp, kwargs: {in_features: 64, widths: [32]}}
+data: {name: digits}
+prune:
+  - kind: structured
+    measure: latency
+    target_reduction: 0.5
+    runtime: openvino_bf16
+"""
+    with pytest.raises(RecipeError, match=r"key 'prune\.0\.runtime'.*runtime 'openvino_bf16' is not installed"):
+        parse_recipe(text, source="r.yaml")
 
 
 def test_a_block_written_as_onnx_computes_what_the_module_does(tmp_path: Path) -> None:
