@@ -35,12 +35,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from spiralkit.data import load_data
 from spiralkit.export import load_state
 from spiralkit.export.onnx import OrtModel, export_onnx
+from spiralkit.graph.tp import torch_pruning_prune
 from spiralkit.measure import count_macs, count_params, measure_latency
 from spiralkit.models import load_model
 from spiralkit.modules import torch_threads
@@ -66,10 +66,7 @@ def _inner_convolutions_only(model: nn.Module) -> list[nn.Module]:
 def torch_pruning_at(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
     """A copy of ``model`` pruned by Torch-Pruning's MetaPruner (group L2 magnitude) at ``ratio``."""
     pruned = copy.deepcopy(model)
-    pruner = tp.pruner.MetaPruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=_inner_convolutions_only(pruned))
-    pruner.step()
-    return pruned
+    return torch_pruning_prune(pruned, example, ratio=ratio, ignored=_inner_convolutions_only(pruned))
 
 
 def torch_pruning_to_macs(model: nn.Module, example: torch.Tensor, *, macs: int, steps: int = 7) -> tuple[nn.Module, float]:

@@ -53,7 +53,6 @@ def main() -> None:
     chosen = choose_widths(plan_for, blocks, table, target_ms=(1 - args.reduction) * full_ms, measured_ms=full_ms,
                            narrowest_ms=narrow_ms, step=8)
     aware = apply_plan(copy.deepcopy(teacher), chosen.plan, mode="remove")
-    aware_ms = interleaved_ms([(aware, x)], runtime="ort", **timing)[0]
     low, high, uniform = 0.0, 0.9, None
     for _ in range(7):  # the smallest uniform ratio at most as slow as the plan
         middle = (low + high) / 2

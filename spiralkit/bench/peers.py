@@ -50,6 +50,7 @@ from spiralkit.bench.runtimes import BenchError, runtime
 from spiralkit.bench.timing import time_interleaved
 from spiralkit.export import save_weights
 from spiralkit.export.onnx import compare_outputs, export_onnx
+from spiralkit.graph.tp import torch_pruning_prune
 from spiralkit.latency.runtimes import RUNTIMES, Compiled, openvino_compiled
 from spiralkit.measure import count_macs, size_on_disk
 from spiralkit.modules import torch_threads
@@ -191,18 +192,12 @@ def torchpruning_plan(model: nn.Module, example: Tensor, *, macs: float, iterati
     Its ``pruning_ratio`` is bisected to the smallest ratio whose model has at most ``macs``
     of the dense MACs (the largest ratio tried when none does).
     """
-    import torch_pruning as tp  # the peer itself; spiralkit's own use of it lives in spiralkit.graph.tp
-
     goal = macs * count_macs(model, example)
 
     def pruned(ratio: float) -> nn.Module:
         copied = copy.deepcopy(model)
         linears = [m for m in copied.modules() if isinstance(m, nn.Linear)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tp.pruner.MetaPruner(copied, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                 pruning_ratio=ratio, ignored_layers=linears[-1:]).step()
-        return copied.eval()
+        return torch_pruning_prune(copied, example, ratio=ratio, ignored=linears[-1:]).eval()
 
     best = pruned(_MAX_RATIO)
     low, high = 0.0, _MAX_RATIO

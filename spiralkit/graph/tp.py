@@ -15,7 +15,9 @@ What the rest of `spiralkit.graph` sees:
   reached, the side of it that is cut and the channel indices (`Index`: each carries the
   root channel it came from);
 - `op_kind`, `Graph.is_layer` and `Graph.cuts_outputs` answer the questions the op-safety
-  rules and the group builder ask about a node.
+  rules and the group builder ask about a node;
+- `torch_pruning_prune` is Torch-Pruning's own pruner, run as it is: the peer that
+  ``spiral bench --peers`` and the benchmarks measure spiralkit against.
 
 Torch-Pruning's private names (``_helpers._HybridIndex``, ``_trace``,
 ``_detect_unwrapped_parameters``, the ``ops._*Op`` classes, ``index_mapping``,
@@ -39,7 +41,7 @@ from spiralkit.graph.forward import Example, ShapeRecorder, call_model, tensors
 from spiralkit.graph.layers import CHANNEL_MAPS, RNN_TYPES
 from spiralkit.modules import preserve_modes
 
-__all__ = ["Graph", "Handler", "Index", "Node", "OpKind", "Step", "op_kind", "trace"]
+__all__ = ["Graph", "Handler", "Index", "Node", "OpKind", "Step", "op_kind", "torch_pruning_prune", "trace"]
 
 # A node of the traced graph: a layer or an operation. spiralkit reads its ``module``,
 # ``grad_fn`` (the autograd node; None for layers), ``inputs`` and ``outputs`` (nodes).
@@ -355,3 +357,22 @@ def trace(model: nn.Module, example: Example, *, opaque: Iterable[nn.Module]) ->
 
 def _tensors_with_grad(out: Any) -> list[Tensor]:
     return [t for t in tensors(out) if t.grad_fn is not None]
+
+
+def torch_pruning_prune(model: nn.Module, example: Tensor, *, ratio: float, ignored: Sequence[nn.Module] = ()) -> nn.Module:
+    """Prune ``model`` in place with Torch-Pruning's own ``MetaPruner`` (group L2 magnitude, layer-wise).
+
+    Not how spiralkit prunes (it plans with `trace` and cuts with `spiralkit.prune.apply`):
+    the peer it is compared with, exactly as a Torch-Pruning user would call it.
+
+    Args:
+        model: The model; changed in place and returned.
+        example: An input batch for tracing.
+        ratio: Torch-Pruning's ``pruning_ratio``: the share of each group's channels removed.
+        ignored: Layers Torch-Pruning must leave whole (e.g. the classifier).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                             pruning_ratio=ratio, ignored_layers=list(ignored)).step()
+    return model
