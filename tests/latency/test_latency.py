@@ -144,18 +144,8 @@ def test_a_missing_runtime_is_an_error_saying_how_to_install_it(monkeypatch: pyt
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "openvino" else real(name, *args))
     with pytest.raises(LatencyError, match=r"runtime 'openvino' is not installed \(pip install 'spiralkit\[openvino\]'\)"):
         build_table(cnn(), torch.randn(1, 3, 8, 8), runtime="openvino")
-    text = """\
-name: t
-model: {name: mlp, kwargs: {in_features: 64, widths: [32]}}
-data: {name: digits}
-prune:
-  - kind: structured
-    measure: latency
-    target_reduction: 0.5
-    runtime: openvino_bf16
-"""
     with pytest.raises(RecipeError, match=r"key 'prune\.0\.runtime'.*runtime 'openvino_bf16' is not installed"):
-        parse_recipe(text, source="r.yaml")
+        parse_recipe(_latency_recipe("openvino_bf16"), source="r.yaml")
 
 
 def test_a_block_written_as_onnx_computes_what_the_module_does(tmp_path: Path) -> None:
@@ -250,19 +240,23 @@ def test_unknown_runtime_is_an_error_listing_the_known_ones() -> None:
         build_table(cnn(), torch.randn(1, 3, 8, 8), runtime="tensorrt")
 
 
-def test_recipe_with_an_unknown_runtime_names_the_key() -> None:
-    text = """\
+def _latency_recipe(runtime: str) -> str:
+    """A recipe whose structured stage targets latency on ``runtime`` (its line 8)."""
+    return f"""\
 name: t
-model: {name: mlp, kwargs: {in_features: 64, widths: [32]}}
-data: {name: digits}
+model: {{name: mlp, kwargs: {{in_features: 64, widths: [32]}}}}
+data: {{name: digits}}
 prune:
   - kind: structured
     measure: latency
     target_reduction: 0.5
-    runtime: tensorrt
+    runtime: {runtime}
 """
+
+
+def test_recipe_with_an_unknown_runtime_names_the_key() -> None:
     with pytest.raises(RecipeError, match=r"line 8: key 'prune\.0\.runtime'.*unknown runtime 'tensorrt'; known runtimes: eager, ort"):
-        parse_recipe(text, source="r.yaml")
+        parse_recipe(_latency_recipe("tensorrt"), source="r.yaml")
 
 
 # --------------------------------------------------------------------------- the spiral's stage
