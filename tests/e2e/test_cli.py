@@ -87,9 +87,17 @@ def test_recipe_typo_names_key_and_line(tmp_path: Path) -> None:
     assert "line 9: unknown key 'targets.max_round' (did you mean 'max_rounds'?)" in " ".join(result.output.split())
 
 
+def _default_sigint() -> None:
+    # A child inherits an ignored SIGINT, and Python then raises no KeyboardInterrupt: some
+    # test earlier in a full run leaves SIGINT ignored in the pytest process (the interrupted
+    # run went on to finish, exit 0). The command is tested as a terminal starts it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spiral(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "spiralkit", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "-m", "spiralkit", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=_default_sigint,
     )
 
 
