@@ -88,9 +88,10 @@ def test_recipe_typo_names_key_and_line(tmp_path: Path) -> None:
 
 
 def _default_sigint() -> None:
-    # A child inherits an ignored SIGINT, and Python then raises no KeyboardInterrupt: some
-    # test earlier in a full run leaves SIGINT ignored in the pytest process (the interrupted
-    # run went on to finish, exit 0). The command is tested as a terminal starts it.
+    # A child inherits an ignored SIGINT, and Python then raises no KeyboardInterrupt (the
+    # interrupted run goes on to finish, exit 0). A shell without job control starts every
+    # background command (`make test &`, `nohup ... &`) with SIGINT ignored, so a suite started
+    # that way hands it on. The command is tested as a terminal starts it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
