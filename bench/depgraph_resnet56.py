@@ -1,6 +1,10 @@
 """Benchmark: a DepGraph-scale result — spiralkit's spiral against Torch-Pruning's own pruner.
 
     python -m bench.depgraph_resnet56 --spiral runs/depgraph_resnet56 [--json out.json]
+    # or Torch-Pruning's row first, beside the running spiral (its baseline is enough):
+    python -m bench.depgraph_resnet56 --spiral runs/depgraph_resnet56 --macs 47684564 --epochs 8 \
+        --torch-pruning runs/depgraph_tp.safetensors
+    python -m bench.depgraph_resnet56 --spiral runs/depgraph_resnet56 --torch-pruning runs/depgraph_tp.safetensors
 
 DepGraph (Fang et al. 2023) reports ResNet-56 on CIFAR-10 93.53% → 93.64% at 2.57x fewer
 MACs after 100+ GPU epochs. Here, on the JPEG copy of CIFAR-10 and a CPU budget, both rows
@@ -38,7 +42,7 @@ import torch
 from torch import nn
 
 from spiralkit.data import load_data
-from spiralkit.export import load_state
+from spiralkit.export import load_state, save_weights
 from spiralkit.export.onnx import OrtModel, export_onnx
 from spiralkit.graph.tp import torch_pruning_prune
 from spiralkit.measure import count_macs, count_params, measure_latency
@@ -104,34 +108,38 @@ def _finetune_epochs(run_dir: Path, recipe: Recipe) -> int:
     return sum(recipe.recover.train.epochs if r.epochs is None else r.epochs for r in report.rounds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spiral", type=Path, required=True, help="the finished run of the recipe")
-    parser.add_argument("--recipe", type=Path, default=RECIPE)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    recipe = load_recipe(args.recipe)
+def train_torch_pruning(baseline: nn.Module, data, recipe: Recipe, example: torch.Tensor, *, macs: int, epochs: int) -> tuple[nn.Module, float]:
+    """Torch-Pruning's model at ``macs`` (bisection on its ratio), fine-tuned ``epochs`` epochs on labels."""
+    started = time.perf_counter()
+    theirs, ratio = torch_pruning_to_macs(baseline.eval(), example, macs=macs)
+    print(f"Torch-Pruning: ratio {ratio:.4f} in {time.perf_counter() - started:.0f} s; fine-tuning {epochs} epochs")
+    torch.manual_seed(recipe.seed)
+    config = recipe.recover.train.model_copy(update={"epochs": epochs})
+    train(theirs, data.train, config=config, objective=supervised(recipe.task.loss), seed=recipe.seed,
+          progress=True, description="torch-pruning fine-tune")
+    return theirs, ratio
+
+
+def save_torch_pruning(model: nn.Module, ratio: float, epochs: int, path: Path) -> None:
+    """Weights as safetensors plus the ratio that rebuilds the architecture (re-pruning is deterministic)."""
+    save_weights(model, path)
+    path.with_suffix(".json").write_text(json.dumps({"ratio": ratio, "epochs": epochs}) + "\n")
+
+
+def load_torch_pruning(baseline: nn.Module, example: torch.Tensor, path: Path) -> tuple[nn.Module, float, int]:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = torch_pruning_at(baseline.eval(), example, meta["ratio"])
+    model.load_state_dict(load_state(path))
+    return model, meta["ratio"], meta["epochs"]
+
+
+def compare(models: dict[str, nn.Module], recipe: Recipe, data, example: torch.Tensor, *, repeats: int) -> list[dict]:
+    """Accuracy, MACs, parameters and ONNX Runtime latency of each model, as rows and a printed table."""
     with torch_threads(recipe.threads):
-        data = load_data(recipe.data, seed=recipe.seed)
-        example = next(iter(data.val))[0][:1]
-        baseline = load_model(recipe.model.model_copy(update={"checkpoint": None}))
-        baseline.load_state_dict(load_state(args.spiral / BASELINE))
-        spiral = pruned_model(args.spiral, recipe)
-        epochs = _finetune_epochs(args.spiral, recipe)
-        started = time.perf_counter()
-        theirs, ratio = torch_pruning_to_macs(baseline.eval(), example, macs=count_macs(spiral, example))
-        print(f"Torch-Pruning: ratio {ratio:.3f} in {time.perf_counter() - started:.0f} s; fine-tuning {epochs} epochs")
-        torch.manual_seed(recipe.seed)
-        config = recipe.recover.train.model_copy(update={"epochs": epochs})
-        train(theirs, data.train, config=config, objective=supervised(recipe.task.loss), seed=recipe.seed,
-              progress=True, description="torch-pruning fine-tune")
-        models = {"baseline": baseline, "spiralkit": spiral, "torch_pruning": theirs}
         accuracy = {name: (evaluate(recipe.task, m, data.test).metric, evaluate(recipe.task, m, data.val).metric)
                     for name, m in models.items()}
-    speed = latencies(models, example, repeats=args.repeats)
-    base_macs = count_macs(baseline, example)
+    speed = latencies(models, example, repeats=repeats)
+    base_macs = count_macs(models["baseline"], example)
     rows, table = [], []
     for name, model in models.items():
         macs = count_macs(model, example)
@@ -143,6 +151,43 @@ def main() -> None:
         table.append([name, f"{row['test']:.2f}", f"{row['val']:.2f}", f"{macs / 1e6:.1f}M", f"{row['macs_reduction']:.2f}x",
                       f"{row['params']:,}", *(f"{speed[name][b]:.2f} ({row[f'speedup_b{b}']:.2f}x)" for b in BATCHES)])
     print(format_table(["model", "test", "val", "MACs", "fewer", "params", "ORT ms b1", "ORT ms b64"], table))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spiral", type=Path, required=True, help="the run of the recipe (finished, or only its baseline with --macs)")
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--macs", type=int, help="train only Torch-Pruning's row at this MACs budget (before the spiral ends)")
+    parser.add_argument("--epochs", type=int, help="with --macs: its fine-tuning epochs")
+    parser.add_argument("--torch-pruning", type=Path, dest="tp_weights",
+                        help="with --macs: save its model here; otherwise: load it from here instead of training")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    recipe = load_recipe(args.recipe)
+    with torch_threads(recipe.threads):
+        data = load_data(recipe.data, seed=recipe.seed)
+        example = next(iter(data.val))[0][:1]
+        baseline = load_model(recipe.model.model_copy(update={"checkpoint": None}))
+        baseline.load_state_dict(load_state(args.spiral / BASELINE))
+        if args.macs is not None:
+            if args.epochs is None or args.tp_weights is None:
+                raise SystemExit("--macs needs --epochs and --torch-pruning FILE")
+            theirs, ratio = train_torch_pruning(baseline, data, recipe, example, macs=args.macs, epochs=args.epochs)
+            save_torch_pruning(theirs, ratio, args.epochs, args.tp_weights)
+            print(f"saved {args.tp_weights}")
+            return
+        spiral = pruned_model(args.spiral, recipe)
+        epochs = _finetune_epochs(args.spiral, recipe)
+        if args.tp_weights is not None:
+            theirs, ratio, their_epochs = load_torch_pruning(baseline, example, args.tp_weights)
+            if their_epochs != epochs:
+                print(f"warning: Torch-Pruning was fine-tuned {their_epochs} epochs, the spiral recovered {epochs}")
+        else:
+            theirs, ratio = train_torch_pruning(baseline, data, recipe, example, macs=count_macs(spiral, example), epochs=epochs)
+    rows = compare({"baseline": baseline, "spiralkit": spiral, "torch_pruning": theirs}, recipe, data, example, repeats=args.repeats)
     if args.json:
         args.json.write_text(json.dumps({"torch_pruning_ratio": ratio, "epochs": epochs, "rows": rows}, indent=2) + "\n")
 
