@@ -27,7 +27,7 @@ from torch import nn
 
 from spiralkit.graph.attention import HeadGroup, find_attention
 from spiralkit.graph.forward import Example, call_model
-from spiralkit.graph.layers import COUPLED, RNN_TYPES, Role, channel_size, is_depthwise
+from spiralkit.graph.layers import COUPLED, RNN_TYPES, Role, channel_size, is_conv1d, is_depthwise
 from spiralkit.graph.rules import check_op, layer_problem
 from spiralkit.graph.tp import Graph, Handler, Node, op_kind, trace
 
@@ -43,6 +43,11 @@ __all__ = [
 ]
 
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, *RNN_TYPES)
+
+
+def _is_root(module: nn.Module) -> bool:
+    """Whether ``module``'s output channels may root a group (Hugging Face ``Conv1D`` included)."""
+    return isinstance(module, _ROOT_TYPES) or is_conv1d(module)
 _MAX_INDICES = 4_000_000
 
 
@@ -314,7 +319,7 @@ def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> M
     groups: list[ChannelGroup] = []
     skipped: list[Skipped] = [Skipped(name, reason) for name, reason in unsupported.items()]
     for name, module in model.named_modules():
-        if not isinstance(module, _ROOT_TYPES) or module not in graph.module2node or (name, "out") in covered:
+        if not _is_root(module) or module not in graph.module2node or (name, "out") in covered:
             continue
         covered.add((name, "out"))
         problem = layer_problem(module, name, "out", graph, opaque_ids)
@@ -331,7 +336,7 @@ def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> M
     groups, untied = _untie(graph, groups)
     skipped.extend(untied)
     for name, module in model.named_modules():
-        if isinstance(module, _ROOT_TYPES) and module not in graph.module2node and not any(
+        if _is_root(module) and module not in graph.module2node and not any(
             id(module) in {id(s) for s in o.modules()} for o in opaque
         ):
             skipped.append(Skipped(name, (
