@@ -42,11 +42,14 @@ __all__ = [
     "HeadGroup",
     "HeadPrunedMultiheadAttention",
     "HeadSlice",
+    "ProjectionLayout",
     "adapter_for",
     "find_attention",
     "head_slices",
+    "known_layouts",
     "mask_heads",
     "remove_heads",
+    "unknown_attention",
 ]
 
 
@@ -833,6 +836,39 @@ def find_attention(model: nn.Module) -> tuple[list[HeadGroup], dict[str, str], l
         heads, width = adapter.heads(module)
         groups.append(HeadGroup(module=name, kind=adapter.kind, num_heads=heads, head_dim=width))
     return groups, unsupported, opaque
+
+
+def _projection_count(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if isinstance(m, nn.Linear) or is_conv1d(m))
+
+
+def unknown_attention(model: nn.Module) -> dict[str, str]:
+    """Modules that look like attention but that no adapter understands: name → class name.
+
+    A module looks like attention when its class name contains "Attention" and it holds at
+    least two linear layers; only the innermost such module is reported, and nothing inside
+    or around a layer an adapter understands.
+    """
+    named = list(model.named_modules())
+    known = [name for name, module in named if adapter_for(module) is not None]
+
+    def related(name: str, other: str) -> bool:  # one inside the other (or the same)
+        return name == other or name.startswith(other + ".") or other.startswith(name + ".") or other == "" or name == ""
+
+    candidates = [
+        (name, module) for name, module in named
+        if "attention" in type(module).__name__.lower() and _projection_count(module) >= 2
+        and not any(related(name, k) for k in known)
+    ]
+    return {
+        name: type(module).__name__ for name, module in candidates
+        if not any(other != name and other.startswith(name + ".") for other, _ in candidates)
+    }
+
+
+def known_layouts() -> str:
+    """The adapter names, for messages."""
+    return ", ".join(adapter.kind for adapter in ADAPTERS)
 
 
 def head_slices(model: nn.Module, group: HeadGroup) -> list[tuple[Tensor, HeadSlice]]:

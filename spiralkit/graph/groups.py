@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from spiralkit.graph.attention import HeadGroup, find_attention
+from spiralkit.graph.attention import HeadGroup, find_attention, known_layouts, unknown_attention
 from spiralkit.graph.forward import Example, call_model
 from spiralkit.graph.layers import COUPLED, RNN_TYPES, Role, channel_size, is_conv1d, is_depthwise
 from spiralkit.graph.rules import check_op, layer_problem
@@ -296,6 +296,30 @@ def _untie(graph: Graph, groups: list[ChannelGroup]) -> tuple[list[ChannelGroup]
     return [g for g in groups if g.id not in bad], [Skipped(g, r) for g, r in bad.items()]
 
 
+def _name_unknown_attention(model: nn.Module, skipped: list[Skipped]) -> list[Skipped]:
+    """Report attention layers no head adapter understands, and say so for the layers inside them.
+
+    Without an adapter the projections inside such a layer are traced as plain layers and
+    stopped by the head reshape ("passes through View …"), which names the symptom, not
+    the cause; the reason given is the missing adapter, with the traced one after it.
+    """
+    unknown = unknown_attention(model)
+    if not unknown:
+        return skipped
+    layouts = known_layouts()
+    result = [Skipped(name, f"{kind} {name!r}: this attention layout has no head adapter (known layouts: {layouts}); "
+                            "its heads are kept") for name, kind in unknown.items()]
+    for item in skipped:
+        owner = next((name for name in unknown if item.name.startswith(name + ".")), None)
+        if owner is None:
+            result.append(item)
+        else:
+            result.append(Skipped(item.name, (
+                f"is inside {unknown[owner]} {owner!r}, an attention layout with no head adapter, so it is kept whole "
+                f"(traced: {item.reason})")))
+    return result
+
+
 def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> ModelGroups:
     """Trace ``model`` on ``example`` into coupled channel groups and attention heads.
 
@@ -335,6 +359,7 @@ def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> M
             groups.append(result)
     groups, untied = _untie(graph, groups)
     skipped.extend(untied)
+    skipped = _name_unknown_attention(model, skipped)
     for name, module in model.named_modules():
         if _is_root(module) and module not in graph.module2node and not any(
             id(module) in {id(s) for s in o.modules()} for o in opaque
