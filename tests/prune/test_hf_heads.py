@@ -8,6 +8,7 @@ with its masked twin; the ONNX exports are in the slow tests.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def tiny_llama(layers: int = 2) -> Outputs:
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     return Outputs(transformers.LlamaForCausalLM(config).eval())
+
+
+def tiny_decoder(family: str) -> Outputs:
+    """Mistral, Qwen2 (q/k/v biases) or Qwen3 (per-head q/k norms), 4 query over 2 key/value heads."""
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():  # random, not zero, biases: a bias that is cut wrongly shows
+        for name, param in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                param.normal_()
+    return Outputs(model)
 
 
 def tiny_gpt2() -> Outputs:
@@ -102,6 +121,8 @@ FAMILIES: dict[str, tuple[Callable[[], Outputs], Callable[[], Tensor], str, str,
            "model.encoder.block.0.layer.1.DenseReluDense.wi"),
     "llama": (tiny_llama, _tokens, "hf_qkvo", "model.model.layers.0.self_attn", None,
               "model.model.layers.0.mlp.gate_proj"),
+    **{family: (functools.partial(tiny_decoder, family), _tokens, "hf_qkvo", "model.model.layers.0.self_attn", None,
+                "model.model.layers.0.mlp.gate_proj") for family in ("mistral", "qwen2", "qwen3")},
 }
 
 
