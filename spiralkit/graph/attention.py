@@ -17,6 +17,27 @@ registers itself on import):
 * ``swin`` — torchvision's ``ShiftedWindowAttention`` (v1 and v2): the relative position bias
   table (v1), the continuous position bias MLP and logit scale (v2) are cut by head too.
 * ``maxvit`` — torchvision's ``RelativePositionalMultiHeadAttention``.
+* ``hf_gpt2`` — GPT-2's ``GPT2Attention``: one fused ``c_attn`` and ``c_proj``, both
+  Hugging Face ``Conv1D`` (weight stored ``(in, out)``); ``num_heads``/``split_size`` patched.
+* ``hf_t5`` — T5's ``T5Attention``; the relative position bias is shared by the layers of a
+  stack, so it stays whole and each pruned layer picks its kept heads from it.
+* ``hf_qkvo`` and ``hf_distilbert`` — separate q/k/v/output projections, described as data
+  (`ProjectionLayout`, one line per family in `HF_LAYOUTS`): transformers 5.x's
+  ``q_proj/k_proj/v_proj/o_proj`` (Llama, Mistral, Qwen2/3, ViT, DeiT, ...) and DistilBERT's
+  ``q_lin/k_lin/v_lin/out_lin``. Their forward passes infer the head count from the
+  projection widths. With grouped-query attention a unit is one key/value head together
+  with its query heads (see `_HFProjections`), so ``num_key_value_groups`` is unchanged.
+
+Hugging Face configs hold one head count for all layers; pruned layers may differ, so the
+config is left as it was and the per-layer counts live in the modules (the projections'
+shapes): a saved plan lists the kept heads of each layer and `load_pruned` replays it on the
+model built from the original config. Decoding with the KV cache then works unchanged (the
+cache takes each layer's key/value shapes as they come).
+
+A module that looks like attention (a class name with "Attention", two or more linear
+layers) but that no adapter matches is reported by `unknown_attention`, so that the traced
+groups can say "this attention layout has no head adapter" rather than name the reshape
+that stopped them.
 
 Masking a head zeroes exactly the entries that removing it deletes, so a masked model and
 its physically pruned twin compute the same function (see ``tests/prune``).
@@ -59,8 +80,9 @@ class HeadGroup:
 
     Attributes:
         module: Dotted name of the attention module (the one holding all projections).
-        kind: Adapter name (``torch_mha``, ``hf_bert``, ``swin``, ``maxvit``).
-        num_heads: Number of heads.
+        kind: Adapter name (``torch_mha``, ``hf_bert``, ``swin``, ``maxvit``, ``hf_gpt2``, ...).
+        num_heads: Number of heads (with grouped-query attention: of key/value heads, each
+            pruned together with its query heads).
         head_dim: Width of one head.
     """
 
