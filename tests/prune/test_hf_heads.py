@@ -308,3 +308,39 @@ def test_an_inconsistent_projection_layout_is_reported_with_its_widths() -> None
     skipped = {s.name: s.reason for s in groups.skipped}
     assert skipped["0"] == ("_BadWidths: projection widths 16/12 are not multiples of head_dim=8 (layout 'hf_qkvo')")
     assert not groups.heads
+
+
+def test_a_pruned_t5_seq2seq_generates_with_its_caches_as_the_full_forward() -> None:
+    torch.set_num_threads(1)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger random weights than T5's init, so that greedy decoding varies
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0, 0.3)
+    ids = _tokens()[:, :7]
+    example = {"input_ids": ids[:1], "decoder_input_ids": torch.zeros(1, 3, dtype=torch.long)}
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=example)
+    assert len(plan.heads) == 6 and sum("EncDecAttention" in h.module for h in plan.heads) == 2
+    apply_plan(model, plan, mode="remove")
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        decoded = torch.zeros(2, 1, dtype=torch.long)
+        for _ in range(5):
+            logits = model(input_ids=ids, decoder_input_ids=decoded, use_cache=False).logits
+            decoded = torch.cat([decoded, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert len(set(decoded[:, 1:].flatten().tolist())) > 1  # not a constant sequence
+    assert torch.equal(generated, decoded)
+
+
+def test_gpt2_cross_attention_is_reported_with_its_reason() -> None:
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32,
+                                     add_cross_attention=True, bos_token_id=1, eos_token_id=2)
+    model = Outputs(transformers.GPT2LMHeadModel(config).eval())
+    groups = trace_groups(model, _tokens()[:1])
+    skipped = {s.name: s.reason for s in groups.skipped}
+    assert skipped["model.transformer.h.0.crossattention"] == (
+        "GPT2Attention is cross-attention (separate q_attn), which layout 'hf_gpt2' does not cover")
+    assert [h.module for h in groups.heads] == ["model.transformer.h.0.attn"]
