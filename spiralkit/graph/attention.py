@@ -21,10 +21,10 @@ registers itself on import):
   Hugging Face ``Conv1D`` (weight stored ``(in, out)``); ``num_heads``/``split_size`` patched.
 * ``hf_t5`` — T5's ``T5Attention``; the relative position bias is shared by the layers of a
   stack, so it stays whole and each pruned layer picks its kept heads from it.
-* ``hf_qkvo`` and ``hf_distilbert`` — separate q/k/v/output projections, described as data
+* ``hf_qkvo``, ``hf_qkv_out`` and ``hf_distilbert`` — separate q/k/v/output projections, described as data
   (`ProjectionLayout`, one line per family in `HF_LAYOUTS`): transformers 5.x's
-  ``q_proj/k_proj/v_proj/o_proj`` (Llama, Mistral, Qwen2/3, ViT, DeiT, ...) and DistilBERT's
-  ``q_lin/k_lin/v_lin/out_lin``. Their forward passes infer the head count from the
+  ``q_proj/k_proj/v_proj/o_proj`` (Llama, Mistral, Qwen2/3, ViT, DeiT, ...), ``hf_qkv_out``
+  ``q_proj/k_proj/v_proj/out_proj`` (CLIP, BART, ...) and DistilBERT's ``q_lin/k_lin/v_lin/out_lin``. Their forward passes infer the head count from the
   projection widths. With grouped-query attention a unit is one key/value head together
   with its query heads (see `_HFProjections`), so ``num_key_value_groups`` is unchanged.
 
@@ -798,6 +798,8 @@ HF_LAYOUTS: tuple[ProjectionLayout, ...] = (
     # transformers 5.x naming: Llama, Mistral, Qwen2/3, Gemma, ViT, DeiT, ... (grouped-query aware)
     ProjectionLayout("hf_qkvo", "q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
                      counts=("num_heads", "num_attention_heads"), kv_counts=("num_key_value_heads",)),
+    # q/k/v_proj with out_proj: CLIP, SigLIP, BART, Whisper, OPT, ...
+    ProjectionLayout("hf_qkv_out", "q_proj", "k_proj", "v_proj", "out_proj", "head_dim", counts=("num_heads",)),
     ProjectionLayout("hf_distilbert", "q_lin", "k_lin", "v_lin", "out_lin", "attention_head_size",
                      counts=("n_heads",)),
 )

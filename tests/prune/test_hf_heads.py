@@ -99,6 +99,22 @@ def tiny_t5(layers: int = 2) -> Outputs:
     return Outputs(transformers.T5EncoderModel(config).eval())
 
 
+def tiny_clip_vision() -> Outputs:
+    config = transformers.CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    return Outputs(transformers.CLIPVisionModel(config).eval(), key="pixel_values")
+
+
+def tiny_bart() -> Outputs:
+    """BART encoder-decoder (self- and cross-attention); its decoder input is the shifted input."""
+    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return Outputs(transformers.BartModel(config).eval())
+
+
 def _tokens() -> Tensor:
     return torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
 
@@ -121,6 +137,10 @@ FAMILIES: dict[str, tuple[Callable[[], Outputs], Callable[[], Tensor], str, str,
            "model.encoder.block.0.layer.1.DenseReluDense.wi"),
     "llama": (tiny_llama, _tokens, "hf_qkvo", "model.model.layers.0.self_attn", None,
               "model.model.layers.0.mlp.gate_proj"),
+    "clip-vision": (tiny_clip_vision, _pixels, "hf_qkv_out", "model.encoder.layers.0.self_attn",
+                    "num_heads", "model.encoder.layers.0.mlp.fc1"),
+    "bart": (tiny_bart, _tokens, "hf_qkv_out", "model.encoder.layers.0.self_attn", "num_heads",
+             "model.encoder.layers.0.fc1"),
     **{family: (functools.partial(tiny_decoder, family), _tokens, "hf_qkvo", "model.model.layers.0.self_attn", None,
                 "model.model.layers.0.mlp.gate_proj") for family in ("mistral", "qwen2", "qwen3")},
 }
@@ -130,7 +150,7 @@ def _prune_half(family: str) -> tuple[Outputs, Outputs, Tensor]:
     build, inputs, kind, attention, count, ffn = FAMILIES[family]
     model, x = build(), inputs()
     plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
-    assert len(plan.heads) == 2 and all(h.kind == kind for h in plan.heads)
+    assert len(plan.heads) == (3 if family == "bart" else 2) and all(h.kind == kind for h in plan.heads)
     assert all(len(h.keep) == h.num_heads // 2 for h in plan.heads)
     assert ffn in {g.id for g in plan.groups}
     masked = apply_plan(copy.deepcopy(model), plan, mode="mask")
