@@ -172,7 +172,7 @@ def test_each_family_loses_half_its_heads_and_ffn_and_matches_its_masked_twin(fa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "vit", "distilbert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "t5", "vit", "distilbert", "clip-vision", "bart"])
 def test_each_pruned_family_exports_to_onnx(family: str, tmp_path: Path) -> None:
     from spiralkit.export.onnx import export_onnx, verify_onnx
 
