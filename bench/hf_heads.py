@@ -3,7 +3,7 @@
     python -m bench.hf_heads [--families gpt2,llama,...] [--no-onnx]
 
 For each family a small random model is built from its transformers config class (nothing is
-downloaded; 4 layers, hidden 128, 8 query heads — Llama/Mistral/Qwen with 4 key/value heads —,
+downloaded; 4 layers — BART 2 encoder + 2 decoder —, hidden 128, 8 query heads — Llama/Mistral/Qwen with 4 key/value heads —,
 FFN 512, sequence 32 or 32x32 images). `plan_pruning(StructuredPrune(ratio=0.5))` (L2
 magnitude, layer-wise) plans the heads and the FFN channel groups; the plan is applied in
 remove mode and in mask mode to copies. Printed per family, as one Markdown table row:
@@ -100,6 +100,24 @@ def _vision(kind: str) -> Callable[[], Outputs]:
     return build
 
 
+def _clip_vision() -> Outputs:
+    import transformers
+
+    config = transformers.CLIPVisionConfig(image_size=IMAGE, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                           num_attention_heads=HEADS, intermediate_size=FFN)
+    return Outputs(transformers.CLIPVisionModel(config), key="pixel_values")
+
+
+def _bart() -> Outputs:
+    import transformers
+
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS // 2,
+                                     decoder_layers=LAYERS // 2, encoder_attention_heads=HEADS,
+                                     decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+                                     max_position_embeddings=2 * SEQ)
+    return Outputs(transformers.BartModel(config))
+
+
 def _tokens(batch: int) -> Tensor:
     return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(0))
 
@@ -117,6 +135,9 @@ FAMILIES: dict[str, tuple[Callable[[], Outputs], Callable[[int], Tensor]]] = {
     "llama": (_decoder("LlamaConfig", "LlamaForCausalLM"), _tokens),
     "mistral": (_decoder("MistralConfig", "MistralForCausalLM"), _tokens),
     "qwen2": (_decoder("Qwen2Config", "Qwen2ForCausalLM"), _tokens),
+    "qwen3": (_decoder("Qwen3Config", "Qwen3ForCausalLM"), _tokens),
+    "clip-vision": (_clip_vision, _pixels),
+    "bart": (_bart, _tokens),
 }
 
 
