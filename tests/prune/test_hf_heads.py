@@ -364,3 +364,19 @@ def test_gpt2_cross_attention_is_reported_with_its_reason() -> None:
     assert skipped["model.transformer.h.0.crossattention"] == (
         "GPT2Attention is cross-attention (separate q_attn), which layout 'hf_gpt2' does not cover")
     assert [h.module for h in groups.heads] == ["model.transformer.h.0.attn"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral", "qwen2", "qwen3"])
+def test_other_pruned_decoders_generate_as_their_full_forward(family: str) -> None:
+    torch.set_num_threads(1)
+    wrapper = FAMILIES[family][0]()
+    with torch.no_grad():  # larger random weights, so that greedy decoding varies
+        for name, param in wrapper.named_parameters():
+            if name.endswith("weight") and param.dim() == 2:
+                param.normal_(0, 0.2)
+    ids = _tokens()[:, :5]
+    plan = plan_pruning(wrapper, StructuredPrune(ratio=0.5), example=ids[:1])
+    apply_plan(wrapper, plan, mode="remove")
+    generated = _generate(wrapper.model, ids, 6)
+    assert len(set(generated[:, 5:].flatten().tolist())) > 1
+    assert torch.equal(generated, _greedy_by_full_forward(wrapper.model, ids, 6))
