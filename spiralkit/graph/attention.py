@@ -21,11 +21,12 @@ registers itself on import):
   Hugging Face ``Conv1D`` (weight stored ``(in, out)``); ``num_heads``/``split_size`` patched.
 * ``hf_t5`` — T5's ``T5Attention``; the relative position bias is shared by the layers of a
   stack, so it stays whole and each pruned layer picks its kept heads from it.
-* ``hf_qkvo``, ``hf_qkv_out`` and ``hf_distilbert`` — separate q/k/v/output projections, described as data
-  (`ProjectionLayout`, one line per family in `HF_LAYOUTS`): transformers 5.x's
-  ``q_proj/k_proj/v_proj/o_proj`` (Llama, Mistral, Qwen2/3, ViT, DeiT, ...), ``hf_qkv_out``
-  ``q_proj/k_proj/v_proj/out_proj`` (CLIP, BART, ...) and DistilBERT's ``q_lin/k_lin/v_lin/out_lin``. Their forward passes infer the head count from the
-  projection widths. With grouped-query attention a unit is one key/value head together
+* ``hf_qkvo``, ``hf_qkv_out`` and ``hf_distilbert`` — separate q/k/v/output projections,
+  described as data (`ProjectionLayout`, one line per family in `HF_LAYOUTS`):
+  transformers 5.x's ``q_proj/k_proj/v_proj/o_proj`` (Llama, Mistral, Qwen2/3, ViT, DeiT,
+  ...), ``q_proj/k_proj/v_proj/out_proj`` (CLIP, BART, ...) and DistilBERT's
+  ``q_lin/k_lin/v_lin/out_lin``. Their forward passes infer the head count from the
+  projection widths (the count attributes are patched too). With grouped-query attention a unit is one key/value head together
   with its query heads (see `_HFProjections`), so ``num_key_value_groups`` is unchanged.
 
 Hugging Face configs hold one head count for all layers; pruned layers may differ, so the

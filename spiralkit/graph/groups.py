@@ -43,12 +43,12 @@ __all__ = [
 ]
 
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, *RNN_TYPES)
+_MAX_INDICES = 4_000_000
 
 
 def _is_root(module: nn.Module) -> bool:
     """Whether ``module``'s output channels may root a group (Hugging Face ``Conv1D`` included)."""
     return isinstance(module, _ROOT_TYPES) or is_conv1d(module)
-_MAX_INDICES = 4_000_000
 
 
 @dataclass(frozen=True)
