@@ -83,7 +83,7 @@ class HeadGroup:
         module: Dotted name of the attention module (the one holding all projections).
         kind: Adapter name (``torch_mha``, ``hf_bert``, ``swin``, ``maxvit``, ``hf_gpt2``, ...).
         num_heads: Number of heads (with grouped-query attention: of key/value heads, each
-            pruned together with its query heads).
+            pruned together with its query heads; with a single key/value head: of query heads).
         head_dim: Width of one head.
     """
 
@@ -586,6 +586,7 @@ class ProjectionLayout:
         counts: Attributes holding the number of query heads (patched after removal).
         kv_counts: Attributes holding the number of key/value heads (patched after removal).
         inner: Attributes holding the query width ``heads · width`` (patched after removal).
+        groups: Attributes holding the query heads per key/value head (patched after removal).
     """
 
     kind: str
@@ -597,6 +598,7 @@ class ProjectionLayout:
     counts: tuple[str, ...] = ()
     kv_counts: tuple[str, ...] = ()
     inner: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
 
 class _HFProjections(HeadAdapter):
@@ -608,7 +610,9 @@ class _HFProjections(HeadAdapter):
     `HeadGroup.num_heads` counts key/value heads, and removing one removes its query heads
     too, so the ratio ``heads / kv_heads`` (``num_key_value_groups``) never changes and the
     KV cache simply holds fewer heads. Without grouping (``kv_heads == heads``) a unit is
-    one head.
+    one head. With a single key/value head (multi-query attention) there is nothing to
+    group by, so a unit is a query head and the key/value projections stay whole
+    (``num_key_value_groups`` shrinks with the query heads).
     """
 
     def __init__(self, layout: ProjectionLayout) -> None:
@@ -646,16 +650,21 @@ class _HFProjections(HeadAdapter):
         return None
 
     def heads(self, module: nn.Module) -> tuple[int, int]:
-        _, kv_heads, width = self._shape(module)
-        return kv_heads, width
+        heads, kv_heads, width = self._shape(module)
+        return (heads if kv_heads == 1 else kv_heads), width
 
     def slices(self, module: nn.Module) -> list[HeadSlice]:
         heads, kv_heads, width = self._shape(module)
         lay = self.layout
-        query = _blocks(1, kv_heads, width * (heads // kv_heads))
-        kv = _blocks(1, kv_heads, width)
+        if kv_heads == 1:  # multi-query: the units are the query heads; k and v are shared by all
+            query = _blocks(1, heads, width)
+            pieces = ((lay.q, query),)
+        else:
+            query = _blocks(1, kv_heads, width * (heads // kv_heads))
+            kv = _blocks(1, kv_heads, width)
+            pieces = ((lay.q, query), (lay.k, kv), (lay.v, kv))
         slices = [HeadSlice(f"{lay.o}.weight", 1, query, weight=True)]
-        for name, block in ((lay.q, query), (lay.k, kv), (lay.v, kv)):
+        for name, block in pieces:
             slices.append(HeadSlice(f"{name}.weight", 0, block, weight=True))
             if getattr(module, name).bias is not None:
                 slices.append(HeadSlice(f"{name}.bias", 0, block, weight=False))
@@ -666,7 +675,7 @@ class _HFProjections(HeadAdapter):
             _refresh_linear(linear)  # type: ignore[arg-type]
         heads, kv_heads, width = self._shape(module)
         for attribute, value in ((self.layout.counts, heads), (self.layout.kv_counts, kv_heads),
-                                 (self.layout.inner, heads * width)):
+                                 (self.layout.inner, heads * width), (self.layout.groups, heads // kv_heads)):
             for name in attribute:
                 if hasattr(module, name):
                     setattr(module, name, value)
@@ -798,7 +807,8 @@ class _GPT2(HeadAdapter):
 HF_LAYOUTS: tuple[ProjectionLayout, ...] = (
     # transformers 5.x naming: Llama, Mistral, Qwen2/3, Gemma, ViT, DeiT, ... (grouped-query aware)
     ProjectionLayout("hf_qkvo", "q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
-                     counts=("num_heads", "num_attention_heads"), kv_counts=("num_key_value_heads",)),
+                     counts=("num_heads", "num_attention_heads"), kv_counts=("num_key_value_heads",),
+                     groups=("num_key_value_groups",)),
     # q/k/v_proj with out_proj: CLIP, SigLIP, BART, Whisper, OPT, ...
     ProjectionLayout("hf_qkv_out", "q_proj", "k_proj", "v_proj", "out_proj", "head_dim", counts=("num_heads",)),
     ProjectionLayout("hf_distilbert", "q_lin", "k_lin", "v_lin", "out_lin", "attention_head_size",

@@ -38,10 +38,10 @@ class Outputs(nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def tiny_llama(layers: int = 2) -> Outputs:
+def tiny_llama(layers: int = 2, kv_heads: int = 2) -> Outputs:
     """Llama with 4 query heads over 2 key/value heads (grouped-query attention)."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     return Outputs(transformers.LlamaForCausalLM(config).eval())
@@ -384,6 +384,23 @@ def test_other_pruned_decoders_generate_as_their_full_forward(family: str) -> No
     ids = _tokens()[:, :5]
     plan = plan_pruning(wrapper, StructuredPrune(ratio=0.5), example=ids[:1])
     apply_plan(wrapper, plan, mode="remove")
+    generated = _generate(wrapper.model, ids, 6)
+    assert len(set(generated[:, 5:].flatten().tolist())) > 1
+    assert torch.equal(generated, _greedy_by_full_forward(wrapper.model, ids, 6))
+
+
+def test_multi_query_attention_loses_query_heads_and_keeps_its_one_kv_head() -> None:
+    torch.set_num_threads(1)
+    wrapper = _spread(tiny_llama(kv_heads=1))
+    ids = _tokens()[:, :5]
+    plan = plan_pruning(wrapper, StructuredPrune(ratio=0.5), example=ids[:1])
+    assert [(h.num_heads, len(h.keep)) for h in plan.heads] == [(4, 2), (4, 2)]
+    masked = apply_plan(copy.deepcopy(wrapper), plan, mode="mask")
+    apply_plan(wrapper, plan, mode="remove")
+    attention = wrapper.model.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 16 and attention.o_proj.in_features == 16
+    assert attention.k_proj.out_features == 8 and attention.num_key_value_groups == 2
+    assert_twins(wrapper, masked, ids)
     generated = _generate(wrapper.model, ids, 6)
     assert len(set(generated[:, 5:].flatten().tolist())) > 1
     assert torch.equal(generated, _greedy_by_full_forward(wrapper.model, ids, 6))
