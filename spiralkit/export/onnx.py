@@ -160,7 +160,44 @@ def _export_example(example: Tensor, *, dynamic_batch: bool) -> Tensor:
 
 
 def _export_program(model: nn.Module, example: Tensor, *, dynamic_batch: bool, opset: int | None) -> Any:
-    """Run torch's ONNX exporter in memory; wrap its failures in an `ExportError`."""
+    """Run torch's ONNX exporter in memory; wrap its failures in an `ExportError`.
+
+    When the export fails and ``model`` holds Hugging Face models whose attention is not
+    the plain ``eager`` implementation (e.g. ``sdpa``, which T5's position bias cannot
+    export through), the export is tried once more with eager attention — the same
+    weights and function — and each model's implementation is restored afterwards.
+    """
+    try:
+        return _export_once(model, example, dynamic_batch=dynamic_batch, opset=opset)
+    except ExportError as first:
+        switched = _hf_attention_implementations(model)
+        if not switched:
+            raise
+        try:
+            for module in switched:
+                module.set_attn_implementation("eager")
+            return _export_once(model, example, dynamic_batch=dynamic_batch, opset=opset)
+        except ExportError as second:
+            raise ExportError(f"{first}\n(retried with eager attention: {second})") from second
+        finally:
+            for module, implementation in switched.items():
+                module.set_attn_implementation(implementation)
+
+
+def _hf_attention_implementations(model: nn.Module) -> dict[nn.Module, str]:
+    """The Hugging Face models inside ``model`` whose attention is not ``eager``, with their implementation."""
+    found: dict[nn.Module, str] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        implementation = getattr(config, "_attn_implementation", None)
+        if callable(getattr(module, "set_attn_implementation", None)) and isinstance(implementation, str) and (
+                implementation != "eager"):
+            found[module] = implementation
+    return found
+
+
+def _export_once(model: nn.Module, example: Tensor, *, dynamic_batch: bool, opset: int | None) -> Any:
+    """One run of torch's ONNX exporter."""
     dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     try:
         with eval_mode(model), warnings.catch_warnings():
@@ -168,6 +205,8 @@ def _export_program(model: nn.Module, example: Tensor, *, dynamic_batch: bool, o
             # exporter, and nn.LSTM/GRU re-assigning their flat weights while traced.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
+            # ONNX's constant folding evaluates log(0) in masked-out branches (T5's position buckets).
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"onnx\.reference")
             program = torch.onnx.export(
                 model,
                 (example,),

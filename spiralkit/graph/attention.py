@@ -17,6 +17,28 @@ registers itself on import):
 * ``swin`` — torchvision's ``ShiftedWindowAttention`` (v1 and v2): the relative position bias
   table (v1), the continuous position bias MLP and logit scale (v2) are cut by head too.
 * ``maxvit`` — torchvision's ``RelativePositionalMultiHeadAttention``.
+* ``hf_gpt2`` — GPT-2's ``GPT2Attention``: one fused ``c_attn`` and ``c_proj``, both
+  Hugging Face ``Conv1D`` (weight stored ``(in, out)``); ``num_heads``/``split_size`` patched.
+* ``hf_t5`` — T5's ``T5Attention``; the relative position bias is shared by the layers of a
+  stack, so it stays whole and each pruned layer picks its kept heads from it.
+* ``hf_qkvo``, ``hf_qkv_out`` and ``hf_distilbert`` — separate q/k/v/output projections,
+  described as data (`ProjectionLayout`, one line per family in `HF_LAYOUTS`):
+  transformers 5.x's ``q_proj/k_proj/v_proj/o_proj`` (Llama, Mistral, Qwen2/3, ViT, DeiT,
+  ...), ``q_proj/k_proj/v_proj/out_proj`` (CLIP, BART, ...) and DistilBERT's
+  ``q_lin/k_lin/v_lin/out_lin``. Their forward passes infer the head count from the
+  projection widths (the count attributes are patched too). With grouped-query attention a unit is one key/value head together
+  with its query heads (see `_HFProjections`), so ``num_key_value_groups`` is unchanged.
+
+Hugging Face configs hold one head count for all layers; pruned layers may differ, so the
+config is left as it was and the per-layer counts live in the modules (the projections'
+shapes): a saved plan lists the kept heads of each layer and `load_pruned` replays it on the
+model built from the original config. Decoding with the KV cache then works unchanged (the
+cache takes each layer's key/value shapes as they come).
+
+A module that looks like attention (a class name with "Attention", two or more linear
+layers) but that no adapter matches is reported by `unknown_attention`, so that the traced
+groups can say "this attention layout has no head adapter" rather than name the reshape
+that stopped them.
 
 Masking a head zeroes exactly the entries that removing it deletes, so a masked model and
 its physically pruned twin compute the same function (see ``tests/prune``).
@@ -34,17 +56,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spiralkit.graph.layers import is_conv1d
+
 __all__ = [
     "ADAPTERS",
     "HeadAdapter",
     "HeadGroup",
     "HeadPrunedMultiheadAttention",
     "HeadSlice",
+    "ProjectionLayout",
     "adapter_for",
     "find_attention",
     "head_slices",
+    "known_layouts",
     "mask_heads",
     "remove_heads",
+    "unknown_attention",
 ]
 
 
@@ -54,8 +81,9 @@ class HeadGroup:
 
     Attributes:
         module: Dotted name of the attention module (the one holding all projections).
-        kind: Adapter name (``torch_mha``, ``hf_bert``, ``swin``, ``maxvit``).
-        num_heads: Number of heads.
+        kind: Adapter name (``torch_mha``, ``hf_bert``, ``swin``, ``maxvit``, ``hf_gpt2``, ...).
+        num_heads: Number of heads (with grouped-query attention: of key/value heads, each
+            pruned together with its query heads; with a single key/value head: of query heads).
         head_dim: Width of one head.
     """
 
@@ -118,6 +146,9 @@ class HeadAdapter:
     def finish(self, module: nn.Module, num_heads: int) -> None:
         """Patch attributes (and the forward pass) after heads were removed."""
         raise NotImplementedError
+
+    def record(self, module: nn.Module, kept: Tensor) -> None:
+        """Note which heads (indices before removal) a removal keeps; called before `finish`."""
 
     def opaque(self, module: nn.Module) -> nn.Module:
         """The submodule whose forward mixes heads (kept whole in channel groups)."""
@@ -540,6 +571,254 @@ def _make_pruned_subclass(base: type[nn.Module], forward: Callable[..., Tensor])
     )
 
 
+# --------------------------------------------------------------------------- Hugging Face, separate projections
+
+
+@dataclass(frozen=True)
+class ProjectionLayout:
+    """A Hugging Face attention layout with separate q/k/v/output projections, as data.
+
+    Attributes:
+        kind: Adapter name.
+        q, k, v, o: Names of the query, key, value and output projections (``nn.Linear``).
+        width: Attribute holding the head width (the forward pass reshapes by it and infers
+            the head count from the projection widths).
+        counts: Attributes holding the number of query heads (patched after removal).
+        kv_counts: Attributes holding the number of key/value heads (patched after removal).
+        inner: Attributes holding the query width ``heads · width`` (patched after removal).
+        groups: Attributes holding the query heads per key/value head (patched after removal).
+    """
+
+    kind: str
+    q: str
+    k: str
+    v: str
+    o: str
+    width: str
+    counts: tuple[str, ...] = ()
+    kv_counts: tuple[str, ...] = ()
+    inner: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+class _HFProjections(HeadAdapter):
+    """Separate q/k/v/o projections (see `ProjectionLayout`), with grouped-query attention.
+
+    With grouped-query attention (fewer key/value heads than query heads), key/value head
+    ``g`` serves the ``group = heads / kv_heads`` consecutive query heads ``g·group …
+    (g+1)·group − 1``. The prunable unit is then a key/value head *with its query heads*:
+    `HeadGroup.num_heads` counts key/value heads, and removing one removes its query heads
+    too, so the ratio ``heads / kv_heads`` (``num_key_value_groups``) never changes and the
+    KV cache simply holds fewer heads. Without grouping (``kv_heads == heads``) a unit is
+    one head. With a single key/value head (multi-query attention) there is nothing to
+    group by, so a unit is a query head and the key/value projections stay whole
+    (``num_key_value_groups`` shrinks with the query heads).
+    """
+
+    def __init__(self, layout: ProjectionLayout) -> None:
+        self.layout = layout
+        self.kind = layout.kind
+
+    def _projections(self, module: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        lay = self.layout
+        return tuple(getattr(module, n) for n in (lay.q, lay.k, lay.v, lay.o))  # type: ignore[return-value]
+
+    def matches(self, module: nn.Module) -> bool:
+        lay = self.layout
+        return all(isinstance(getattr(module, n, None), nn.Linear) for n in (lay.q, lay.k, lay.v, lay.o)) and isinstance(
+            getattr(module, lay.width, None), int)
+
+    def _shape(self, module: nn.Module) -> tuple[int, int, int]:
+        """``(query heads, key/value heads, head width)``; raises ValueError on inconsistent widths."""
+        q, k, v, o = self._projections(module)
+        width = int(getattr(module, self.layout.width))
+        name = type(module).__name__
+        if width <= 0 or q.out_features % width or k.out_features % width:
+            raise ValueError(f"{name}: projection widths {q.out_features}/{k.out_features} are not multiples of "
+                             f"{self.layout.width}={width}")
+        heads, kv_heads = q.out_features // width, k.out_features // width
+        if v.out_features != k.out_features or o.in_features != q.out_features or heads % kv_heads:
+            raise ValueError(f"{name}: q/k/v/o widths {q.out_features}/{k.out_features}/{v.out_features}/"
+                             f"{o.in_features} do not form {heads} query heads over {kv_heads} key/value heads")
+        return heads, kv_heads, width
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        try:
+            self._shape(module)
+        except ValueError as exc:
+            return f"{exc} (layout {self.kind!r})"
+        return None
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        heads, kv_heads, width = self._shape(module)
+        return (heads if kv_heads == 1 else kv_heads), width
+
+    def slices(self, module: nn.Module) -> list[HeadSlice]:
+        heads, kv_heads, width = self._shape(module)
+        lay = self.layout
+        if kv_heads == 1:  # multi-query: the units are the query heads; k and v are shared by all
+            query = _blocks(1, heads, width)
+            pieces = ((lay.q, query),)
+        else:
+            query = _blocks(1, kv_heads, width * (heads // kv_heads))
+            kv = _blocks(1, kv_heads, width)
+            pieces = ((lay.q, query), (lay.k, kv), (lay.v, kv))
+        slices = [HeadSlice(f"{lay.o}.weight", 1, query, weight=True)]
+        for name, block in pieces:
+            slices.append(HeadSlice(f"{name}.weight", 0, block, weight=True))
+            if getattr(module, name).bias is not None:
+                slices.append(HeadSlice(f"{name}.bias", 0, block, weight=False))
+        return slices
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        for linear in self._projections(module):
+            _refresh_linear(linear)  # type: ignore[arg-type]
+        heads, kv_heads, width = self._shape(module)
+        for attribute, value in ((self.layout.counts, heads), (self.layout.kv_counts, kv_heads),
+                                 (self.layout.inner, heads * width), (self.layout.groups, heads // kv_heads)):
+            for name in attribute:
+                if hasattr(module, name):
+                    setattr(module, name, value)
+
+
+# --------------------------------------------------------------------------- T5
+
+
+class _T5(_HFProjections):
+    """T5's ``T5Attention``: separate projections plus a relative position bias per head.
+
+    The bias is computed by the first layer of a stack and handed to every later layer, so
+    that all layers of a stack share one ``(1, heads, q, k)`` tensor. A pruned layer
+    therefore keeps that tensor at the original head count (the first layer's bias table is
+    never cut) and selects its own heads from it: the kept original head indices are a
+    buffer, ``spiralkit_heads`` (not saved: replaying the plan rebuilds it).
+    """
+
+    def record(self, module: nn.Module, kept: Tensor) -> None:
+        previous = getattr(module, "spiralkit_heads", None)
+        if previous is None:
+            module.spiralkit_total_heads = int(module.n_heads)  # type: ignore[assignment]
+            previous = torch.arange(int(module.n_heads))  # type: ignore[arg-type]
+        module.register_buffer("spiralkit_heads", previous.to(kept.device)[kept].clone(), persistent=False)
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        super().finish(module, num_heads)
+        module.__class__ = _pruned_subclass(type(module), _t5_pruned_forward)
+
+
+def _t5_pruned_forward(
+    self: Any,
+    hidden_states: Tensor,
+    mask: Tensor | None = None,
+    key_value_states: Tensor | None = None,
+    position_bias: Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``T5Attention.forward`` of transformers 5.x for a head-pruned layer.
+
+    The same computation, except that the position bias it receives or computes has the
+    layer's original head count (it is shared with the other layers of the stack and
+    returned as it is) and only the kept heads' rows (``spiralkit_heads``) are added to the
+    scores.
+    """
+    from transformers.cache_utils import EncoderDecoderCache
+    from transformers.models.t5.modeling_t5 import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
+    past_seen = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+    past_seen = past_seen.clone() if isinstance(past_seen, Tensor) else past_seen
+    cross = key_value_states is not None
+    query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
+    updated = False
+    cache = past_key_values
+    if isinstance(past_key_values, EncoderDecoderCache):
+        updated = past_key_values.is_updated.get(self.layer_idx)
+        cache = past_key_values.cross_attention_cache if cross else past_key_values.self_attention_cache
+    current = key_value_states if cross else hidden_states
+    if cross and past_key_values is not None and updated:
+        key_states, value_states = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+    else:
+        kv_shape = (*current.shape[:-1], -1, self.key_value_proj_dim)
+        key_states = self.k(current).view(kv_shape).transpose(1, 2)
+        value_states = self.v(current).view(kv_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            if cross and isinstance(past_key_values, EncoderDecoderCache):
+                past_key_values.is_updated[self.layer_idx] = True
+    if position_bias is None:
+        key_length = key_states.shape[-2]
+        if not self.has_relative_attention_bias:
+            position_bias = torch.zeros((1, self.spiralkit_total_heads, input_shape[1], key_length),
+                                        device=query_states.device, dtype=query_states.dtype)
+        else:
+            position_bias = self.compute_bias(input_shape[1], key_length, device=query_states.device,
+                                              past_seen_tokens=past_seen)
+    attention: Callable[..., Any] = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, eager_attention_forward)
+    output, weights = attention(
+        self, query_states, key_states, value_states, mask,
+        dropout=0.0 if not self.training else self.dropout, scaling=self.scaling,
+        position_bias=position_bias.index_select(1, self.spiralkit_heads), **kwargs,
+    )
+    output = self.o(output.reshape(*input_shape, -1).contiguous())
+    return output, position_bias, weights
+
+
+# --------------------------------------------------------------------------- GPT-2
+
+
+class _GPT2(HeadAdapter):
+    """GPT-2's ``GPT2Attention``: one fused ``c_attn`` (``Conv1D``, weight ``(in, 3·E)``) and ``c_proj``."""
+
+    kind = "hf_gpt2"
+
+    def matches(self, module: nn.Module) -> bool:
+        return (
+            is_conv1d(getattr(module, "c_attn", nn.Identity()))
+            and is_conv1d(getattr(module, "c_proj", nn.Identity()))
+            and all(hasattr(module, n) for n in ("num_heads", "head_dim", "split_size"))
+        )
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if getattr(module, "is_cross_attention", False) or hasattr(module, "q_attn"):
+            return f"{type(module).__name__} is cross-attention (separate q_attn), which layout 'hf_gpt2' does not cover"
+        return None
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        return int(module.num_heads), int(module.head_dim)  # type: ignore[arg-type]
+
+    def slices(self, module: nn.Module) -> list[HeadSlice]:
+        heads, width = self.heads(module)
+        return [
+            HeadSlice("c_attn.weight", 1, _blocks(3, heads, width), weight=True),
+            HeadSlice("c_attn.bias", 0, _blocks(3, heads, width), weight=False),
+            HeadSlice("c_proj.weight", 0, _blocks(1, heads, width), weight=True),
+        ]
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        module.num_heads = num_heads
+        module.split_size = num_heads * int(module.head_dim)  # type: ignore[arg-type]
+        for conv in (module.c_attn, module.c_proj):
+            conv.nx, conv.nf = (int(s) for s in conv.weight.shape)  # type: ignore[union-attr]
+
+
+HF_LAYOUTS: tuple[ProjectionLayout, ...] = (
+    # transformers 5.x naming: Llama, Mistral, Qwen2/3, Gemma, ViT, DeiT, ... (grouped-query aware)
+    ProjectionLayout("hf_qkvo", "q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
+                     counts=("num_heads", "num_attention_heads"), kv_counts=("num_key_value_heads",),
+                     groups=("num_key_value_groups",)),
+    # q/k/v_proj with out_proj: CLIP, SigLIP, BART, Whisper, OPT, ...
+    ProjectionLayout("hf_qkv_out", "q_proj", "k_proj", "v_proj", "out_proj", "head_dim", counts=("num_heads",)),
+    ProjectionLayout("hf_distilbert", "q_lin", "k_lin", "v_lin", "out_lin", "attention_head_size",
+                     counts=("n_heads",)),
+)
+"""The separate-projection layouts, one line per family."""
+
+_T5_LAYOUT = ProjectionLayout("hf_t5", "q", "k", "v", "o", "key_value_proj_dim", counts=("n_heads",), inner=("inner_dim",))
+
+
 # --------------------------------------------------------------------------- shared
 
 
@@ -548,7 +827,8 @@ def _refresh_linear(linear: nn.Linear) -> None:
     linear.out_features, linear.in_features = (int(s) for s in linear.weight.shape)
 
 
-ADAPTERS: tuple[HeadAdapter, ...] = (_TorchMHA(), _HFBert(), _Swin(), _MaxVit())
+ADAPTERS: tuple[HeadAdapter, ...] = (_TorchMHA(), _HFBert(), _Swin(), _MaxVit(), _GPT2(), _T5(_T5_LAYOUT),
+                                     *(_HFProjections(layout) for layout in HF_LAYOUTS))
 """The supported attention layouts, tried in this order."""
 
 
@@ -591,6 +871,39 @@ def find_attention(model: nn.Module) -> tuple[list[HeadGroup], dict[str, str], l
         heads, width = adapter.heads(module)
         groups.append(HeadGroup(module=name, kind=adapter.kind, num_heads=heads, head_dim=width))
     return groups, unsupported, opaque
+
+
+def _projection_count(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if isinstance(m, nn.Linear) or is_conv1d(m))
+
+
+def unknown_attention(model: nn.Module) -> dict[str, str]:
+    """Modules that look like attention but that no adapter understands: name → class name.
+
+    A module looks like attention when its class name contains "Attention" and it holds at
+    least two linear layers; only the innermost such module is reported, and nothing inside
+    or around a layer an adapter understands.
+    """
+    named = list(model.named_modules())
+    known = [name for name, module in named if adapter_for(module) is not None]
+
+    def related(name: str, other: str) -> bool:  # one inside the other (or the same)
+        return name == other or name.startswith(other + ".") or other.startswith(name + ".") or other == "" or name == ""
+
+    candidates = [
+        (name, module) for name, module in named
+        if "attention" in type(module).__name__.lower() and _projection_count(module) >= 2
+        and not any(related(name, k) for k in known)
+    ]
+    return {
+        name: type(module).__name__ for name, module in candidates
+        if not any(other != name and other.startswith(name + ".") for other, _ in candidates)
+    }
+
+
+def known_layouts() -> str:
+    """The adapter names, for messages."""
+    return ", ".join(adapter.kind for adapter in ADAPTERS)
 
 
 def head_slices(model: nn.Module, group: HeadGroup) -> list[tuple[Tensor, HeadSlice]]:
@@ -651,7 +964,9 @@ def remove_heads(model: nn.Module, group: HeadGroup, keep: Sequence[int]) -> Non
         _set_param(module, piece.path, value, requires_grad=param.requires_grad)
 
     module = _edit(model, group, keep, cut)
-    _adapter(group.kind).finish(module, len(keep))
+    adapter = _adapter(group.kind)
+    adapter.record(module, torch.as_tensor(sorted(keep), dtype=torch.long))
+    adapter.finish(module, len(keep))
     if group.kind == "torch_mha":
         _disable_nested_fast_path(model)
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from spiralkit.graph.attention import HeadGroup, find_attention
+from spiralkit.graph.attention import HeadGroup, find_attention, known_layouts, unknown_attention
 from spiralkit.graph.forward import Example, call_model
-from spiralkit.graph.layers import COUPLED, RNN_TYPES, Role, channel_size, is_depthwise
+from spiralkit.graph.layers import COUPLED, RNN_TYPES, Role, channel_size, is_conv1d, is_depthwise
 from spiralkit.graph.rules import check_op, layer_problem
 from spiralkit.graph.tp import Graph, Handler, Node, op_kind, trace
 
@@ -44,6 +44,11 @@ __all__ = [
 
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, *RNN_TYPES)
 _MAX_INDICES = 4_000_000
+
+
+def _is_root(module: nn.Module) -> bool:
+    """Whether ``module``'s output channels may root a group (Hugging Face ``Conv1D`` included)."""
+    return isinstance(module, _ROOT_TYPES) or is_conv1d(module)
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,30 @@ def _untie(graph: Graph, groups: list[ChannelGroup]) -> tuple[list[ChannelGroup]
     return [g for g in groups if g.id not in bad], [Skipped(g, r) for g, r in bad.items()]
 
 
+def _name_unknown_attention(model: nn.Module, skipped: list[Skipped]) -> list[Skipped]:
+    """Report attention layers no head adapter understands, and say so for the layers inside them.
+
+    Without an adapter the projections inside such a layer are traced as plain layers and
+    stopped by the head reshape ("passes through View …"), which names the symptom, not
+    the cause; the reason given is the missing adapter, with the traced one after it.
+    """
+    unknown = unknown_attention(model)
+    if not unknown:
+        return skipped
+    layouts = known_layouts()
+    result = [Skipped(name, f"{kind} {name!r}: this attention layout has no head adapter (known layouts: {layouts}); "
+                            "its heads are kept") for name, kind in unknown.items()]
+    for item in skipped:
+        owner = next((name for name in unknown if item.name.startswith(name + ".")), None)
+        if owner is None:
+            result.append(item)
+        else:
+            result.append(Skipped(item.name, (
+                f"is inside {unknown[owner]} {owner!r}, an attention layout with no head adapter, so it is kept whole "
+                f"(traced: {item.reason})")))
+    return result
+
+
 def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> ModelGroups:
     """Trace ``model`` on ``example`` into coupled channel groups and attention heads.
 
@@ -314,7 +343,7 @@ def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> M
     groups: list[ChannelGroup] = []
     skipped: list[Skipped] = [Skipped(name, reason) for name, reason in unsupported.items()]
     for name, module in model.named_modules():
-        if not isinstance(module, _ROOT_TYPES) or module not in graph.module2node or (name, "out") in covered:
+        if not _is_root(module) or module not in graph.module2node or (name, "out") in covered:
             continue
         covered.add((name, "out"))
         problem = layer_problem(module, name, "out", graph, opaque_ids)
@@ -330,8 +359,9 @@ def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> M
             groups.append(result)
     groups, untied = _untie(graph, groups)
     skipped.extend(untied)
+    skipped = _name_unknown_attention(model, skipped)
     for name, module in model.named_modules():
-        if isinstance(module, _ROOT_TYPES) and module not in graph.module2node and not any(
+        if _is_root(module) and module not in graph.module2node and not any(
             id(module) in {id(s) for s in o.modules()} for o in opaque
         ):
             skipped.append(Skipped(name, (

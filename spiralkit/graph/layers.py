@@ -12,7 +12,7 @@ from torch import nn
 
 from spiralkit.models.resnet_cifar import ChannelPadShortcut
 
-__all__ = ["CHANNEL_MAPS", "COUPLED", "RNN_TYPES", "Role", "channel_size", "is_depthwise"]
+__all__ = ["CHANNEL_MAPS", "COUPLED", "RNN_TYPES", "Role", "channel_size", "is_conv1d", "is_depthwise"]
 
 Role = Literal["out", "in"]
 
@@ -26,8 +26,26 @@ COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNor
            nn.LayerNorm, nn.GroupNorm)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2's linear layer, weight stored ``(in, out)``).
+
+    Recognised by name and shape, so that spiralkit never imports transformers for it.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and type(module).__module__.startswith("transformers.")
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and hasattr(module, "nf")
+        and hasattr(module, "nx")
+    )
+
+
 def channel_size(module: nn.Module, role: Role) -> int | None:
     """The number of channels of ``module`` on side ``role``, or None for an unknown layer."""
+    if is_conv1d(module):
+        return int(module.nf) if role == "out" else int(module.nx)  # type: ignore[arg-type]
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels if role == "out" else module.in_channels
     if isinstance(module, nn.Linear):

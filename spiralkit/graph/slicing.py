@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from spiralkit.graph.layers import is_conv1d
 from spiralkit.models.resnet_cifar import ChannelPadShortcut
 
 __all__ = ["Cutter", "LayerEdit", "Mode", "edit_layer"]
@@ -107,6 +108,9 @@ def edit_layer(module: nn.Module, edit: LayerEdit, cutter: Cutter) -> None:
     Raises:
         TypeError: No slicer for the layer type (the graph never hands one over).
     """
+    if is_conv1d(module):
+        _conv1d(module, edit, cutter)
+        return
     raise TypeError(f"spiralkit has no slicer for {type(module).__name__}")
 
 
@@ -167,6 +171,17 @@ def _linear(module: nn.Linear, edit: LayerEdit, cutter: Cutter) -> None:
         cutter.index(module, "bias", [(0, out)])
     if cutter.mode == "remove":
         module.out_features, module.in_features = (int(s) for s in module.weight.shape)
+
+
+def _conv1d(module: nn.Module, edit: LayerEdit, cutter: Cutter) -> None:
+    """Hugging Face ``Conv1D``: a linear layer whose weight is stored ``(in, out)``."""
+    out, inp = _long(edit.out), _long(edit.inp)
+    cuts = ([(1, out)] if out is not None else []) + ([(0, inp)] if inp is not None else [])
+    cutter.index(module, "weight", cuts)
+    if out is not None:
+        cutter.index(module, "bias", [(0, out)])
+    if cutter.mode == "remove":
+        module.nx, module.nf = (int(s) for s in module.weight.shape)
 
 
 @edit_layer.register(nn.modules.batchnorm._BatchNorm)

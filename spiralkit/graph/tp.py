@@ -38,7 +38,7 @@ from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from spiralkit.graph.forward import Example, ShapeRecorder, call_model, tensors
-from spiralkit.graph.layers import CHANNEL_MAPS, RNN_TYPES
+from spiralkit.graph.layers import CHANNEL_MAPS, RNN_TYPES, is_conv1d
 from spiralkit.modules import preserve_modes
 
 __all__ = ["Graph", "Handler", "Index", "Node", "OpKind", "Step", "op_kind", "torch_pruning_prune", "trace"]
@@ -168,6 +168,9 @@ class Graph(tp.DependencyGraph):
         # trace its gather and reject the residual stream it sits on.
         for kind in CHANNEL_MAPS:
             self.register_customized_layer(kind, _channel_map_token())
+        # Hugging Face's Conv1D (GPT-2) is a linear layer with a transposed weight.
+        for kind in {type(module) for module in model.modules() if is_conv1d(module)}:
+            self.register_customized_layer(kind, _Token(lambda m: int(m.nf), lambda m: int(m.nx)))
         opaque_token = _opaque_token()
         for kind in {type(module) for module in opaque}:  # TP hooks customized layers by type
             self.register_customized_layer(kind, opaque_token)

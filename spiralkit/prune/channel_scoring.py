@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from spiralkit.errors import PruneError
 from spiralkit.graph.attention import HeadGroup, head_slices
 from spiralkit.graph.groups import RNN_TYPES, ChannelGroup, Member, ModelGroups, call_model
-from spiralkit.graph.layers import CHANNEL_MAPS
+from spiralkit.graph.layers import CHANNEL_MAPS, is_conv1d
 from spiralkit.modules import eval_mode
 
 __all__ = [
@@ -110,6 +110,12 @@ def member_entries(model: nn.Module, member: Member) -> list[Entries]:
             add("bias", "bias", _rows(0, local))
         else:
             add("weight", "input", _rows(1, local))
+    elif is_conv1d(module):  # Hugging Face Conv1D: weight (in, out)
+        if member.role == "out":
+            add("weight", "weight", _rows(1, local))
+            add("bias", "bias", _rows(0, local))
+        else:
+            add("weight", "input", _rows(0, local))
     elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         add("weight", "norm", _rows(0, local))
         add("bias", "bias", _rows(0, local))

@@ -37,6 +37,7 @@ from spiralkit.graph.groups import (
     call_model,
     trace_groups,
 )
+from spiralkit.graph.layers import is_conv1d
 from spiralkit.graph.slicing import Mode
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.prune.apply import apply_plan
@@ -107,13 +108,17 @@ def _select(names: Iterable[str], include: Sequence[str], exclude: Sequence[str]
     return {n for n in names if matches_any(n, include) and not matches_any(n, exclude)}
 
 
+def _is_producer(module: nn.Module) -> bool:
+    return isinstance(module, _PRODUCERS) or is_conv1d(module)
+
+
 def _candidate_names(model: nn.Module, groups: ModelGroups, blocks: Sequence[str]) -> list[str]:
-    names = [name for name, module in model.named_modules() if isinstance(module, _PRODUCERS)]
+    names = [name for name, module in model.named_modules() if isinstance(module, _PRODUCERS) or is_conv1d(module)]
     return names + [h.module for h in groups.heads] + list(blocks)
 
 
 def _producers(model: nn.Module, group: ChannelGroup) -> list[str]:
-    return [m.module for m in group.producers() if isinstance(model.get_submodule(m.module), _PRODUCERS)]
+    return [m.module for m in group.producers() if _is_producer(model.get_submodule(m.module))]
 
 
 def _kept_count(size: int, ratio: float, multiple: int) -> int:

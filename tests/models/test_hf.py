@@ -143,7 +143,7 @@ def test_onnx_export_keeps_the_full_sequence_length(tiny_dir: Path, tmp_path: Pa
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"head": "pooler"}, "head must be one of 'classifier', 'embedding', got 'pooler'"),
+        ({"head": "pooler"}, "head must be one of 'classifier', 'embedding', 'lm', 'image', got 'pooler'"),
         ({"pooling": "max"}, "pooling must be one of 'mean', 'cls', got 'max'"),
         ({"attention": "flash"}, "attention must be one of 'sdpa', 'eager', got 'flash'"),
         ({"num_labels": 0}, "num_labels must be a positive integer, got 0"),
