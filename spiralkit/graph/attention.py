@@ -17,6 +17,7 @@ registers itself on import):
 * ``swin`` — torchvision's ``ShiftedWindowAttention`` (v1 and v2): the relative position bias
   table (v1), the continuous position bias MLP and logit scale (v2) are cut by head too.
 * ``maxvit`` — torchvision's ``RelativePositionalMultiHeadAttention``.
+* ``timm_*`` — timm's layouts (ViT/DeiT, Swin, LeViT, EVA), in `spiralkit.graph.attention_timm`.
 
 Masking a head zeroes exactly the entries that removing it deletes, so a masked model and
 its physically pruned twin compute the same function (see ``tests/prune``).
@@ -548,7 +549,9 @@ def _refresh_linear(linear: nn.Linear) -> None:
     linear.out_features, linear.in_features = (int(s) for s in linear.weight.shape)
 
 
-ADAPTERS: tuple[HeadAdapter, ...] = (_TorchMHA(), _HFBert(), _Swin(), _MaxVit())
+from spiralkit.graph.attention_timm import TIMM_ADAPTERS  # noqa: E402 (its adapters subclass HeadAdapter)
+
+ADAPTERS: tuple[HeadAdapter, ...] = (_TorchMHA(), _HFBert(), _Swin(), _MaxVit(), *TIMM_ADAPTERS)
 """The supported attention layouts, tried in this order."""
 
 

@@ -1,0 +1,220 @@
+"""Head and FFN pruning of timm transformers (tiny configs, never pretrained weights).
+
+For each family (ViT, DeiT, Swin, LeViT, EVA-02): half the heads of every attention layer
+and half the FFN neurons are planned away; the physically pruned model computes what its
+masked twin computes and exports to ONNX that ONNX Runtime runs with the same outputs. Also:
+layouts without an adapter are reported as such, LeViT deep-copies after planning, and a
+pruned ``timm:`` model is saved and rebuilt from its spec.
+
+``python -m tests.prune.test_timm_heads`` prints the table of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from spiralkit.export.onnx import export_onnx, verify_onnx
+from spiralkit.graph import find_attention, trace_groups
+from spiralkit.models import ModelSpec, load_model
+from spiralkit.prune.apply import apply_plan
+from spiralkit.prune.plan import PrunePlan
+from spiralkit.prune.saved import load_pruned, save_pruned
+from spiralkit.prune.structured import StructuredPrune, plan_pruning
+from tests.prune.test_torchvision_matrix import assert_twins, describe, export_torchscript, macs, make_live
+
+# name: (timm model, tiny kwargs, input size, head adapter, attention modules, FFN groups)
+FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, int]] = {
+    "vit": ("vit_tiny_patch16_224",
+            {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "qkv_bias": True},
+            32, "timm_vit", 2, 2),
+    "deit": ("deit_tiny_distilled_patch16_224",
+             {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}, 32, "timm_vit", 2, 2),
+    "swin": ("swin_tiny_patch4_window7_224",
+             {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4)},
+             32, "timm_swin", 4, 4),
+    "levit": ("levit_128s",
+              {"img_size": 64, "embed_dim": (32, 48), "key_dim": 8, "depth": (1, 1), "num_heads": (4, 4)},
+              64, "timm_levit", 3, 3),
+    "eva": ("eva02_tiny_patch14_224",
+            {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 4, "qkv_bias": True},
+            28, "timm_eva", 2, 0),
+}
+# The project's (dynamo) exporter where the TorchScript one fails on the unpruned model too
+# (timm's EVA passes is_causal through as a traced tensor); it takes about 10 s, so that
+# check is a separate slow test. The others use the TorchScript exporter (well under a second).
+DYNAMO = ("eva",)
+
+
+def build(family: str, **extra: Any) -> tuple[nn.Module, Tensor]:
+    """The tiny model (made live: no constant parameters) and a batch of two inputs."""
+    name, kwargs, size, *_ = FAMILIES[family]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(ModelSpec(name=f"timm:{name}", kwargs={**kwargs, **extra, "num_classes": 10}))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():  # timm's std-0.02 init makes every head's share of the output tiny
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, module.in_features**-0.5)
+    make_live(model, x)
+    return model.eval(), x
+
+
+def onnx_error(family: str, model: nn.Module, x: Tensor, tmp_path: Path) -> None:
+    """Export ``model`` and check ONNX Runtime's outputs against it."""
+    if family in DYNAMO:
+        with torch.no_grad():
+            scale = float(model(x).abs().max())
+        path = export_onnx(model, x, tmp_path / f"{family}.onnx")
+        verify_onnx(model, path, x, atol=1e-4 * scale, rtol=1e-3)
+    else:
+        export_torchscript(model, x, tmp_path / f"{family}.onnx")
+
+
+def prune_family(family: str) -> tuple[nn.Module, nn.Module, nn.Module, Tensor, PrunePlan]:
+    """(original, masked twin, removed) and the batch, pruned by half."""
+    model, x = build(family)
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
+    original = copy.deepcopy(model)
+    masked = apply_plan(copy.deepcopy(model), plan, mode="mask")
+    removed = apply_plan(model, plan, mode="remove")
+    return original, masked, removed, x, plan
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_half_the_heads_and_ffn_removed_match_the_masked_twin(family: str, tmp_path: Path) -> None:
+    _, _, _, kind, layers, ffn = FAMILIES[family]
+    original, masked, removed, x, plan = prune_family(family)
+    assert [h.kind for h in plan.heads] == [kind] * layers, describe(plan)
+    assert all(len(h.keep) == h.num_heads // 2 for h in plan.heads)
+    assert len([g for g in plan.groups if ".mlp." in g.id]) == ffn, describe(plan)
+    for head in plan.heads:
+        assert removed.get_submodule(head.module).num_heads == len(head.keep)
+    with torch.no_grad():  # the comparison proves something only if pruning changed the function
+        before, after = original(x), masked(x)
+        assert float((before - after).abs().max()) > 1e-2 * float(after.abs().max())
+    assert macs(removed, x[:1]) < 0.9 * macs(original, x[:1])
+    assert_twins(removed, masked, x)
+    if family not in DYNAMO:
+        onnx_error(family, removed, x, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", DYNAMO)
+def test_pruned_model_exports_with_the_project_exporter(family: str, tmp_path: Path) -> None:
+    *_, removed, x, _ = prune_family(family)
+    onnx_error(family, removed, x, tmp_path)
+
+
+def test_levit_deep_copies_after_planning() -> None:
+    model, x = build("levit")
+    with torch.no_grad():
+        expected = model(x)
+    plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
+    attention = model.get_submodule("stages.0.blocks.0.attn")
+    cached = list(attention.attention_bias_cache.values())
+    assert cached and all(t.grad_fn is None for t in cached)  # the trace filled the cache; it is detached
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(x), expected) and torch.equal(model(x), expected)
+
+
+def test_tracing_alone_leaves_no_graph_in_the_levit_cache() -> None:
+    model, x = build("levit")
+    trace_groups(model, x[:1])
+    copy.deepcopy(model)
+
+
+def test_levit_pruned_bias_cache_is_rebuilt_and_running_stats_stay_buffers() -> None:
+    _, _, removed, x, plan = prune_family("levit")
+    attention = removed.get_submodule(plan.heads[0].module)
+    assert attention.attention_bias_cache == {}
+    norm = attention.qkv.bn
+    assert norm.num_features == attention.qkv.linear.out_features == norm.running_mean.shape[0]
+    assert {"running_mean", "running_var"} <= {n for n, _ in norm.named_buffers()}
+    assert not any(n.startswith("running") for n, _ in norm.named_parameters())
+    removed(x)
+    assert attention.attention_bias_cache["cpu"].shape[0] == attention.num_heads
+
+
+@pytest.mark.parametrize("family", ["vit", "eva"])
+def test_scale_norm_over_all_heads_is_refused(family: str) -> None:
+    extra = {"scale_attn_norm": True} if family == "vit" else {"scale_attn_inner": True}
+    model, x = build(family, **extra)
+    groups = trace_groups(model, x[:1])
+    assert not groups.heads
+    reasons = {s.name: s.reason for s in groups.skipped}
+    assert "scale_norm normalises all heads' outputs together" in reasons["blocks.0.attn"]
+
+
+def test_a_timm_attention_without_adapter_is_reported_as_such() -> None:
+    torch.manual_seed(0)
+    model = load_model(ModelSpec(name="timm:vit_relpos_small_patch16_224", kwargs={
+        "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 4, "num_classes": 10}))
+    groups, unsupported, _ = find_attention(model)
+    assert not groups
+    assert "vision_transformer_relpos.RelPosAttention) has no head adapter" in unsupported["blocks.0.attn"]
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=torch.randn(1, 3, 32, 32))
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert "has no head adapter" in reasons["blocks.0.attn"]
+    assert not [r for r in reasons.values() if "channel shuffle" in r], describe(plan)
+
+
+def test_pruned_timm_model_is_saved_and_rebuilt_from_its_spec(tmp_path: Path) -> None:
+    name, kwargs, size, *_ = FAMILIES["vit"]
+    spec = ModelSpec(name=f"timm:{name}", kwargs={**kwargs, "num_classes": 10})
+    model, x = build("vit")
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
+    apply_plan(model, plan, mode="remove")
+    loaded = load_pruned(save_pruned(model, plan, tmp_path / "pruned", spec=spec))
+    assert loaded.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def table_row(family: str, tmp_path: Path, timer: Callable[[], float]) -> str:
+    """One row of the docs table: MACs ratio, twin error, ONNX error (relative to the output scale)."""
+    original, masked, removed, x, plan = prune_family(family)
+    ratio = macs(removed, x[:1]) / macs(original, x[:1])
+    with torch.no_grad():
+        expected, actual = masked(x), removed(x)
+    scale = float(expected.abs().max())
+    twin = float((actual - expected).abs().max()) / scale
+    if family in DYNAMO:
+        path = export_onnx(removed, x, tmp_path / f"{family}.onnx")
+    else:
+        path = tmp_path / f"{family}.onnx"
+        export_torchscript(removed, x, path)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    onnx = float((torch.from_numpy(session.run(None, feed)[0]) - actual).abs().max()) / scale
+    heads = sum(h.num_heads for h in plan.heads)
+    kept = sum(len(h.keep) for h in plan.heads)
+    ffn = len([g for g in plan.groups if ".mlp." in g.id])
+    return (f"| {family} | {FAMILIES[family][0]} | {len(plan.heads)} ({kept}/{heads} heads) | {ffn} | "
+            f"{ratio:.3f} | {twin:.1e} | {onnx:.1e} | {timer():.1f} |")
+
+
+if __name__ == "__main__":
+    import tempfile
+    import time
+
+    torch.set_num_threads(1)
+    print("| family | timm model (tiny config) | attention layers (heads kept) | FFN groups | MACs after | "
+          "twin error | ONNX error | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in FAMILIES:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as directory:
+            print(table_row(name, Path(directory), lambda: time.perf_counter() - start), flush=True)
