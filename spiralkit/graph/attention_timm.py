@@ -22,6 +22,12 @@ defined in a ``timm.`` module, so models without timm layers never import it.
   ``q_bias``/``v_bias`` (the zero ``k_bias`` buffer is rebuilt), or separate ``q/k/v_proj``.
   Its forward pass reshapes the heads' output to the *input* width, so a pruned layer gets
   a forward pass that uses ``num_heads · head_dim``. ``scale_norm`` is refused as above.
+* ``timm_glu_mlp`` — not attention but the same kind of layout: timm's ``GluMlp`` (EVA-02's
+  SwiGLU FFN) computes value and gate halves with one fused ``fc1`` and splits it in code, which
+  channel tracing cannot follow. Each hidden unit is a one-wide "head": its row in both
+  halves of ``fc1`` and its column of ``fc2`` go together, so the FFN is pruned like heads
+  (by the same ratio; ``round_to`` does not apply). A normalised hidden layer (``scale_mlp``)
+  or the convolutional variant is refused.
 * ``timm_unknown`` — any other timm module with ``num_heads`` and a ``qkv``-like projection:
   reported as an attention layout without a head adapter (its heads are kept).
 
@@ -307,6 +313,40 @@ def _eva_pruned_forward(
     return self.proj_drop(self.proj(x))
 
 
+# --------------------------------------------------------------------------- GLU FFN
+
+
+class _TimmGluMlp(HeadAdapter):
+    kind = "timm_glu_mlp"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_timm(module, ("layers.mlp", "GluMlp"))
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if not isinstance(module.fc1, nn.Linear) or not isinstance(module.fc2, nn.Linear):
+            return "timm GluMlp with convolutions (use_conv=True) has no adapter: its hidden units are kept"
+        if not isinstance(module.norm, nn.Identity):
+            return (f"timm GluMlp normalises its hidden units together ({type(module.norm).__name__}), "
+                    "so removing one would change the others: they are kept")
+        return None
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        return int(module.fc2.in_features), 1  # type: ignore[union-attr,arg-type]
+
+    def slices(self, module: nn.Module) -> list[HeadSlice]:
+        hidden = self.heads(module)[0]
+        both_halves = _blocks(2, hidden, 1)  # fc1 = [value or gate | gate or value]
+        slices = [HeadSlice("fc1.weight", 0, both_halves, weight=True),
+                  HeadSlice("fc2.weight", 1, _blocks(1, hidden, 1), weight=True)]
+        if module.fc1.bias is not None:  # type: ignore[union-attr]
+            slices.append(HeadSlice("fc1.bias", 0, both_halves, weight=False))
+        return slices
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        _refresh(module.fc1)  # type: ignore[arg-type]
+        _refresh(module.fc2)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- anything else
 
 
@@ -340,5 +380,7 @@ class _TimmUnknown(HeadAdapter):
         raise NotImplementedError(self.unsupported(module))
 
 
-TIMM_ADAPTERS: tuple[HeadAdapter, ...] = (_TimmVit(), _TimmSwin(), _TimmLevit(), _TimmEva(), _TimmUnknown())
+TIMM_ADAPTERS: tuple[HeadAdapter, ...] = (
+    _TimmVit(), _TimmSwin(), _TimmLevit(), _TimmEva(), _TimmGluMlp(), _TimmUnknown()
+)
 """timm's attention layouts, tried in this order (the catch-all last)."""

@@ -30,7 +30,8 @@ from spiralkit.prune.saved import load_pruned, save_pruned
 from spiralkit.prune.structured import StructuredPrune, plan_pruning
 from tests.prune.test_torchvision_matrix import assert_twins, describe, export_torchscript, macs, make_live
 
-# name: (timm model, tiny kwargs, input size, head adapter, attention modules, FFN groups)
+# name: (timm model, tiny kwargs, input size, head adapter, attention layers, FFNs): each FFN is
+# a channel group (fc1 -> fc2) or, for EVA-02's fused SwiGLU, a `timm_glu_mlp` unit group.
 FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, int]] = {
     "vit": ("vit_tiny_patch16_224",
             {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "qkv_bias": True},
@@ -45,7 +46,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, int]] = {
               64, "timm_levit", 3, 3),
     "eva": ("eva02_tiny_patch14_224",
             {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 4, "qkv_bias": True},
-            28, "timm_eva", 2, 0),
+            28, "timm_eva", 2, 2),
 }
 # The project's (dynamo) exporter where the TorchScript one fails on the unpruned model too
 # (timm's EVA passes is_causal through as a traced tensor); it takes about 10 s, so that
@@ -80,6 +81,11 @@ def onnx_error(family: str, model: nn.Module, x: Tensor, tmp_path: Path) -> None
         export_torchscript(model, x, tmp_path / f"{family}.onnx")
 
 
+def ffn_count(plan: PrunePlan) -> int:
+    """FFNs the plan prunes: channel groups inside ``mlp`` modules and GLU FFNs pruned by unit."""
+    return len([g for g in plan.groups if ".mlp." in g.id]) + len([h for h in plan.heads if h.kind == "timm_glu_mlp"])
+
+
 def prune_family(family: str) -> tuple[nn.Module, nn.Module, nn.Module, Tensor, PrunePlan]:
     """(original, masked twin, removed) and the batch, pruned by half."""
     model, x = build(family)
@@ -94,10 +100,11 @@ def prune_family(family: str) -> tuple[nn.Module, nn.Module, nn.Module, Tensor, 
 def test_half_the_heads_and_ffn_removed_match_the_masked_twin(family: str, tmp_path: Path) -> None:
     _, _, _, kind, layers, ffn = FAMILIES[family]
     original, masked, removed, x, plan = prune_family(family)
-    assert [h.kind for h in plan.heads] == [kind] * layers, describe(plan)
-    assert all(len(h.keep) == h.num_heads // 2 for h in plan.heads)
-    assert len([g for g in plan.groups if ".mlp." in g.id]) == ffn, describe(plan)
-    for head in plan.heads:
+    attention = [h for h in plan.heads if h.kind != "timm_glu_mlp"]
+    assert [h.kind for h in attention] == [kind] * layers, describe(plan)
+    assert all(len(h.keep) == h.num_heads // 2 for h in attention)
+    assert ffn_count(plan) == ffn, describe(plan)
+    for head in attention:
         assert removed.get_submodule(head.module).num_heads == len(head.keep)
     with torch.no_grad():  # the comparison proves something only if pruning changed the function
         before, after = original(x), masked(x)
@@ -151,9 +158,26 @@ def test_scale_norm_over_all_heads_is_refused(family: str) -> None:
     extra = {"scale_attn_norm": True} if family == "vit" else {"scale_attn_inner": True}
     model, x = build(family, **extra)
     groups = trace_groups(model, x[:1])
-    assert not groups.heads
+    assert not [h for h in groups.heads if h.kind != "timm_glu_mlp"]
     reasons = {s.name: s.reason for s in groups.skipped}
     assert "scale_norm normalises all heads' outputs together" in reasons["blocks.0.attn"]
+
+
+def test_glu_ffn_units_cut_both_halves_of_fc1() -> None:
+    _, _, removed, x, plan = prune_family("eva")
+    glu = next(h for h in plan.heads if h.kind == "timm_glu_mlp")
+    mlp = removed.get_submodule(glu.module)
+    assert mlp.fc2.in_features == len(glu.keep) == 43 and mlp.fc1.out_features == 2 * 43
+
+
+def test_normalised_glu_ffn_is_refused() -> None:
+    from timm.layers import GluMlp
+
+    model = nn.Sequential(nn.Linear(4, 8), GluMlp(8, 16, norm_layer=nn.LayerNorm))
+    groups, unsupported, _ = find_attention(model)
+    assert not groups
+    assert unsupported == {"1": "timm GluMlp normalises its hidden units together (LayerNorm), "
+                                "so removing one would change the others: they are kept"}
 
 
 def test_a_timm_attention_without_adapter_is_reported_as_such() -> None:
@@ -199,10 +223,10 @@ def table_row(family: str, tmp_path: Path, timer: Callable[[], float]) -> str:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
     onnx = float((torch.from_numpy(session.run(None, feed)[0]) - actual).abs().max()) / scale
-    heads = sum(h.num_heads for h in plan.heads)
-    kept = sum(len(h.keep) for h in plan.heads)
-    ffn = len([g for g in plan.groups if ".mlp." in g.id])
-    return (f"| {family} | {FAMILIES[family][0]} | {len(plan.heads)} ({kept}/{heads} heads) | {ffn} | "
+    attention = [h for h in plan.heads if h.kind != "timm_glu_mlp"]
+    heads = sum(h.num_heads for h in attention)
+    kept = sum(len(h.keep) for h in attention)
+    return (f"| {family} | {FAMILIES[family][0]} | {len(attention)} ({kept}/{heads} heads) | {ffn_count(plan)} | "
             f"{ratio:.3f} | {twin:.1e} | {onnx:.1e} | {timer():.1f} |")
 
 
