@@ -13,6 +13,10 @@ defined in a ``timm.`` module, so models without timm layers never import it.
   removing a head would change the normalisation of the others: refused.
 * ``timm_swin`` — ``timm.models.swin_transformer.WindowAttention``: as ``timm_vit`` plus the
   relative position bias table (one column per head).
+* ``timm_swin_v2`` — ``timm.models.swin_transformer_v2.WindowAttention``: fused ``qkv`` with
+  ``q_bias``/``v_bias`` (the zero ``k_bias`` buffer is rebuilt), the per-head logit scale and
+  the last layer of the continuous position bias MLP; its forward pass reshapes the heads'
+  output to the input width, so a pruned layer gets one that uses the inner width.
 * ``timm_levit`` — LeViT's ``Attention`` and ``AttentionDownsample``: q, k and v interleaved
   *per head* (``[q_h k_h v_h]`` for every head ``h``), each projection a ``LinearNorm``
   (linear + batch norm, whose affine parameters and running statistics are cut with the
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -163,6 +168,78 @@ class _TimmSwin(HeadAdapter):
         _refresh(module.proj)  # type: ignore[arg-type]
 
 
+class _TimmSwinV2(HeadAdapter):
+    kind = "timm_swin_v2"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_timm(module, ("models.swin_transformer_v2", "WindowAttention"))
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        heads = int(module.num_heads)  # type: ignore[arg-type]
+        return heads, module.proj.in_features // heads  # type: ignore[union-attr,operator]
+
+    def slices(self, module: nn.Module) -> list[HeadSlice]:
+        heads, width = self.heads(module)
+        per_head = _blocks(1, heads, 1)
+        return [
+            *_fused_qkv(module.qkv, heads, width),  # type: ignore[arg-type]
+            *_qv_biases(module, heads, width),
+            HeadSlice("proj.weight", 1, _blocks(1, heads, width), weight=True),
+            HeadSlice("logit_scale", 0, per_head, weight=False),
+            HeadSlice("cpb_mlp.2.weight", 0, per_head, weight=False),
+        ]
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        module.num_heads = num_heads
+        for linear in (module.qkv, module.proj, module.cpb_mlp[2]):  # type: ignore[index]
+            _refresh(linear)  # type: ignore[arg-type]
+        _zero_k_bias(module)
+        module.__class__ = _pruned_subclass(type(module), _swin_v2_pruned_forward)
+
+
+def _qv_biases(module: nn.Module, heads: int, width: int) -> list[HeadSlice]:
+    """``q_bias`` and ``v_bias`` (if present) of a fused ``qkv`` whose key bias is a zero buffer."""
+    return [HeadSlice(name, 0, _blocks(1, heads, width), weight=False)
+            for name in ("q_bias", "v_bias") if getattr(module, name, None) is not None]
+
+
+def _zero_k_bias(module: nn.Module) -> None:
+    """Rebuild the zero ``k_bias`` buffer at the pruned width (there is nothing in it to slice)."""
+    if getattr(module, "k_bias", None) is not None:
+        module.register_buffer("k_bias", torch.zeros_like(module.q_bias), persistent=False)  # type: ignore[arg-type]
+
+
+def _swin_v2_pruned_forward(self: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Swin V2 window attention whose inner width is ``proj.in_features``, not the input width.
+
+    timm 1.0's ``swin_transformer_v2.WindowAttention.forward`` (Apache-2.0) with one change:
+    the heads' output is reshaped to the inner width before the output projection.
+    """
+    B_, N, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            qkv = self.qkv(x) + qkv_bias
+        else:
+            qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+    q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+    table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+    area = self.window_size[0] * self.window_size[1]
+    bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).contiguous()
+    attn = attn + 16 * torch.sigmoid(bias).unsqueeze(0)
+    if mask is not None:
+        num_win = mask.shape[0]
+        attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.num_heads, N, N)
+    attn = self.attn_drop(self.softmax(attn))
+    x = (attn @ v).transpose(1, 2).reshape(B_, N, self.proj.in_features)
+    return self.proj_drop(self.proj(x))
+
+
 # --------------------------------------------------------------------------- LeViT
 
 
@@ -249,10 +326,8 @@ class _TimmEva(HeadAdapter):
         heads, width = self.heads(module)
         block = _blocks(1, heads, width)
         if module.qkv is not None:
-            slices = _fused_qkv(module.qkv, heads, width)  # type: ignore[arg-type]
             # k_bias is a zero buffer (EVA has no key bias): rebuilt by finish, nothing to mask.
-            slices += [HeadSlice(name, 0, block, weight=False) for name in ("q_bias", "v_bias")
-                       if getattr(module, name) is not None]
+            slices = [*_fused_qkv(module.qkv, heads, width), *_qv_biases(module, heads, width)]  # type: ignore[arg-type]
         else:
             slices = [piece for name in ("q_proj", "k_proj", "v_proj")
                       for piece in _optional_linear(module, name, heads, width)]
@@ -263,8 +338,7 @@ class _TimmEva(HeadAdapter):
         for name in ("qkv", "q_proj", "k_proj", "v_proj", "proj", "gate"):
             if isinstance(getattr(module, name, None), nn.Linear):
                 _refresh(getattr(module, name))
-        if module.k_bias is not None:
-            module.register_buffer("k_bias", torch.zeros_like(module.q_bias), persistent=False)  # type: ignore[arg-type]
+        _zero_k_bias(module)
         module.__class__ = _pruned_subclass(type(module), _eva_pruned_forward)
 
 
@@ -381,6 +455,6 @@ class _TimmUnknown(HeadAdapter):
 
 
 TIMM_ADAPTERS: tuple[HeadAdapter, ...] = (
-    _TimmVit(), _TimmSwin(), _TimmLevit(), _TimmEva(), _TimmGluMlp(), _TimmUnknown()
+    _TimmVit(), _TimmSwin(), _TimmSwinV2(), _TimmLevit(), _TimmEva(), _TimmGluMlp(), _TimmUnknown()
 )
 """timm's attention layouts, tried in this order (the catch-all last)."""

@@ -1,6 +1,6 @@
 """Head and FFN pruning of timm transformers (tiny configs, never pretrained weights).
 
-For each family (ViT, DeiT, Swin, LeViT, EVA-02): half the heads of every attention layer
+For each family (ViT, DeiT, Swin, Swin V2, LeViT, EVA-02): half the heads of every attention layer
 and half the FFN neurons are planned away; the physically pruned model computes what its
 masked twin computes and exports to ONNX that ONNX Runtime runs with the same outputs. Also:
 layouts without an adapter are reported as such, LeViT deep-copies after planning, and a
@@ -41,6 +41,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, int]] = {
     "swin": ("swin_tiny_patch4_window7_224",
              {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4)},
              32, "timm_swin", 4, 4),
+    "swin_v2": ("swinv2_tiny_window8_256",
+                {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4)},
+                32, "timm_swin_v2", 4, 4),
     "levit": ("levit_128s",
               {"img_size": 64, "embed_dim": (32, 48), "key_dim": 8, "depth": (1, 1), "num_heads": (4, 4)},
               64, "timm_levit", 3, 3),
@@ -193,14 +196,18 @@ def test_a_timm_attention_without_adapter_is_reported_as_such() -> None:
     assert not [r for r in reasons.values() if "channel shuffle" in r], describe(plan)
 
 
-def test_pruned_timm_model_is_saved_and_rebuilt_from_its_spec(tmp_path: Path) -> None:
-    name, kwargs, size, *_ = FAMILIES["vit"]
+@pytest.mark.parametrize("family", ["vit", "swin_v2", "levit", "eva"])
+def test_pruned_timm_model_is_saved_and_rebuilt_from_its_spec(family: str, tmp_path: Path) -> None:
+    name, kwargs, *_ = FAMILIES[family]
     spec = ModelSpec(name=f"timm:{name}", kwargs={**kwargs, "num_classes": 10})
-    model, x = build("vit")
+    model, x = build(family)
     plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
     apply_plan(model, plan, mode="remove")
     loaded = load_pruned(save_pruned(model, plan, tmp_path / "pruned", spec=spec))
-    assert loaded.blocks[0].attn.num_heads == 2
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    assert not [key for key in model.state_dict() if key.endswith("k_bias")]  # rebuilt zero buffers stay out
+    for head in plan.heads:
+        assert loaded.get_submodule(head.module).state_dict().keys() == model.get_submodule(head.module).state_dict().keys()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
