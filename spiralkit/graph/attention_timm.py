@@ -121,11 +121,11 @@ class _TimmVit(HeadAdapter):
                 _refresh(getattr(module, name))
 
 
-def _fused_qkv(qkv: nn.Linear, heads: int, width: int, prefix: str = "qkv") -> list[HeadSlice]:
-    """A ``Linear`` whose outputs are the q, k and v blocks, each ``heads × width``."""
-    slices = [HeadSlice(f"{prefix}.weight", 0, _blocks(3, heads, width), weight=True)]
+def _fused_qkv(qkv: nn.Linear, heads: int, width: int) -> list[HeadSlice]:
+    """``qkv``, a ``Linear`` whose outputs are the q, k and v blocks, each ``heads × width``."""
+    slices = [HeadSlice("qkv.weight", 0, _blocks(3, heads, width), weight=True)]
     if qkv.bias is not None:
-        slices.append(HeadSlice(f"{prefix}.bias", 0, _blocks(3, heads, width), weight=False))
+        slices.append(HeadSlice("qkv.bias", 0, _blocks(3, heads, width), weight=False))
     return slices
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, int]] = {
 DYNAMO = ("eva",)
 
 
+def _live(model: nn.Module, x: Tensor) -> nn.Module:
+    """Linear weights ~ N(0, 1/fan_in) (timm's std-0.02 init makes every head's share of the
+    output tiny), then `make_live` (no constant parameters, calibrated batch norms)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, module.in_features**-0.5)
+    make_live(model, x)
+    return model.eval()
+
+
 def build(family: str, **extra: Any) -> tuple[nn.Module, Tensor]:
     """The tiny model (made live: no constant parameters) and a batch of two inputs."""
     name, kwargs, size, *_ = FAMILIES[family]
@@ -65,12 +75,7 @@ def build(family: str, **extra: Any) -> tuple[nn.Module, Tensor]:
         warnings.simplefilter("ignore")
         model = load_model(ModelSpec(name=f"timm:{name}", kwargs={**kwargs, **extra, "num_classes": 10}))
     x = torch.randn(2, 3, size, size)
-    with torch.no_grad():  # timm's std-0.02 init makes every head's share of the output tiny
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, module.in_features**-0.5)
-    make_live(model, x)
-    return model.eval(), x
+    return _live(model, x), x
 
 
 def onnx_error(family: str, model: nn.Module, x: Tensor, tmp_path: Path) -> None:
@@ -89,9 +94,9 @@ def ffn_count(plan: PrunePlan) -> int:
     return len([g for g in plan.groups if ".mlp." in g.id]) + len([h for h in plan.heads if h.kind == "timm_glu_mlp"])
 
 
-def prune_family(family: str) -> tuple[nn.Module, nn.Module, nn.Module, Tensor, PrunePlan]:
+def prune_family(family: str, **extra: Any) -> tuple[nn.Module, nn.Module, nn.Module, Tensor, PrunePlan]:
     """(original, masked twin, removed) and the batch, pruned by half."""
-    model, x = build(family)
+    model, x = build(family, **extra)
     plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
     original = copy.deepcopy(model)
     masked = apply_plan(copy.deepcopy(model), plan, mode="mask")
@@ -116,6 +121,28 @@ def test_half_the_heads_and_ffn_removed_match_the_masked_twin(family: str, tmp_p
     assert_twins(removed, masked, x)
     if family not in DYNAMO:
         onnx_error(family, removed, x, tmp_path)
+
+
+def test_eva_separate_projections_match_the_masked_twin() -> None:
+    _, masked, removed, x, plan = prune_family("eva", qkv_fused=False)
+    attention = removed.get_submodule("blocks.0.attn")
+    assert attention.qkv is None and attention.q_proj.out_features == attention.v_proj.out_features == 2 * 8
+    assert_twins(removed, masked, x)
+
+
+def test_gated_vit_attention_matches_the_masked_twin() -> None:
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    model = _live(nn.Sequential(nn.Linear(8, 16), Attention(16, num_heads=4, qkv_bias=True, gated=True)),
+                  torch.randn(2, 5, 8)).eval()
+    x = torch.randn(2, 5, 8)
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
+    assert [(h.module, h.kind, len(h.keep)) for h in plan.heads] == [("1", "timm_vit", 2)]
+    masked = apply_plan(copy.deepcopy(model), plan, mode="mask")
+    removed = apply_plan(model, plan, mode="remove")
+    assert removed[1].gate.out_features == removed[1].attn_dim == 8
+    assert_twins(removed, masked, x)
 
 
 @pytest.mark.slow
@@ -212,18 +239,21 @@ def test_pruned_timm_model_is_saved_and_rebuilt_from_its_spec(family: str, tmp_p
         assert torch.equal(loaded(x), model(x))
 
 
-def table_row(family: str, tmp_path: Path, timer: Callable[[], float]) -> str:
-    """One row of the docs table: MACs ratio, twin error, ONNX error (relative to the output scale)."""
-    original, masked, removed, x, plan = prune_family(family)
-    ratio = macs(removed, x[:1]) / macs(original, x[:1])
+def table_row(label: str, model_name: str, model: nn.Module, x: Tensor, tmp_path: Path, *, dynamo: bool) -> str:
+    """One row of the docs table: MACs ratio, twin error, ONNX error (both relative to the output scale)."""
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
+    before = macs(model, x[:1])
+    masked = apply_plan(copy.deepcopy(model), plan, mode="mask")
+    removed = apply_plan(model, plan, mode="remove")
+    ratio = macs(removed, x[:1]) / before
     with torch.no_grad():
         expected, actual = masked(x), removed(x)
     scale = float(expected.abs().max())
     twin = float((actual - expected).abs().max()) / scale
-    if family in DYNAMO:
-        path = export_onnx(removed, x, tmp_path / f"{family}.onnx")
+    path = tmp_path / "model.onnx"
+    if dynamo:
+        export_onnx(removed, x, path)
     else:
-        path = tmp_path / f"{family}.onnx"
         export_torchscript(removed, x, path)
     import onnxruntime as ort
 
@@ -233,19 +263,31 @@ def table_row(family: str, tmp_path: Path, timer: Callable[[], float]) -> str:
     attention = [h for h in plan.heads if h.kind != "timm_glu_mlp"]
     heads = sum(h.num_heads for h in attention)
     kept = sum(len(h.keep) for h in attention)
-    return (f"| {family} | {FAMILIES[family][0]} | {len(attention)} ({kept}/{heads} heads) | {ffn_count(plan)} | "
-            f"{ratio:.3f} | {twin:.1e} | {onnx:.1e} | {timer():.1f} |")
+    return (f"| {label} | {model_name} | {len(attention)} ({kept}/{heads} heads) | {ffn_count(plan)} | "
+            f"{ratio:.3f} | {twin:.1e} | {onnx:.1e} |")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the tiny configs, or (with names) timm's default configs at their input size
+    import sys
     import tempfile
     import time
 
     torch.set_num_threads(1)
-    print("| family | timm model (tiny config) | attention layers (heads kept) | FFN groups | MACs after | "
-          "twin error | ONNX error | s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in FAMILIES:
+    print("| family | timm model | attention layers (heads kept) | FFNs pruned | MACs after | twin error | ONNX error |")
+    print("|---|---|---|---|---|---|---|")
+    for arg in sys.argv[1:] or list(FAMILIES):
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as directory:
-            print(table_row(name, Path(directory), lambda: time.perf_counter() - start), flush=True)
+            if arg in FAMILIES:
+                net, batch = build(arg)
+                label, timm_name = arg, f"{FAMILIES[arg][0]} (tiny)"
+            else:
+                torch.manual_seed(0)
+                net = load_model(ModelSpec(name=f"timm:{arg}", kwargs={"num_classes": 10}))
+                size = net.pretrained_cfg["input_size"][-1]
+                batch = torch.randn(2, 3, size, size)
+                net = _live(net, batch)
+                label, timm_name = "default config", arg
+            row = table_row(label, timm_name, net, batch, Path(directory), dynamo=arg in DYNAMO or arg.startswith("eva"))
+            print(row, flush=True)
+            print(f"  {arg}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
