@@ -65,10 +65,17 @@ def _timm_class(module: str, name: str) -> type[nn.Module] | None:
 
 
 def _is_timm(module: nn.Module, *classes: tuple[str, str]) -> bool:
-    """Whether ``module``'s type is exactly one of the timm ``(module, class)`` pairs."""
-    if not type(module).__module__.startswith("timm."):
+    """Whether ``module``'s type is exactly one of the timm ``(module, class)`` pairs.
+
+    A layer pruned before has a pruned subclass of its timm class (a forward pass of
+    `_pruned_subclass`); it still matches, so that a later round prunes it again.
+    """
+    kind = type(module)
+    if getattr(kind, "_spiralkit_head_pruned", False):
+        kind = kind.__mro__[1]
+    if not kind.__module__.startswith("timm."):
         return False
-    return any(type(module) is _timm_class(*where) for where in classes)
+    return any(kind is _timm_class(*where) for where in classes)
 
 
 def _blocks(segments: int, heads: int, width: int) -> Tensor:

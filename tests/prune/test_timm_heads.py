@@ -152,6 +152,19 @@ def test_pruned_model_exports_with_the_project_exporter(family: str, tmp_path: P
     onnx_error(family, removed, x, tmp_path)
 
 
+@pytest.mark.parametrize("family", ["swin_v2", "eva"])
+def test_a_second_round_prunes_the_pruned_layers_again(family: str) -> None:
+    *_, removed, x, first = prune_family(family)
+    second = plan_pruning(removed, StructuredPrune(ratio=0.5), example=x[:1])
+    left = [(h.module, h.kind) for h in first.heads if len(h.keep) > 1]  # a single head stays
+    assert len(left) >= 2 and [(h.module, h.kind) for h in second.heads] == left, describe(second)
+    masked = apply_plan(copy.deepcopy(removed), second, mode="mask")
+    apply_plan(removed, second, mode="remove")
+    attention = [h for h in second.heads if h.kind != "timm_glu_mlp"]
+    assert all(removed.get_submodule(h.module).num_heads == 1 for h in attention)  # 2 -> 1, 4 -> 2 -> 1
+    assert_twins(removed, masked, x)
+
+
 def test_levit_deep_copies_after_planning() -> None:
     model, x = build("levit")
     with torch.no_grad():
