@@ -59,3 +59,12 @@ def test_timm_bad_kwarg_names_model_and_kwarg() -> None:
 def test_unknown_model_message_mentions_timm() -> None:
     with pytest.raises(ModelError, match="'timm:NAME'"):
         load_model(ModelSpec(name="no_such_model"))
+
+
+def test_spiral_bench_builds_timm_models() -> None:
+    from spiralkit.bench import input_shape_of
+    from spiralkit.bench.targets import model_candidates
+
+    (candidate,) = model_candidates("timm:resnet10t", None)
+    assert candidate.name == "timm:resnet10t" and candidate.module is not None
+    assert input_shape_of("timm:resnet10t", None) == (3, 224, 224)
