@@ -26,6 +26,9 @@ defined in a ``timm.`` module, so models without timm layers never import it.
   ``q_bias``/``v_bias`` (the zero ``k_bias`` buffer is rebuilt), or separate ``q/k/v_proj``.
   Its forward pass reshapes the heads' output to the *input* width, so a pruned layer gets
   a forward pass that uses ``num_heads · head_dim``. ``scale_norm`` is refused as above.
+* ``timm_beit`` — ``timm.models.beit.Attention`` (BEiT, BEiT v2): as ``timm_swin_v2`` for the
+  biases, plus a per-layer relative position bias table (one column per head). A layer
+  without its own table — one table shared by all layers, or none — is refused.
 * ``timm_glu_mlp`` — not attention but the same kind of layout: timm's ``GluMlp`` (EVA-02's
   SwiGLU FFN) computes value and gate halves with one fused ``fc1`` and splits it in code, which
   channel tracing cannot follow. Each hidden unit is a one-wide "head": its row in both
@@ -247,6 +250,69 @@ def _swin_v2_pruned_forward(self: Any, x: Tensor, mask: Tensor | None = None) ->
     return self.proj_drop(self.proj(x))
 
 
+# --------------------------------------------------------------------------- BEiT
+
+
+class _TimmBeit(HeadAdapter):
+    kind = "timm_beit"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_timm(module, ("models.beit", "Attention"))
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if module.relative_position_bias_table is None:
+            return ("timm BEiT attention without its own relative position bias table (one table shared by "
+                    "all layers, use_shared_rel_pos_bias=True, or none) has no head adapter: heads are kept")
+        return None
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        heads = int(module.num_heads)  # type: ignore[arg-type]
+        return heads, module.proj.in_features // heads  # type: ignore[union-attr,operator]
+
+    def slices(self, module: nn.Module) -> list[HeadSlice]:
+        heads, width = self.heads(module)
+        return [
+            *_fused_qkv(module.qkv, heads, width),  # type: ignore[arg-type]
+            *_qv_biases(module, heads, width),
+            HeadSlice("proj.weight", 1, _blocks(1, heads, width), weight=True),
+            HeadSlice("relative_position_bias_table", 1, _blocks(1, heads, 1), weight=False),
+        ]
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        module.num_heads = num_heads
+        _refresh(module.qkv)  # type: ignore[arg-type]
+        _refresh(module.proj)  # type: ignore[arg-type]
+        _zero_k_bias(module)
+        module.__class__ = _pruned_subclass(type(module), _beit_pruned_forward)
+
+
+def _beit_pruned_forward(self: Any, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
+    """BEiT attention whose inner width is ``proj.in_features``, not the input width.
+
+    timm 1.0's ``beit.Attention.forward`` (Apache-2.0) with one change: the heads' output is
+    reshaped to the inner width before the output projection.
+    """
+    B, N, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            qkv = self.qkv(x) + qkv_bias
+        else:
+            qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+    q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = self._get_rel_pos_bias()
+    if shared_rel_pos_bias is not None:
+        bias = bias + shared_rel_pos_bias
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
+    x = x.transpose(1, 2).reshape(B, N, self.proj.in_features)
+    return self.proj_drop(self.proj(x))
+
+
 # --------------------------------------------------------------------------- LeViT
 
 
@@ -462,6 +528,6 @@ class _TimmUnknown(HeadAdapter):
 
 
 TIMM_ADAPTERS: tuple[HeadAdapter, ...] = (
-    _TimmVit(), _TimmSwin(), _TimmSwinV2(), _TimmLevit(), _TimmEva(), _TimmGluMlp(), _TimmUnknown()
+    _TimmVit(), _TimmSwin(), _TimmSwinV2(), _TimmBeit(), _TimmLevit(), _TimmEva(), _TimmGluMlp(), _TimmUnknown()
 )
 """timm's attention layouts, tried in this order (the catch-all last)."""

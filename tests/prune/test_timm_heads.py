@@ -1,6 +1,6 @@
 """Head and FFN pruning of timm transformers (tiny configs, never pretrained weights).
 
-For each family (ViT, DeiT, Swin, Swin V2, LeViT, EVA-02): half the heads of every attention layer
+For each family (ViT, DeiT, Swin, Swin V2, BEiT, LeViT, EVA-02): half the heads of every attention layer
 and half the FFN neurons are planned away; the physically pruned model computes what its
 masked twin computes and exports to ONNX that ONNX Runtime runs with the same outputs. Also:
 layouts without an adapter are reported as such, LeViT deep-copies after planning, and a
@@ -43,6 +43,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, int]] = {
     "swin_v2": ("swinv2_tiny_window8_256",
                 {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4)},
                 32, "timm_swin_v2", 4, 4),
+    "beit": ("beit_base_patch16_224",
+             {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}, 32, "timm_beit", 2, 2),
     "levit": ("levit_128s",
               {"img_size": 64, "embed_dim": (32, 48), "key_dim": 8, "depth": (1, 1), "num_heads": (4, 4)},
               64, "timm_levit", 3, 3),
@@ -152,7 +154,7 @@ def test_pruned_model_exports_with_the_project_exporter(family: str, tmp_path: P
     onnx_error(family, removed, x, tmp_path)
 
 
-@pytest.mark.parametrize("family", ["swin_v2", "eva"])
+@pytest.mark.parametrize("family", ["swin_v2", "beit", "eva"])
 def test_a_second_round_prunes_the_pruned_layers_again(family: str) -> None:
     *_, removed, x, first = prune_family(family)
     second = plan_pruning(removed, StructuredPrune(ratio=0.5), example=x[:1])
@@ -223,6 +225,14 @@ def test_normalised_glu_ffn_is_refused() -> None:
                                 "so removing one would change the others: they are kept"}
 
 
+def test_beit_with_a_table_shared_by_all_layers_is_refused() -> None:
+    model, x = build("beit", use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+    groups = trace_groups(model, x[:1])
+    assert not [h for h in groups.heads if h.kind == "timm_beit"]
+    reasons = {s.name: s.reason for s in groups.skipped}
+    assert "without its own relative position bias table (one table shared by all layers" in reasons["blocks.0.attn"]
+
+
 def test_a_timm_attention_without_adapter_is_reported_as_such() -> None:
     torch.manual_seed(0)
     model = load_model(ModelSpec(name="timm:vit_relpos_small_patch16_224", kwargs={
@@ -236,7 +246,7 @@ def test_a_timm_attention_without_adapter_is_reported_as_such() -> None:
     assert not [r for r in reasons.values() if "channel shuffle" in r], describe(plan)
 
 
-@pytest.mark.parametrize("family", ["vit", "swin_v2", "levit", "eva"])
+@pytest.mark.parametrize("family", ["vit", "swin_v2", "beit", "levit", "eva"])
 def test_pruned_timm_model_is_saved_and_rebuilt_from_its_spec(family: str, tmp_path: Path) -> None:
     name, kwargs, *_ = FAMILIES[family]
     spec = ModelSpec(name=f"timm:{name}", kwargs={**kwargs, "num_classes": 10})
