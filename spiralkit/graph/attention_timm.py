@@ -20,8 +20,9 @@ defined in a ``timm.`` module, so models without timm layers never import it.
 * ``timm_levit`` — LeViT's ``Attention`` and ``AttentionDownsample``: q, k and v interleaved
   *per head* (``[q_h k_h v_h]`` for every head ``h``), each projection a ``LinearNorm``
   (linear + batch norm, whose affine parameters and running statistics are cut with the
-  rows), per-head attention biases, and a cache of those biases that is cleared after an edit.
-  The convolutional variant (``use_conv=True``) is refused.
+  rows) and per-head attention biases. Its eval-mode cache of the biases is cleared when heads
+  are removed; after masking, the stale biases of a masked head do not matter (its values are
+  zero). The convolutional variant (``use_conv=True``) is refused.
 * ``timm_eva`` — ``timm.models.eva.EvaAttention`` (EVA, EVA-02): fused ``qkv`` with separate
   ``q_bias``/``v_bias`` (the zero ``k_bias`` buffer is rebuilt), or separate ``q/k/v_proj``.
   Its forward pass reshapes the heads' output to the *input* width, so a pruned layer gets
