@@ -120,8 +120,8 @@ class HeadAdapter:
         """Patch attributes (and the forward pass) after heads were removed."""
         raise NotImplementedError
 
-    def opaque(self, module: nn.Module) -> nn.Module:
-        """The submodule whose forward mixes heads (kept whole in channel groups)."""
+    def opaque(self, module: nn.Module) -> nn.Module | None:
+        """The submodule whose forward mixes heads (kept whole in channel groups); None: traced as usual."""
         return module
 
 
@@ -585,7 +585,8 @@ def find_attention(model: nn.Module) -> tuple[list[HeadGroup], dict[str, str], l
         adapter = adapter_for(module)
         if adapter is None:
             continue
-        opaque.append(adapter.opaque(module))
+        if (whole := adapter.opaque(module)) is not None:
+            opaque.append(whole)
         inside.update(id(m) for m in module.modules())
         reason = adapter.unsupported(module)
         if reason is not None:

@@ -37,7 +37,8 @@ defined in a ``timm.`` module, so models without timm layers never import it.
   (by the same ratio; ``round_to`` does not apply). A normalised hidden layer (``scale_mlp``)
   or the convolutional variant is refused.
 * ``timm_unknown`` — any other timm module with ``num_heads`` and a ``qkv``-like projection:
-  reported as an attention layout without a head adapter (its heads are kept).
+  reported as an attention layout without a head adapter (its heads are kept). It is traced
+  like any other layers, so channel groups ending at its projections' inputs are still cut.
 
 Masking a head zeroes exactly what removing it deletes, so a masked model and its pruned
 twin agree (``tests/prune/test_timm_heads.py``).
@@ -515,8 +516,12 @@ class _TimmUnknown(HeadAdapter):
 
     def unsupported(self, module: nn.Module) -> str | None:
         cls = type(module)
-        return (f"this attention layout ({cls.__module__}.{cls.__qualname__}) has no head adapter; "
-                "its heads are kept and the layers around it keep their width")
+        return f"this attention layout ({cls.__module__}.{cls.__qualname__}) has no head adapter; its heads are kept"
+
+    def opaque(self, module: nn.Module) -> nn.Module | None:
+        # Traced like any other layers: a group that only feeds its projections (their input
+        # side) stays prunable, as it was before this layout was recognised.
+        return None
 
     def heads(self, module: nn.Module) -> tuple[int, int]:
         raise NotImplementedError(self.unsupported(module))

@@ -243,7 +243,26 @@ def test_a_timm_attention_without_adapter_is_reported_as_such() -> None:
     plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=torch.randn(1, 3, 32, 32))
     reasons = {s.name: s.reason for s in plan.skipped}
     assert "has no head adapter" in reasons["blocks.0.attn"]
-    assert not [r for r in reasons.values() if "channel shuffle" in r], describe(plan)
+    assert reasons["blocks.0.attn"].startswith("this attention layout"), describe(plan)
+
+
+def test_channels_feeding_an_attention_without_adapter_are_still_cut() -> None:
+    from timm.layers.bottleneck_attn import BottleneckAttn
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          BottleneckAttn(16, feat_size=(8, 8), num_heads=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10))
+    model = _live(model, x)
+    plan = plan_pruning(model, StructuredPrune(ratio=0.5), example=x[:1])
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert "(timm.layers.bottleneck_attn.BottleneckAttn) has no head adapter" in reasons["3"]
+    assert [(g.id, {m.module for m in g.members}) for g in plan.groups] == [("0", {"0", "1", "3.qkv"})], describe(plan)
+    masked = apply_plan(copy.deepcopy(model), plan, mode="mask")
+    removed = apply_plan(model, plan, mode="remove")
+    assert removed[3].qkv.in_channels == 8
+    assert_twins(removed, masked, x)
 
 
 @pytest.mark.parametrize("family", ["vit", "swin_v2", "beit", "levit", "eva"])
