@@ -27,6 +27,12 @@ defined in a ``timm.`` module, so models without timm layers never import it.
   ``q_bias``/``v_bias`` (the zero ``k_bias`` buffer is rebuilt), or separate ``q/k/v_proj``.
   Its forward pass reshapes the heads' output to the *input* width, so a pruned layer gets
   a forward pass that uses ``num_heads · head_dim``. ``scale_norm`` is refused as above.
+* ``timm_rope`` — ``timm.layers.AttentionRope`` (EVA with ``attn_type="rope"``, DeepSeek's
+  ViT), with **grouped-query attention**: a unit is one key/value head together with the
+  ``num_kv_groups`` query heads that read it (query heads ``h`` with ``h // num_kv_groups``
+  equal, contiguous in ``q_proj`` and ``proj``), so ``num_heads`` in the plan counts key/value
+  heads. Without grouping (or with a fused ``qkv``) it is ``timm_vit``'s layout. The forward
+  pass reshapes by the head counts and widths, so patching them is enough.
 * ``timm_beit`` — ``timm.models.beit.Attention`` (BEiT, BEiT v2): as ``timm_swin_v2`` for the
   biases, plus a per-layer relative position bias table (one column per head). A layer
   without its own table — one table shared by all layers, or none — is refused.
@@ -150,6 +156,45 @@ def _optional_linear(module: nn.Module, name: str, heads: int, width: int) -> li
     if linear.bias is not None:
         slices.append(HeadSlice(f"{name}.bias", 0, _blocks(1, heads, width), weight=False))
     return slices
+
+
+# --------------------------------------------------------------------------- rotary / grouped-query
+
+
+class _TimmRope(HeadAdapter):
+    kind = "timm_rope"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_timm(module, ("layers.attention", "AttentionRope"))
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        return _scale_norm_reason(module)
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        """``(key/value heads, width of the query heads of one)``."""
+        return int(module.num_kv_heads), int(module.num_kv_groups) * int(module.head_dim)  # type: ignore[arg-type]
+
+    def slices(self, module: nn.Module) -> list[HeadSlice]:
+        units, query_width = self.heads(module)
+        width = int(module.head_dim)  # type: ignore[arg-type]
+        if module.qkv is not None:  # fused: no grouping (one query head per key/value head)
+            projections = _fused_qkv(module.qkv, units, width)  # type: ignore[arg-type]
+        else:
+            projections = [*_optional_linear(module, "q_proj", units, query_width),
+                           *_optional_linear(module, "k_proj", units, width),
+                           *_optional_linear(module, "v_proj", units, width)]
+        return [*projections, HeadSlice("proj.weight", 1, _blocks(1, units, query_width), weight=True),
+                *_optional_linear(module, "gate", units, query_width)]
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        width, groups = int(module.head_dim), int(module.num_kv_groups)  # type: ignore[arg-type]
+        module.num_kv_heads = num_heads
+        module.num_heads = num_heads * groups
+        module.attn_dim = num_heads * groups * width
+        module.kv_dim = num_heads * width
+        for name in ("qkv", "q_proj", "k_proj", "v_proj", "proj", "gate"):
+            if isinstance(getattr(module, name, None), nn.Linear):
+                _refresh(getattr(module, name))
 
 
 # --------------------------------------------------------------------------- Swin
@@ -534,6 +579,6 @@ class _TimmUnknown(HeadAdapter):
 
 
 TIMM_ADAPTERS: tuple[HeadAdapter, ...] = (
-    _TimmVit(), _TimmSwin(), _TimmSwinV2(), _TimmBeit(), _TimmLevit(), _TimmEva(), _TimmGluMlp(), _TimmUnknown()
+    _TimmVit(), _TimmRope(), _TimmSwin(), _TimmSwinV2(), _TimmBeit(), _TimmLevit(), _TimmEva(), _TimmGluMlp(), _TimmUnknown()
 )
 """timm's attention layouts, tried in this order (the catch-all last)."""

@@ -1,6 +1,6 @@
 """Head and FFN pruning of timm transformers (tiny configs, never pretrained weights).
 
-For each family (ViT, DeiT, Swin, Swin V2, BEiT, LeViT, EVA-02): half the heads of every attention layer
+For each family (ViT, DeiT, Swin, Swin V2, BEiT, LeViT, EVA-02, EVA-02 with rotary grouped-query attention): half the heads of every attention layer
 and half the FFN neurons are planned away; the physically pruned model computes what its
 masked twin computes and exports to ONNX that ONNX Runtime runs with the same outputs. Also:
 layouts without an adapter are reported as such, LeViT deep-copies after planning, and a
@@ -51,11 +51,16 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, int]] = {
     "eva": ("eva02_tiny_patch14_224",
             {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 4, "qkv_bias": True},
             28, "timm_eva", 2, 2),
+    # AttentionRope with grouped-query attention: 4 query heads reading 2 key/value heads
+    "eva_rope_gqa": ("eva02_tiny_patch14_224",
+                     {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 4,
+                      "attn_type": "rope", "qkv_fused": False, "num_kv_heads": 2},
+                     28, "timm_rope", 2, 2),
 }
 # The project's (dynamo) exporter where the TorchScript one fails on the unpruned model too
 # (timm's EVA passes is_causal through as a traced tensor); it takes about 10 s, so that
 # check is a separate slow test. The others use the TorchScript exporter (well under a second).
-DYNAMO = ("eva",)
+DYNAMO = ("eva", "eva_rope_gqa")
 
 
 def _live(model: nn.Module, x: Tensor) -> nn.Module:
@@ -114,8 +119,9 @@ def test_half_the_heads_and_ffn_removed_match_the_masked_twin(family: str, tmp_p
     assert [h.kind for h in attention] == [kind] * layers, describe(plan)
     assert all(len(h.keep) == h.num_heads // 2 for h in attention)
     assert ffn_count(plan) == ffn, describe(plan)
-    for head in attention:
-        assert removed.get_submodule(head.module).num_heads == len(head.keep)
+    for head in attention:  # grouped-query attention: units are key/value heads
+        layer = removed.get_submodule(head.module)
+        assert getattr(layer, "num_kv_heads", layer.num_heads) == len(head.keep)
     with torch.no_grad():  # the comparison proves something only if pruning changed the function
         before, after = original(x), masked(x)
         assert float((before - after).abs().max()) > 1e-2 * float(after.abs().max())
@@ -129,6 +135,23 @@ def test_eva_separate_projections_match_the_masked_twin() -> None:
     _, masked, removed, x, plan = prune_family("eva", qkv_fused=False)
     attention = removed.get_submodule("blocks.0.attn")
     assert attention.qkv is None and attention.q_proj.out_features == attention.v_proj.out_features == 2 * 8
+    assert_twins(removed, masked, x)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rope_attention_without_grouping_prunes_single_heads(fused: bool) -> None:
+    _, masked, removed, x, plan = prune_family("eva", attn_type="rope", qkv_fused=fused)
+    assert [(h.kind, h.num_heads, len(h.keep)) for h in plan.heads if h.kind != "timm_glu_mlp"] == [("timm_rope", 4, 2)] * 2
+    assert_twins(removed, masked, x)
+
+
+def test_grouped_query_attention_keeps_each_kv_head_with_its_query_heads() -> None:
+    _, masked, removed, x, plan = prune_family("eva_rope_gqa")
+    head = plan.heads[0]
+    assert (head.kind, head.num_heads, head.head_dim, len(head.keep)) == ("timm_rope", 2, 16, 1)  # 2 query heads of 8 per unit
+    layer = removed.get_submodule(head.module)
+    assert (layer.num_heads, layer.num_kv_heads, layer.num_kv_groups) == (2, 1, 2)
+    assert (layer.q_proj.out_features, layer.k_proj.out_features, layer.proj.in_features) == (16, 8, 16)
     assert_twins(removed, masked, x)
 
 
