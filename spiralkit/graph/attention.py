@@ -17,7 +17,7 @@ registers itself on import):
 * ``swin`` — torchvision's ``ShiftedWindowAttention`` (v1 and v2): the relative position bias
   table (v1), the continuous position bias MLP and logit scale (v2) are cut by head too.
 * ``maxvit`` — torchvision's ``RelativePositionalMultiHeadAttention``.
-* ``timm_*`` — timm's layouts (ViT/DeiT, Swin, BEiT, LeViT, EVA), in `spiralkit.graph.attention_timm`.
+* ``timm_*`` — timm's layouts (ViT/DeiT, rotary with grouped-query, Swin, BEiT, LeViT, EVA), in `spiralkit.graph.attention_timm`.
 
 Masking a head zeroes exactly the entries that removing it deletes, so a masked model and
 its physically pruned twin compute the same function (see ``tests/prune``).
