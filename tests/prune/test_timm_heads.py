@@ -1,7 +1,7 @@
 """Head and FFN pruning of timm transformers (tiny configs, never pretrained weights).
 
-For each family (ViT, DeiT, Swin, Swin V2, BEiT, LeViT, EVA-02, EVA-02 with rotary grouped-query attention): half the heads of every attention layer
-and half the FFN neurons are planned away; the physically pruned model computes what its
+For each family (ViT, DeiT, Swin, Swin V2, BEiT, LeViT, EVA-02, EVA-02 with rotary grouped-query
+attention): half the heads of every attention layer and half the FFN neurons are planned away; the physically pruned model computes what its
 masked twin computes and exports to ONNX that ONNX Runtime runs with the same outputs. Also:
 layouts without an adapter are reported as such, LeViT deep-copies after planning, and a
 pruned ``timm:`` model is saved and rebuilt from its spec.
