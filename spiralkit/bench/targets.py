@@ -27,6 +27,7 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "cifar_resnet20": (3, 32, 32), "cifar_resnet32": (3, 32, 32),
     "cifar_resnet44": (3, 32, 32), "cifar_resnet56": (3, 32, 32),
     "torchvision:": (3, 224, 224),
+    "timm:": (3, 224, 224),
 }
 
 
@@ -70,8 +71,8 @@ def model_candidates(name: str, checkpoint: Path | None) -> list[Candidate]:
         BenchError: The name is unknown or imports code, or the checkpoint does not fit.
     """
     prefix, colon, _ = name.partition(":")
-    if colon and prefix not in ("torchvision",):
-        raise BenchError(f"model {name!r}: spiral bench builds zoo and torchvision models only (no code imports)")
+    if colon and prefix not in ("torchvision", "timm"):
+        raise BenchError(f"model {name!r}: spiral bench builds zoo, torchvision and timm models only (no code imports)")
     try:
         return [Candidate(name, load_model(ModelSpec(name=name, checkpoint=checkpoint)))]
     except ModelError as exc:

@@ -28,6 +28,7 @@ registers itself on import):
   ``q_lin/k_lin/v_lin/out_lin``. Their forward passes infer the head count from the
   projection widths (the count attributes are patched too). With grouped-query attention a unit is one key/value head together
   with its query heads (see `_HFProjections`), so ``num_key_value_groups`` is unchanged.
+* ``timm_*`` — timm's layouts (ViT/DeiT, rotary with grouped-query, Swin, BEiT, LeViT, EVA), in `spiralkit.graph.attention_timm`.
 
 Hugging Face configs hold one head count for all layers; pruned layers may differ, so the
 config is left as it was and the per-layer counts live in the modules (the projections'
@@ -150,8 +151,8 @@ class HeadAdapter:
     def record(self, module: nn.Module, kept: Tensor) -> None:
         """Note which heads (indices before removal) a removal keeps; called before `finish`."""
 
-    def opaque(self, module: nn.Module) -> nn.Module:
-        """The submodule whose forward mixes heads (kept whole in channel groups)."""
+    def opaque(self, module: nn.Module) -> nn.Module | None:
+        """The submodule whose forward mixes heads (kept whole in channel groups); None: traced as usual."""
         return module
 
 
@@ -827,8 +828,10 @@ def _refresh_linear(linear: nn.Linear) -> None:
     linear.out_features, linear.in_features = (int(s) for s in linear.weight.shape)
 
 
+from spiralkit.graph.attention_timm import TIMM_ADAPTERS  # noqa: E402 (its adapters subclass HeadAdapter)
+
 ADAPTERS: tuple[HeadAdapter, ...] = (_TorchMHA(), _HFBert(), _Swin(), _MaxVit(), _GPT2(), _T5(_T5_LAYOUT),
-                                     *(_HFProjections(layout) for layout in HF_LAYOUTS))
+                                     *(_HFProjections(layout) for layout in HF_LAYOUTS), *TIMM_ADAPTERS)
 """The supported attention layouts, tried in this order."""
 
 
@@ -862,7 +865,8 @@ def find_attention(model: nn.Module) -> tuple[list[HeadGroup], dict[str, str], l
         adapter = adapter_for(module)
         if adapter is None:
             continue
-        opaque.append(adapter.opaque(module))
+        if (whole := adapter.opaque(module)) is not None:
+            opaque.append(whole)
         inside.update(id(m) for m in module.modules())
         reason = adapter.unsupported(module)
         if reason is not None:

@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Example", "ShapeRecorder", "call_model", "tensors"]
+__all__ = ["Example", "ShapeRecorder", "call_model", "detach_cached", "tensors"]
 
 Example = Tensor | Sequence[Any] | Mapping[str, Any]
 
@@ -42,6 +42,42 @@ def tensors(obj: Any) -> list[Tensor]:
     if isinstance(obj, Mapping):
         return [t for item in obj.values() for t in tensors(item)]
     return []
+
+
+def detach_cached(model: nn.Module) -> None:
+    """Detach the tensors a forward pass with gradients left in modules' plain attributes.
+
+    Some modules cache what they compute between calls (timm's LeViT keeps its attention
+    biases per device in eval mode). A traced or scored pass runs with gradients enabled, so
+    such a cache holds tensors attached to that pass's graph, which keeps the graph alive and
+    makes ``copy.deepcopy(model)`` fail. Their values are kept; only the graph is dropped.
+    Parameters, buffers and submodules (the ``_``-prefixed registries) are not touched.
+    """
+    for module in model.modules():
+        state = vars(module)
+        for name, value in list(state.items()):
+            if not name.startswith("_") and _has_graph(value):
+                state[name] = _detached(value)
+
+
+def _has_graph(obj: Any) -> bool:
+    if isinstance(obj, Tensor):
+        return obj.grad_fn is not None
+    if isinstance(obj, (list, tuple)):
+        return any(_has_graph(item) for item in obj)
+    if isinstance(obj, dict):
+        return any(_has_graph(item) for item in obj.values())
+    return False
+
+
+def _detached(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach() if obj.grad_fn is not None else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _detached(item) for key, item in obj.items()}
+    return obj
 
 
 class ShapeRecorder(TorchFunctionMode):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from spiralkit.graph.attention import HeadGroup, find_attention, known_layouts, unknown_attention
-from spiralkit.graph.forward import Example, call_model
+from spiralkit.graph.forward import Example, call_model, detach_cached
 from spiralkit.graph.layers import COUPLED, RNN_TYPES, Role, channel_size, is_conv1d, is_depthwise
 from spiralkit.graph.rules import check_op, layer_problem
 from spiralkit.graph.tp import Graph, Handler, Node, op_kind, trace
@@ -338,6 +338,7 @@ def trace_groups(model: nn.Module, example: Example, *, heads: bool = True) -> M
     """
     head_groups, unsupported, opaque = find_attention(model)
     graph = trace(model, example, opaque=opaque)
+    detach_cached(model)  # the traced pass ran with gradients (see detach_cached)
     opaque_ids = {id(m) for m in opaque}
     covered: set[tuple[str, Role]] = set()
     groups: list[ChannelGroup] = []

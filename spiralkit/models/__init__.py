@@ -1,4 +1,4 @@
-"""The built-in model zoo and `load_model` for zoo, ``torchvision:``, ``hf:`` and ``module:function`` specs."""
+"""The built-in model zoo and `load_model` for zoo, ``torchvision:``, ``timm:``, ``hf:`` and ``module:function`` specs."""
 
 from spiralkit.models.hf import HFTextModel, encode_texts, hf_model, load_tokenizer, set_attention
 from spiralkit.models.lenet import LeNet5, lenet5, lenet300

@@ -1,4 +1,4 @@
-"""Turning a `ModelSpec` into a module: zoo names, ``torchvision:NAME``, ``hf:ALIAS``, ``module:function``.
+"""Turning a `ModelSpec` into a module: zoo names, ``torchvision:NAME``, ``timm:NAME``, ``hf:ALIAS``, ``module:function``.
 
 Checkpoints are weights only: ``.safetensors`` files (dense or spiralkit-sparse) or torch
 files that ``torch.load(weights_only=True)`` accepts. Nothing is ever downloaded.
@@ -62,6 +62,8 @@ class ModelSpec(BaseModel):
 
     Attributes:
         name: A `ZOO` name, ``"torchvision:NAME"`` (built with ``weights=None``),
+            ``"timm:NAME"`` (built with ``pretrained=False``; ``kwargs`` go to
+            ``timm.create_model``, e.g. ``{"num_classes": 10, "img_size": 32}``),
             ``"hf:ALIAS"`` (a packaged Hugging Face model such as ``hf:minilm-l6``, see
             `spiralkit.models.hf`), ``"hf"`` (a local Hugging Face directory given as
             ``kwargs.path``) or ``"package.module:function"`` (imported and called; must
@@ -167,7 +169,7 @@ def _resolve_builder(name: str) -> Callable[..., Any]:
     hint = f" (did you mean {_quoted(close)}?)" if close else ""
     raise ModelError(
         f"unknown model {name!r}{hint}; built-in models: {', '.join(ZOO)}; "
-        "or use 'torchvision:NAME', 'hf:ALIAS', 'hf' (kwargs.path) or 'package.module:function'"
+        "or use 'torchvision:NAME', 'timm:NAME', 'hf:ALIAS', 'hf' (kwargs.path) or 'package.module:function'"
     )
 
 
@@ -192,9 +194,37 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+# timm.create_model arguments that fetch or read weights by themselves: weights come only from
+# the spec's checkpoint (weights-only files, never downloaded).
+_TIMM_WEIGHT_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+
+
+def _timm_builder(name: str) -> Callable[..., nn.Module]:
+    """A builder for timm model ``name`` (``timm.create_model(name, pretrained=False, **kwargs)``)."""
+    import timm  # deferred: importing timm costs about a second
+
+    if not timm.is_model(name):
+        available = timm.list_models()
+        close = difflib.get_close_matches(name, available, n=_MAX_LISTED, cutoff=0.5)
+        hint = f"close matches: {_quoted(close)}" if close else "see timm.list_models()"
+        raise ModelError(f"unknown timm model {name!r}; {hint}")
+
+    def build(**kwargs: Any) -> nn.Module:
+        given = [key for key in _TIMM_WEIGHT_KWARGS if key in kwargs]
+        if given:
+            raise ModelError(
+                f"model 'timm:{name}': the {_quoted(given)} kwarg is not allowed (nothing is downloaded "
+                "and timm does not load weights here); give a local weights file as the spec's checkpoint instead"
+            )
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return build
+
+
 MODEL_SOURCES: Mapping[str, Callable[[str], Callable[..., Any]]] = types.MappingProxyType(
     {
         "torchvision": _torchvision_builder,
+        "timm": _timm_builder,
         "hf": packaged_builder,
     }
 )

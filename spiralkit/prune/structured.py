@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from spiralkit.errors import PruneError
 from spiralkit.graph.attention import HeadGroup
 from spiralkit.graph.blocks import find_blocks
+from spiralkit.graph.forward import detach_cached
 from spiralkit.graph.groups import (
     RNN_TYPES,
     ChannelGroup,
@@ -291,6 +292,7 @@ def planner(
         loss_fn=loss_fn,
     )
     channels, heads = _drop_unscored(channels, heads, scores, skipped)
+    detach_cached(model)  # blocks and some criteria ran it with gradients
     return Planner(config=config, channels=tuple(channels), heads=tuple(heads), scores=scores,
                    blocks=chosen_blocks, skipped=tuple(skipped))
 

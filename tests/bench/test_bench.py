@@ -98,7 +98,7 @@ def test_the_cli_times_a_run_directorys_baseline_pruned_and_final_models(tmp_pat
     (["lenet5", "--runtime", "eager,tensorrt"], "unknown runtime 'tensorrt'; runtimes: eager, ort, openvino"),
     (["lenet7"], "unknown model 'lenet7' (did you mean 'lenet5'"),
     (["torchvision:resnet19"], "unknown torchvision model 'resnet19'"),
-    (["mypackage.models:net"], "spiral bench builds zoo and torchvision models only"),
+    (["mypackage.models:net"], "spiral bench builds zoo, torchvision and timm models only"),
     (["lenet5", "--batch", "one"], "--batch takes whole numbers"),
     (["--peers", "lenet5", "--macs", "1.5"], "--macs is the fraction of the MACs to keep, in (0, 1]; got 1.5"),
 ])
