@@ -20,6 +20,7 @@ from spiralkit.bench import model_candidates, run_candidates
 from spiralkit.bench.peers import PeersConfig, peers_table
 from spiralkit.bench.peers import peers as run_peers
 from spiralkit.errors import SpiralError
+from spiralkit.parallel import launched
 from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
 from spiralkit.report.analysis import ANALYSIS_HTML, ANALYSIS_JSON
@@ -67,8 +68,9 @@ def demo(
         if earlier is not None and earlier.differences(fingerprint(recipe)):
             raise SpiralError(f"{out} holds a run of another demo recipe (an earlier spiralkit's): "
                               "start over with `spiral demo --fresh`")
-        resume = (out / STATE).exists()
-        Spiral(recipe).run(out, resume=resume)
+        with launched() as world:
+            resume = (out / STATE).exists()
+            Spiral(recipe).run(out, resume=resume, world=world)
     except SpiralError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
@@ -83,18 +85,23 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the killed run in this directory (with RECIPE: only if it is the recipe that started it).")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the recipe name code to import and run (model or data 'package.module:function'). Only for recipes you trust.")] = False,
 ) -> None:
-    """Run a recipe, or resume a run that was interrupted."""
+    """Run a recipe, or resume a run that was interrupted.
+
+    Under `torchrun --nproc-per-node N` the recipe runs data-parallel in N processes (see the README).
+    """
     run_dir = resume
     try:
         if resume is not None:  # with a RECIPE too, it must be the recipe that started the run
             loaded = load_recipe(recipe if recipe is not None else resume / RECIPE)
-            Spiral(loaded, allow_code=allow_code).run(resume, resume=True)
+            with launched() as world:
+                Spiral(loaded, allow_code=allow_code).run(resume, resume=True, world=world)
             return
         if recipe is None:
             raise SpiralError("give a RECIPE file, or --resume RUN_DIR")
         loaded = load_recipe(recipe)
         run_dir = out or Path("runs") / loaded.name
-        Spiral(loaded, allow_code=allow_code).run(run_dir)
+        with launched() as world:
+            Spiral(loaded, allow_code=allow_code).run(run_dir, world=world)
     except SpiralError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
