@@ -1,0 +1,72 @@
+"""The data-parallel world from torchrun's environment, and each rank's share of a loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spiralkit.data import TensorLoader
+from spiralkit.errors import SpiralError
+from spiralkit.parallel import SINGLE, World, world_from_env
+
+
+def test_without_torchrun_the_world_is_one_process() -> None:
+    assert world_from_env({}) is SINGLE
+    assert world_from_env({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}) is SINGLE
+    assert SINGLE.main and not SINGLE.parallel and str(SINGLE) == "1 process"
+
+
+def test_torchrun_variables_make_the_world() -> None:
+    world = world_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
+    assert world == World(size=4, rank=2, local_rank=0, backend="gloo")
+    assert not world.main and world.parallel and str(world) == "4 processes (gloo)"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WORLD_SIZE": "two", "RANK": "0"}, "environment variable WORLD_SIZE='two' is not a whole number"),
+        ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2, RANK=2, LOCAL_RANK=0"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "torchrun environment is inconsistent"),
+    ],
+)
+def test_a_bad_torchrun_environment_is_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SpiralError, match=message):
+        world_from_env(env)
+
+
+def _loader(n: int = 20, batch_size: int = 4) -> TensorLoader:
+    return TensorLoader(torch.arange(n).float().unsqueeze(1), torch.arange(n), batch_size=batch_size, shuffle=True, seed=7)
+
+
+def test_the_ranks_shares_of_each_batch_make_the_single_process_batch() -> None:
+    """Global batch = per-rank batch × processes: together the ranks take the steps one process takes."""
+    whole = _loader()
+    shares = [World(size=2, rank=rank, backend="gloo").shard(whole) for rank in range(2)]
+    assert [s.batch_size for s in shares] == [2, 2] and len(shares[0]) == len(whole) == 5
+    for epoch in (0, 3):
+        whole.set_epoch(epoch)
+        for share in shares:
+            share.set_epoch(epoch)
+        for batch, *parts in zip(whole, *shares, strict=True):
+            assert sorted(torch.cat([y for _, y in parts]).tolist()) == sorted(batch[1].tolist())
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_named() -> None:
+    with pytest.raises(SpiralError, match="data.batch_size 4 is the global batch and must be a multiple of the 3 processes"):
+        World(size=3, rank=0, backend="gloo").shard(_loader())
+
+
+def test_a_loader_that_cannot_be_sharded_is_named() -> None:
+    with pytest.raises(SpiralError, match="needs a loader that can be sharded .* list cannot"):
+        World(size=2, rank=0, backend="gloo").shard([(torch.zeros(2), torch.zeros(2))])
+
+
+def test_one_process_passes_everything_through() -> None:
+    loader = _loader()
+    assert SINGLE.shard(loader) is loader
+    assert SINGLE.broadcast({"a": 1}) == {"a": 1} and SINGLE.gather(3) == [3]
+    SINGLE.check_same("anything", object())
+    param = torch.nn.Parameter(torch.ones(3))
+    (param * 2).sum().backward()
+    assert SINGLE.average_gradients([param], torch.tensor(0.5)) == 0.5 and torch.equal(param.grad, torch.full((3,), 2.0))
