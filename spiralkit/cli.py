@@ -20,7 +20,7 @@ from spiralkit.bench import model_candidates, run_candidates
 from spiralkit.bench.peers import PeersConfig, peers_table
 from spiralkit.bench.peers import peers as run_peers
 from spiralkit.errors import SpiralError
-from spiralkit.parallel import launched
+from spiralkit.parallel import launched, world_from_env
 from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
 from spiralkit.report.analysis import ANALYSIS_HTML, ANALYSIS_JSON
@@ -44,6 +44,13 @@ def _fail(exc: SpiralError) -> typer.Exit:
     # escaped: messages may hold brackets ("pip install 'spiralkit[openvino]'") that are not markup
     Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
+
+
+def _one_process(command: str) -> None:
+    """Refuse to run ``command`` under torchrun: each process would run all of it, writing the same files."""
+    if world_from_env(os.environ).parallel:
+        raise SpiralError(f"spiral {command} runs in one process: launch it without torchrun "
+                          "(`spiral run` and `spiral demo` run data-parallel)")
 
 
 def _interrupted(run_dir: Path) -> typer.Exit:
@@ -119,6 +126,7 @@ def compare_command(
 ) -> None:
     """Compare the spiral with one-shot pruning + fine-tuning or distillation, at the same recovery epochs."""
     try:
+        _one_process("compare")
         config = CompareConfig(seeds=seeds, allow_code=allow_code)
         loaded = load_recipe(recipe)
         compare(loaded, out or Path("runs") / "compare" / loaded.name, config)
@@ -144,6 +152,7 @@ def analyze_command(
 ) -> None:
     """Scan how much each layer's pruning or quantization alone costs, without recovery."""
     try:
+        _one_process("analyze")
         config = AnalyzeConfig(limit=limit, from_run=from_run, split=split, allow_code=allow_code)  # type: ignore[arg-type]
         if scan:
             config = scans_only(config, scan)

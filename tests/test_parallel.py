@@ -70,3 +70,18 @@ def test_one_process_passes_everything_through() -> None:
     param = torch.nn.Parameter(torch.ones(3))
     (param * 2).sum().backward()
     assert SINGLE.average_gradients([param], torch.tensor(0.5)) == 0.5 and torch.equal(param.grad, torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("command", ["compare", "analyze"])
+def test_commands_that_run_in_one_process_refuse_torchrun(command: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from spiralkit.cli import app  # noqa: PLC0415
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    args = [command, str(tmp_path / "r.yaml")] + (["--out", str(tmp_path / "out")] if command == "analyze" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"spiral {command} runs in one process: launch it without torchrun" in " ".join(result.output.split())
