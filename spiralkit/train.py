@@ -324,10 +324,10 @@ def _train(
         _restore(saved, model, extra, optimizer, scheduler, world=world)
         first, steps, loss_value, epoch_losses = saved["epochs"], saved["steps"], saved["loss"], list(saved["epoch_losses"])
         console.print(f"{description}: resuming after epoch {first}/{config.epochs} (epoch checkpoint)")
-    state = [*model.state_dict(keep_vars=True).values(), *extra]
+    state = [t for t in (*model.state_dict(keep_vars=True).values(), *extra) if isinstance(t, Tensor)]
     world.check_same("the model's parameter shapes and the epoch training starts from",
                      ([tuple(t.shape) for t in state], first))
-    world.sync([t for t in state if isinstance(t, Tensor)])  # every rank starts from rank 0's weights
+    world.sync(state)  # every rank starts from rank 0's weights
     enforcer = enforce_masks(model, masks, optimizer) if masks else nullcontext()
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

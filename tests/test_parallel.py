@@ -85,3 +85,45 @@ def test_commands_that_run_in_one_process_refuse_torchrun(command: str, tmp_path
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert f"spiral {command} runs in one process: launch it without torchrun" in " ".join(result.output.split())
+
+
+def _two_ranks(rank: int, store: str, out: str) -> None:
+    """One of two gloo ranks: average gradients, broadcast, and disagree on purpose."""
+    import json  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    world = World(size=2, rank=rank, backend="gloo")
+    try:
+        param = torch.nn.Parameter(torch.zeros(2))
+        param.grad = torch.full((2,), float(rank + 1))  # 1 on rank 0, 2 on rank 1
+        loss = world.average_gradients([param], torch.tensor(float(10 * rank)))
+        weights = torch.full((3,), float(rank))
+        world.sync([weights])
+        result = {"grad": param.grad.tolist(), "loss": loss, "synced": weights.tolist(),
+                  "broadcast": world.broadcast(f"from rank {rank}")}
+        try:
+            world.check_same("the model's parameter shapes", [rank])
+        except SpiralError as exc:
+            result["error"] = str(exc)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_average_agree_and_name_a_disagreement(tmp_path) -> None:
+    import json  # noqa: PLC0415
+
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    mp.spawn(_two_ranks, args=(str(tmp_path / "store"), str(tmp_path / "result")), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert result["grad"] == [1.5, 1.5] and result["loss"] == 5.0  # the mean over the ranks
+        assert result["synced"] == [0.0, 0.0, 0.0] and result["broadcast"] == "from rank 0"
+        assert result["error"].startswith("data-parallel ranks disagree on the model's parameter shapes: "
+                                          "rank 1 differs from rank 0")
