@@ -101,7 +101,7 @@ def test_two_processes_match_one_on_the_same_global_batch_and_say_so(tmp_path: P
 
 @pytest.mark.slow
 def test_a_run_killed_inside_its_baseline_training_resumes_after_the_last_epoch(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, baseline=40, recover=1)
+    recipe = _recipe(tmp_path, baseline=20, recover=1)
     reference = _spiral("run", str(recipe), "--out", str(tmp_path / "ref"), cwd=tmp_path, log=tmp_path / "ref.log")
     _finish(reference, tmp_path / "ref.log")
 
@@ -113,12 +113,12 @@ def test_a_run_killed_inside_its_baseline_training_resumes_after_the_last_epoch(
     victim.wait()
     assert not (run_dir / "baseline.safetensors").exists(), "killed inside the baseline's training"
     done = torch.load(run_dir / "epoch.pt", weights_only=True)["epochs"]
-    assert 1 <= done < 40
+    assert 1 <= done < 20
 
     resumed = _spiral("run", "--resume", str(run_dir), cwd=tmp_path, log=tmp_path / "resumed.log")
     log = _finish(resumed, tmp_path / "resumed.log")
-    assert f"baseline: resuming after epoch {done}/40 (epoch checkpoint)" in log
-    assert f"baseline: epoch {done + 1}/40" in log and f"baseline: epoch {done}/40," not in log, "no epoch run twice"
+    assert f"baseline: resuming after epoch {done}/20 (epoch checkpoint)" in log
+    assert f"baseline: epoch {done + 1}/20" in log and f"baseline: epoch {done}/20," not in log, "no epoch run twice"
     curves = {c["label"]: c["losses"] for c in json.loads((run_dir / "curves.json").read_text())["trainings"]}
     ref_curves = {c["label"]: c["losses"] for c in json.loads((tmp_path / "ref" / "curves.json").read_text())["trainings"]}
     assert curves["baseline"] == pytest.approx(ref_curves["baseline"], rel=1e-6), "the same training as without the kill"
