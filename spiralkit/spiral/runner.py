@@ -276,7 +276,7 @@ def _quantize(result: Pruned, pruned: Metrics, state: RunState, ctx: RunContext,
         evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val, reference=ctx.reference).metric,
         baseline_val=baseline_val, pruned_val=pruned.val_metric, max_metric_drop=recipe.targets.max_metric_drop,
         seed=recipe.seed + 999_999, directory=directory, example=ctx.example, threads=recipe.measure.threads,
-        world=world or ctx.world,
+        world=world or ctx.world, checkpoint=epoch_checkpoint(ctx.run_dir, "quantization-aware training"),
     )
     quantized = recipe.quantize.run(model, inputs)
     if not ctx.world.main:

@@ -35,9 +35,13 @@ TOLERANCE = 0.5
 """Accuracy points (of 359 test digits, one digit is 0.28) by which 2 processes may differ from 1."""
 
 
-def _recipe(tmp_path: Path, *, baseline: int = 6, recover: int = 2) -> Path:
+QAT = "quantize: {kind: compact, bits: 2, max_metric_drop: 0.0, qat: {kind: distill, train: {epochs: 2, optimizer: {name: sgd, lr: 0.01}}}}\n"
+"""2-bit weights lose accuracy, so quantization-aware training runs: data-parallel too."""
+
+
+def _recipe(tmp_path: Path, *, baseline: int = 6, recover: int = 2, extra: str = "") -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.replace("BASELINE_EPOCHS", str(baseline)).replace("RECOVER_EPOCHS", str(recover)))
+    path.write_text(TINY.replace("BASELINE_EPOCHS", str(baseline)).replace("RECOVER_EPOCHS", str(recover)) + extra)
     return path
 
 
@@ -82,7 +86,7 @@ def _epoch_saved(run_dir: Path, label: str) -> bool:
 
 @pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch_and_say_so(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path)
+    recipe = _recipe(tmp_path, extra=QAT)
     one = _spiral("run", str(recipe), "--out", str(tmp_path / "one"), cwd=tmp_path, log=tmp_path / "one.log")
     _finish(one, tmp_path / "one.log")
     two = _spiral("run", str(recipe), "--out", str(tmp_path / "two"), processes=2, cwd=tmp_path, log=tmp_path / "two.log")
@@ -94,8 +98,11 @@ def test_two_processes_match_one_on_the_same_global_batch_and_say_so(tmp_path: P
     assert [r["accepted"] for r in got["rounds"]] == [r["accepted"] for r in ref["rounds"]]
     for a, b in zip(got["rounds"], ref["rounds"], strict=True):
         assert abs(a["val_metric"] - b["val_metric"]) <= TOLERANCE
+    assert abs(got["pruned"]["metric"] - ref["pruned"]["metric"]) <= TOLERANCE
+    assert got["pruned"]["nonzero_params"] == ref["pruned"]["nonzero_params"]
+    assert got["quantization"]["method"] == ref["quantization"]["method"] == "qat"
+    assert "quantization-aware recovery: epoch 2/2" in log
     assert abs(got["final"]["metric"] - ref["final"]["metric"]) <= TOLERANCE
-    assert got["final"]["nonzero_params"] == ref["final"]["nonzero_params"]
     assert not (tmp_path / "two" / "epoch.pt").exists(), "the epoch checkpoint goes once its step is saved"
 
 
