@@ -20,6 +20,7 @@ from spiralkit.bench import model_candidates, run_candidates
 from spiralkit.bench.peers import PeersConfig, peers_table
 from spiralkit.bench.peers import peers as run_peers
 from spiralkit.errors import SpiralError
+from spiralkit.parallel import launched, world_from_env
 from spiralkit.report import CompareRun, Report, print_report, write_compare_html, write_html_report
 from spiralkit.spiral import Spiral, build_report, load_recipe, load_run_state, parse_recipe
 from spiralkit.report.analysis import ANALYSIS_HTML, ANALYSIS_JSON
@@ -45,6 +46,13 @@ def _fail(exc: SpiralError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _one_process(command: str) -> None:
+    """Refuse to run ``command`` under torchrun: each process would run all of it, writing the same files."""
+    if world_from_env(os.environ).parallel:
+        raise SpiralError(f"spiral {command} runs in one process: launch it without torchrun "
+                          "(`spiral run` and `spiral demo` run data-parallel)")
+
+
 def _interrupted(run_dir: Path) -> typer.Exit:
     """Ctrl-C: every step so far is saved; say how to go on. Exit status 130, as for SIGINT."""
     Console(stderr=True).print(f"interrupted: the run is saved up to its last finished step; continue it with "
@@ -67,8 +75,9 @@ def demo(
         if earlier is not None and earlier.differences(fingerprint(recipe)):
             raise SpiralError(f"{out} holds a run of another demo recipe (an earlier spiralkit's): "
                               "start over with `spiral demo --fresh`")
-        resume = (out / STATE).exists()
-        Spiral(recipe).run(out, resume=resume)
+        with launched() as world:
+            resume = (out / STATE).exists()
+            Spiral(recipe).run(out, resume=resume, world=world)
     except SpiralError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
@@ -83,18 +92,23 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the killed run in this directory (with RECIPE: only if it is the recipe that started it).")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="Let the recipe name code to import and run (model or data 'package.module:function'). Only for recipes you trust.")] = False,
 ) -> None:
-    """Run a recipe, or resume a run that was interrupted."""
+    """Run a recipe, or resume a run that was interrupted.
+
+    Under `torchrun --nproc-per-node N` the recipe runs data-parallel in N processes (see the README).
+    """
     run_dir = resume
     try:
         if resume is not None:  # with a RECIPE too, it must be the recipe that started the run
             loaded = load_recipe(recipe if recipe is not None else resume / RECIPE)
-            Spiral(loaded, allow_code=allow_code).run(resume, resume=True)
+            with launched() as world:
+                Spiral(loaded, allow_code=allow_code).run(resume, resume=True, world=world)
             return
         if recipe is None:
             raise SpiralError("give a RECIPE file, or --resume RUN_DIR")
         loaded = load_recipe(recipe)
         run_dir = out or Path("runs") / loaded.name
-        Spiral(loaded, allow_code=allow_code).run(run_dir)
+        with launched() as world:
+            Spiral(loaded, allow_code=allow_code).run(run_dir, world=world)
     except SpiralError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
@@ -112,6 +126,7 @@ def compare_command(
 ) -> None:
     """Compare the spiral with one-shot pruning + fine-tuning or distillation, at the same recovery epochs."""
     try:
+        _one_process("compare")
         config = CompareConfig(seeds=seeds, allow_code=allow_code)
         loaded = load_recipe(recipe)
         compare(loaded, out or Path("runs") / "compare" / loaded.name, config)
@@ -137,6 +152,7 @@ def analyze_command(
 ) -> None:
     """Scan how much each layer's pruning or quantization alone costs, without recovery."""
     try:
+        _one_process("analyze")
         config = AnalyzeConfig(limit=limit, from_run=from_run, split=split, allow_code=allow_code)  # type: ignore[arg-type]
         if scan:
             config = scans_only(config, scan)

@@ -12,11 +12,13 @@ exactly zero.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -26,6 +28,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from spiralkit.errors import SpiralError
+from spiralkit.export import atomic_write_bytes
+from spiralkit.parallel import SINGLE, World
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.prune.unstructured import enforce_masks
 
@@ -185,6 +189,26 @@ def _batches_per_epoch(loader: _Sized, config: TrainConfig) -> int:
     return min(len(loader), config.max_batches) if config.max_batches else len(loader)
 
 
+@dataclass(frozen=True)
+class EpochCheckpoint:
+    """Where a training saves its state after every epoch, and which training it is.
+
+    The file holds the model's and the objective's parameters, the optimizer's and the
+    schedule's state, every rank's RNG state and the epochs done (``torch.save`` of tensors
+    and plain data, read back with ``weights_only=True``). A training started with a
+    checkpoint whose label, seed and length match its own continues from it; any other file
+    there is ignored (and replaced at the next epoch). The loader's position is the epoch:
+    epoch ``e`` is drawn with ``set_epoch(seed + e)``, and a teacher cache refills by itself.
+
+    Attributes:
+        path: the checkpoint file (written atomically, by rank 0 alone).
+        label: which training this is, e.g. ``round 3 recover``.
+    """
+
+    path: Path
+    label: str
+
+
 def train(
     model: nn.Module,
     loader: _Sized,
@@ -195,12 +219,16 @@ def train(
     masks: Mapping[str, Tensor] | None = None,
     progress: bool = False,
     description: str = "train",
+    world: World = SINGLE,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> TrainStats:
     """Train ``model`` in place by minimising ``objective`` over ``loader``.
 
     Args:
         model: the model to train.
         loader: ``(x, y)`` batches; a loader with ``set_epoch`` is reshuffled per epoch.
+            With several processes it is the whole data: each rank takes its share of
+            every batch (`World.shard`).
         config: epochs, optimizer and schedule.
         objective: ``objective(model, x, y) -> scalar loss``; its own ``parameters()`` (after
             ``prepare(model, x)`` on the first batch) are optimized too, and its
@@ -210,14 +238,60 @@ def train(
         progress: show a progress bar on a terminal; elsewhere (a log file) print one line
             per epoch with its mean loss and the time since training started.
         description: the progress bar's (or line's) label.
+        world: the data-parallel processes training together (default: this one alone).
+            Every rank must call `train` with the same arguments; the model ends the same on all.
+        checkpoint: save the training's state after every epoch there, and continue from it.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite; the model is left as it was at
             that step, so callers roll back to their checkpoint.
+        SpiralError: the ranks hold models of different shapes.
     """
     with frozen(model, config.freeze):
-        return _train(model, loader, config=config, objective=objective, seed=seed, masks=masks,
-                      progress=progress, description=description)
+        return _train(model, world.shard(loader), config=config, objective=objective, seed=seed, masks=masks,
+                      progress=progress and world.main, description=description, world=world, checkpoint=checkpoint)
+
+
+def _signature(checkpoint: EpochCheckpoint, *, seed: int, total: int) -> dict[str, object]:
+    return {"label": checkpoint.label, "seed": seed, "total_steps": total}
+
+
+def _resume_point(checkpoint: EpochCheckpoint | None, *, seed: int, total: int, console: Console) -> dict[str, Any] | None:
+    """The saved state of this very training, or None (no file, or another training's)."""
+    if checkpoint is None or not checkpoint.path.exists():
+        return None
+    try:
+        saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - not ours or damaged: it only costs redoing the training
+        console.print(f"{checkpoint.label}: ignoring {checkpoint.path.name}, not a readable epoch checkpoint "
+                      f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); training from the first epoch",
+                      highlight=False, soft_wrap=True)
+        return None
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in _signature(checkpoint, seed=seed, total=total).items()):
+        return None
+    return saved
+
+
+def _save_epoch(checkpoint: EpochCheckpoint, state: dict[str, Any], *, world: World) -> None:
+    """Write the epoch's state (rank 0), with every rank's RNG state; a collective."""
+    rng = world.gather(torch.get_rng_state())
+    if not world.main:
+        return
+    buffer = io.BytesIO()
+    torch.save({**state, "rng": rng}, buffer)
+    atomic_write_bytes(checkpoint.path, buffer.getvalue())
+
+
+def _restore(saved: Mapping[str, Any], model: nn.Module, extra: Sequence[nn.Parameter],
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, *, world: World) -> None:
+    model.load_state_dict(saved["model"])
+    with torch.no_grad():
+        for param, value in zip(extra, saved["extra"], strict=True):
+            param.copy_(value)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = saved["rng"]
+    torch.set_rng_state(rng[world.rank] if world.rank < len(rng) else rng[0])
 
 
 def _train(
@@ -230,16 +304,31 @@ def _train(
     masks: Mapping[str, Tensor] | None,
     progress: bool,
     description: str,
+    world: World,
+    checkpoint: EpochCheckpoint | None,
 ) -> TrainStats:
     torch.manual_seed(seed)
     per_epoch = _batches_per_epoch(loader, config)
     extra = objective_parameters(objective, model, loader, seed=seed) if config.epochs else []
     optimizer = build_optimizer([*model.parameters(), *extra], config.optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     total = per_epoch * config.epochs
     scheduler = _scheduler(optimizer, config, total)
     set_progress = getattr(objective, "set_progress", None)
+    steps, loss_value, start = 0, math.nan, time.perf_counter()
+    epoch_losses: list[float] = []
+    console = Console(quiet=not world.main)
+    saved = _resume_point(checkpoint, seed=seed, total=total, console=console) if config.epochs else None
+    first = 0
+    if saved is not None:
+        _restore(saved, model, extra, optimizer, scheduler, world=world)
+        first, steps, loss_value, epoch_losses = saved["epochs"], saved["steps"], saved["loss"], list(saved["epoch_losses"])
+        console.print(f"{description}: resuming after epoch {first}/{config.epochs} (epoch checkpoint)")
+    state = [t for t in (*model.state_dict(keep_vars=True).values(), *extra) if isinstance(t, Tensor)]
+    world.check_same("the model's parameter shapes and the epoch training starts from",
+                     ([tuple(t.shape) for t in state], first))
+    world.sync(state)  # every rank starts from rank 0's weights
     enforcer = enforce_masks(model, masks, optimizer) if masks else nullcontext()
-    console = Console()
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True,
@@ -247,12 +336,10 @@ def _train(
         disable=not progress or not console.is_terminal, console=console,
     )
     log_epochs = progress and not console.is_terminal
-    steps, loss_value, start = 0, math.nan, time.perf_counter()
-    epoch_losses: list[float] = []
     model.train()
     with enforcer, bar:
-        job = bar.add_task(description, total=per_epoch * config.epochs, loss=math.nan)
-        for epoch in range(config.epochs):
+        job = bar.add_task(description, total=per_epoch * config.epochs, completed=steps, loss=math.nan)
+        for epoch in range(first, config.epochs):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(seed + epoch)  # each round sees its own, reproducible order
             epoch_loss, epoch_start = 0.0, steps
@@ -262,19 +349,27 @@ def _train(
                 if set_progress is not None:
                     set_progress(steps / max(1, total - 1))
                 loss = objective(model, x, y)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(f"{description}: loss became {loss_value} at epoch {epoch}, batch {batch_index}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                loss_value = world.average_gradients(params, loss)  # the global batch's loss, on every rank
+                if not math.isfinite(loss_value):  # every rank sees it: all stop together, before the step
+                    raise NonFiniteLoss(f"{description}: loss became {loss_value} at epoch {epoch}, batch {batch_index}")
                 optimizer.step()
                 scheduler.step()
                 steps += 1
                 epoch_loss += loss_value
                 bar.update(job, advance=1, loss=loss_value)
             epoch_losses.append(epoch_loss / (steps - epoch_start) if steps > epoch_start else math.nan)
+            if checkpoint is not None:
+                _save_epoch(checkpoint, {
+                    **_signature(checkpoint, seed=seed, total=total), "epochs": epoch + 1, "steps": steps,
+                    "loss": loss_value, "epoch_losses": epoch_losses, "model": model.state_dict(),
+                    "extra": [p.detach() for p in extra], "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }, world=world)
             if log_epochs:
                 console.print(f"{description}: epoch {epoch + 1}/{config.epochs}, "
                               f"mean loss {epoch_losses[-1]:.4f}, {time.perf_counter() - start:.0f} s")
+    world.sync([t for t in model.state_dict(keep_vars=True).values() if isinstance(t, Tensor)])  # buffers too
     model.eval()
     return TrainStats(epochs=config.epochs, steps=steps, last_loss=loss_value, epoch_losses=tuple(epoch_losses))

@@ -31,7 +31,7 @@ def test_json_schema_and_round_trip(tmp_path: Path) -> None:
     report = sample()
     write_report(report, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
-    assert list(data)[0] == "schema" and data["schema"] == "spiralkit.report/3"
+    assert list(data)[0] == "schema" and data["schema"] == "spiralkit.report/4"
     assert data["rounds"][1]["accepted"] is False
     assert Report.from_json((tmp_path / "report.json").read_text()) == report
 
@@ -69,10 +69,19 @@ def test_a_schema_2_report_still_loads_with_its_latencies_named() -> None:
         for key in ("latency_runtime", "latency_batch_size", "latency_threads"):
             del entry[key]
     old = Report.from_json(json.dumps(data))
-    assert old.schema_ == "spiralkit.report/3"
+    assert old.schema_ == "spiralkit.report/4"
     assert (old.baseline.latency_runtime, old.baseline.latency_batch_size, old.baseline.latency_threads) == ("eager", 64, 2)
     assert old.final is not None and old.final.latency_runtime == "eager"  # no .onnx artefact: measured in PyTorch
     assert old.rounds[1].latency_threads == 2
+
+
+def test_a_schema_3_report_loads_as_a_run_of_one_process() -> None:
+    data = json.loads(sample().model_copy(update={"processes": 2}).to_json())
+    assert data["processes"] == 2
+    data["schema"] = "spiralkit.report/3"
+    del data["processes"]
+    old = Report.from_json(json.dumps(data))
+    assert old.processes == 1 and old.schema_ == "spiralkit.report/4"
 
 
 def test_a_recorded_latency_runtime_is_kept() -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from spiralkit.data import TensorLoader
 from spiralkit.errors import SpiralError
-from spiralkit.train import OptimizerConfig, TrainConfig, supervised, train
+from spiralkit.train import EpochCheckpoint, OptimizerConfig, TrainConfig, supervised, train
 
 
 def _model() -> nn.Sequential:
@@ -61,3 +61,68 @@ def test_progress_off_a_terminal_prints_one_line_per_epoch_with_its_mean_loss(ca
         assert float(match.group(1)) == pytest.approx(sum(losses[4 * epoch - 4:4 * epoch]) / 4, abs=5e-5)
     train(_model(), _loader(), config=config, objective=supervised_loss, seed=0, progress=False)
     assert capsys.readouterr().out == ""
+
+
+class _Scaled:
+    """A supervised objective with a learned parameter of its own and dropout: what an epoch checkpoint must restore."""
+
+    def __init__(self, *, stop_at: int | None = None) -> None:
+        self.scale = nn.Parameter(torch.ones(()))
+        self.calls = 0
+        self.stop_at = stop_at
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.scale]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt  # the process is stopped in the middle of an epoch
+        return nn.functional.cross_entropy(nn.functional.dropout(model(x), 0.3) * self.scale, y)
+
+
+def _dropout_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_a_training_stopped_mid_epoch_continues_after_its_last_epoch_and_ends_as_if_never_stopped(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = TrainConfig(epochs=4, optimizer=OptimizerConfig(lr=0.1, momentum=0.9), lr_schedule="cosine")
+    reference, objective = _dropout_model(), _Scaled()
+    expected = train(reference, _loader(), config=config, objective=objective, seed=5)
+
+    checkpoint = EpochCheckpoint(path=tmp_path / "epoch.pt", label="recover")
+    model = _dropout_model()
+    with pytest.raises(KeyboardInterrupt):  # 4 batches per epoch: stopped in epoch 3, after 2 saved epochs
+        train(model, _loader(), config=config, objective=_Scaled(stop_at=10), seed=5, checkpoint=checkpoint)
+    assert torch.load(checkpoint.path, weights_only=True)["epochs"] == 2
+    capsys.readouterr()
+    resumed_objective = _Scaled()
+    got = train(_dropout_model(), _loader(), config=config, objective=resumed_objective, seed=5, checkpoint=checkpoint,
+                progress=True, description="recover")
+    assert "recover: resuming after epoch 2/4 (epoch checkpoint)" in capsys.readouterr().out
+    assert resumed_objective.calls == 8  # epochs 3 and 4 only
+    assert got.steps == expected.steps == 16 and got.epoch_losses == expected.epoch_losses
+    assert torch.equal(resumed_objective.scale.detach(), objective.scale.detach())
+
+
+def test_an_epoch_checkpoint_of_another_training_is_not_resumed(tmp_path) -> None:
+    config = TrainConfig(epochs=2, optimizer=OptimizerConfig(lr=0.1))
+    path = tmp_path / "epoch.pt"
+    train(_model(), _loader(), config=config, objective=_Scaled(), seed=0, checkpoint=EpochCheckpoint(path=path, label="round 1"))
+    other = _Scaled()
+    train(_model(), _loader(), config=config, objective=other, seed=0, checkpoint=EpochCheckpoint(path=path, label="round 2"))
+    assert other.calls == 8  # trained from its first epoch
+    assert torch.load(path, weights_only=True)["label"] == "round 2"
+
+
+def test_an_unreadable_epoch_checkpoint_is_named_and_training_starts_afresh(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "epoch.pt"
+    path.write_bytes(b"not a checkpoint")
+    objective = _Scaled()
+    train(_model(), _loader(), config=TrainConfig(epochs=1), objective=objective, seed=0,
+          checkpoint=EpochCheckpoint(path=path, label="baseline"))
+    assert objective.calls == 4
+    assert "baseline: ignoring epoch.pt, not a readable epoch checkpoint" in " ".join(capsys.readouterr().out.split())

@@ -93,10 +93,10 @@ class ImageLoader:
         """Choose the epoch (order and augmentation) of the next pass; see `TensorLoader.set_epoch`."""
         self._inner.set_epoch(epoch)
 
-    def shard(self, rank: int, world_size: int) -> ImageLoader:
+    def shard(self, rank: int, world_size: int, *, batch_size: int | None = None) -> ImageLoader:
         """This process's part of every epoch; see `TensorLoader.shard`. Ranks augment differently."""
         part = copy.copy(self)
-        part._inner = self._inner.shard(rank, world_size)
+        part._inner = self._inner.shard(rank, world_size, batch_size=batch_size)
         part._rank = rank
         return part
 

@@ -141,18 +141,24 @@ class TensorLoader:
             raise DataError(f"TensorLoader.set_epoch: epoch must be an int >= 0, got {epoch!r}")
         self._epoch = epoch
 
-    def shard(self, rank: int, world_size: int) -> TensorLoader:
+    def shard(self, rank: int, world_size: int, *, batch_size: int | None = None) -> TensorLoader:
         """A loader over this process's part of every epoch, for data-parallel training.
 
         Every shard draws the same permutation of epoch ``e``, truncates it to
         ``world_size * (n // world_size)`` examples and takes every ``world_size``-th one
         starting at ``rank``. Shards are therefore disjoint and equally long; up to
         ``world_size - 1`` examples per epoch are left out (different ones each epoch when
-        shuffled, the same trailing ones when not).
+        shuffled, the same trailing ones when not). This is what ``DistributedSampler``
+        (with ``drop_last``) does for a dataset, for in-memory tensors.
+
+        With ``batch_size = B / world_size`` the shards' batches ``k`` together are exactly
+        batch ``k`` of this loader (of ``B``) over the kept examples: data-parallel training
+        on the shards takes the steps one process takes on the whole loader.
 
         Args:
             rank: This process's index, ``0 <= rank < world_size``.
             world_size: Number of processes sharing the data.
+            batch_size: Examples per batch of the shard (default: this loader's).
 
         Returns:
             A new loader over the same tensors, starting at this loader's epoch.
@@ -179,7 +185,7 @@ class TensorLoader:
         part = TensorLoader(
             self._x,
             self._y,
-            batch_size=self._batch_size,
+            batch_size=self._batch_size if batch_size is None else batch_size,
             shuffle=self._shuffle,
             seed=self._seed,
             drop_last=self._drop_last,

@@ -6,11 +6,13 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA = "spiralkit.report/3"
-"""Version 3: every latency names its runtime, batch size and threads (`Metrics.latency_runtime`...)."""
-OLDER_SCHEMAS = ("spiralkit.report/2",)
-"""Reports that still load: their latencies get the report's ``measurement`` batch and threads and
-the runtime the spiral used (ONNX Runtime for an ``.onnx`` final artefact, else eager PyTorch)."""
+SCHEMA = "spiralkit.report/4"
+"""Version 4: the number of data-parallel processes (`Outcome.processes`). Version 3: every latency
+names its runtime, batch size and threads (`Metrics.latency_runtime`...)."""
+OLDER_SCHEMAS = ("spiralkit.report/2", "spiralkit.report/3")
+"""Reports that still load: a version-3 one ran in 1 process; version 2's latencies get the report's
+``measurement`` batch and threads and the runtime the spiral used (ONNX Runtime for an ``.onnx``
+final artefact, else eager PyTorch)."""
 
 LatencyRuntime = Literal["eager", "ort", "openvino", "openvino_bf16"]
 
@@ -137,6 +139,8 @@ class Outcome(BaseModel):
         quantization: how the final model was quantized.
         final: the final model; ``None`` until the run ends.
         stopped: why the pruning rounds ended.
+        processes: the data-parallel processes (torchrun's ``WORLD_SIZE``) of the launch that
+            ran the run's last steps; 1 without torchrun, and in reports before schema 4.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -147,6 +151,7 @@ class Outcome(BaseModel):
     quantization: QuantInfo | None = None
     final: Metrics | None = None
     stopped: str | None = None
+    processes: int = Field(default=1, ge=1)
 
     def outcome(self) -> dict[str, object]:
         """The `Outcome` fields alone, as keyword arguments."""

@@ -18,6 +18,7 @@ from spiralkit.errors import SpiralError
 from spiralkit.export.onnx import OrtModel
 from spiralkit.latency import latency_of
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
+from spiralkit.parallel import SINGLE, World
 from spiralkit.report import Metrics
 from spiralkit.spiral.prune import PruneStage, StageContext
 from spiralkit.tasks import evaluate
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # the recipe names the stages, which use the context: no impo
     from spiralkit.spiral.recipe import Recipe
     from spiralkit.spiral.recovery import Recovery
 
-__all__ = ["RunContext", "diverged", "example_input", "measure_model", "stage_context"]
+__all__ = ["RunContext", "diverged", "example_input", "measure_here", "measure_model", "stage_context"]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class RunContext:
     ``recover`` is the recipe's recovery fitted to the data (`spiralkit.spiral.recovery.fitted_to`).
     ``baseline_latency`` holds the baseline's latency per runtime once measured (eager's is
     the baseline's ``latency_ms``), so every round's progress is against the same number.
+    ``world`` is the data-parallel processes of the run (torchrun); ``data.train`` is the whole
+    training data on every rank, and training takes each rank's share of it.
     """
 
     recipe: Recipe
@@ -48,6 +51,7 @@ class RunContext:
     recover: Recovery
     cache: TeacherCache | None = None
     baseline_latency: dict[str, float] = field(default_factory=dict)
+    world: World = SINGLE
 
 
 def example_input(data: DataSplits, batch_size: int) -> Tensor:
@@ -65,7 +69,18 @@ def _latency_ms(model: nn.Module, ctx: RunContext) -> float:
 
 
 def measure_model(model: nn.Module, ctx: RunContext) -> Metrics:
-    """Evaluate and measure ``model``: metric, parameters, size on disk, MACs, latency."""
+    """Evaluate and measure ``model``: metric, parameters, size on disk, MACs, latency.
+
+    With several processes (whose models are the same) rank 0 alone measures, while the
+    others wait, and every rank gets its numbers: the evaluation is not repeated, the
+    latency is timed without other ranks competing for the cores, and every rank takes the
+    same keep or roll-back decision from them.
+    """
+    return ctx.world.broadcast(measure_here(model, ctx) if ctx.world.main else None)
+
+
+def measure_here(model: nn.Module, ctx: RunContext) -> Metrics:
+    """`measure_model` in this process alone (no other rank takes part)."""
     recipe = ctx.recipe
     held_out = ctx.data.test if ctx.data.test is not None else ctx.data.val
     params = count_params(model)

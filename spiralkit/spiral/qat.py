@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from spiralkit.data import DataSplits
 from spiralkit.modules import freeze
+from spiralkit.parallel import SINGLE, World
 from spiralkit.spiral.recovery import Distill, Finetune
 from spiralkit.quant.qat import QATConfig, prepare_qat
 from spiralkit.tasks import Classification
-from spiralkit.train import TrainConfig, train
+from spiralkit.train import EpochCheckpoint, TrainConfig, train
 
 __all__ = ["QATRecovery", "qat"]
 
@@ -61,6 +62,8 @@ def qat(
     teacher: nn.Module | None = None,
     seed: int = 0,
     progress: bool = False,
+    world: World = SINGLE,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> nn.Module:
     """Quantization-aware training: `prepare_qat`, then recovery by logit distillation.
 
@@ -79,6 +82,9 @@ def qat(
             Default: a frozen copy of ``model``.
         seed: Seed of the training run.
         progress: Show a progress bar.
+        world: The data-parallel processes training together (see `spiralkit.train.train`);
+            activation ranges are calibrated on the whole first batches on every rank alike.
+        checkpoint: Save the training after every epoch there, and continue from it.
 
     Returns:
         The trained fake-quantized model, in eval mode.
@@ -97,5 +103,5 @@ def qat(
         teacher = model  # not run by a fine-tuning objective
     objective = recovery.objective(task=task, teacher=teacher)
     train(student, loader, config=config.train, objective=objective, seed=seed, progress=progress,
-          description=f"QAT {config.bits}-bit")
+          description=f"QAT {config.bits}-bit", world=world, checkpoint=checkpoint)
     return student

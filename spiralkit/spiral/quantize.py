@@ -26,6 +26,7 @@ from torch.func import functional_call
 from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError
 from spiralkit.export import atomic_write_text
+from spiralkit.parallel import SINGLE, World
 from spiralkit.patterns import first_unmatched
 from spiralkit.spiral.recovery import Distill
 from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY
@@ -39,7 +40,7 @@ from spiralkit.spiral.qat import QATRecovery, qat
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.quant.qat import export_qat_onnx
 from spiralkit.tasks import Classification, metric_drop
-from spiralkit.train import NonFiniteLoss, Objective, OptimizerConfig, TrainConfig, Wrapped, train
+from spiralkit.train import EpochCheckpoint, NonFiniteLoss, Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -148,6 +149,8 @@ class StageInputs:
     directory: Path
     example: Tensor  # an input batch, for ONNX export
     threads: int  # ONNX Runtime threads of the quantized model
+    world: World = SINGLE  # the data-parallel processes that run quantization-aware training together
+    checkpoint: EpochCheckpoint | None = None  # where quantization-aware training saves each epoch
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ def _int8_qat_fallback(config: StaticInt8Stage, model: nn.Module, inputs: StageI
         return ptq
     try:
         trained = qat(model, config.qat, inputs.train_loader, task=inputs.task, teacher=inputs.teacher,  # type: ignore[arg-type]
-                      seed=inputs.seed, progress=True)
+                      seed=inputs.seed, progress=True, world=inputs.world, checkpoint=inputs.checkpoint)
     except NonFiniteLoss:
         return ptq  # QAT diverged: the post-training model stands
     path = export_qat_onnx(trained, inputs.example, inputs.directory / INT8_DIR / QAT_ONNX)
@@ -314,7 +317,8 @@ def _run_compact(config: CompactQuant, model: nn.Module, inputs: StageInputs) ->
         )
         try:
             train(trained, inputs.train_loader, config=config.qat.train, objective=objective, seed=inputs.seed,
-                  masks=inputs.masks, progress=True, description="quantization-aware recovery")
+                  masks=inputs.masks, progress=True, description="quantization-aware recovery", world=inputs.world,
+                  checkpoint=inputs.checkpoint)
         except NonFiniteLoss:
             trained = None  # QAT diverged: the post-training model stands
         if trained is not None:

@@ -16,8 +16,9 @@ from spiralkit.configs import KindTable, by_kind
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.distill.terms import DistillObjective, LogitsTerm, LossTerm, TemperatureSchedule
 from spiralkit.modules import freeze
+from spiralkit.parallel import SINGLE, World
 from spiralkit.tasks import Classification, EmbeddingFidelity
-from spiralkit.train import Objective, TrainConfig, supervised, train
+from spiralkit.train import EpochCheckpoint, Objective, TrainConfig, supervised, train
 
 Task = Classification | EmbeddingFidelity
 
@@ -142,11 +143,14 @@ def distill(
     seed: int = 0,
     masks: dict[str, torch.Tensor] | None = None,
     progress: bool = False,
+    world: World = SINGLE,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> nn.Module:
     """Train ``student`` in place from the frozen ``teacher`` (or on labels alone, for `Finetune`).
 
     The verb behind the spiral's recovery step, usable alone: ``masks`` keeps pruned weights
-    at zero while the student learns.
+    at zero while the student learns. ``world`` and ``checkpoint``: see `spiralkit.train.train`
+    (each rank keeps a teacher cache of its own, for its share of the data).
 
     Returns:
         The student, in eval mode.
@@ -154,7 +158,7 @@ def distill(
     objective = config.objective(task=task, teacher=freeze(teacher))
     try:
         train(student, loader, config=config.train, objective=objective, seed=seed,  # type: ignore[arg-type]
-              masks=masks, progress=progress, description="distill")
+              masks=masks, progress=progress, description="distill", world=world, checkpoint=checkpoint)
     finally:
         if isinstance(objective, DistillObjective):
             objective.close()

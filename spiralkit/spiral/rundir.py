@@ -9,6 +9,9 @@ RUN_DIR/baseline.safetensors   the trained dense model (the frozen teacher)
 RUN_DIR/student.json, student.safetensors  the student's layout and distilled weights, when
                                the recipe builds a student from the baseline
 RUN_DIR/rounds/NNN/            weights, masks and structured plans of each kept round
+RUN_DIR/epoch.pt               the training in progress after its last finished epoch (model,
+                               optimizer, schedule, RNG): a resumed run continues that training
+                               from there; removed once its step (baseline, student, round) is saved
 RUN_DIR/model.safetensors      the final pruned model (dense layout)
 RUN_DIR/model.sparse.safetensors  the same, in the compact sparse encoding
 RUN_DIR/plan.json              the structured plans, in order, when channels were removed:
@@ -48,11 +51,13 @@ from spiralkit.report import Outcome
 from spiralkit.report.curves import Curves, TrainingCurve
 from spiralkit.report.html import REPORT_HTML
 from spiralkit.report.render import REPORT_JSON, REPORT_MARKDOWN
+from spiralkit.train import EpochCheckpoint
 
 __all__ = [
     "BASELINE",
     "COMPACT",
     "CURVES",
+    "EPOCH",
     "INT8_DIR",
     "LOCK",
     "MODEL",
@@ -70,6 +75,8 @@ __all__ = [
     "STUDENT_LAYOUT",
     "STUDENT_WEIGHTS",
     "Pruned",
+    "clear_epoch_checkpoint",
+    "epoch_checkpoint",
     "RunState",
     "load_curves",
     "load_round",
@@ -96,6 +103,7 @@ SENSITIVITY = "sensitivity.json"
 INT8_DIR = "int8"
 QAT_ONNX = "model.qat.onnx"
 ONNX = "model.onnx"
+EPOCH = "epoch.pt"
 
 STATE_SCHEMA = "spiralkit.state/2"
 
@@ -180,6 +188,16 @@ def record_training(run_dir: Path, curve: TrainingCurve) -> None:
     """
     curves = load_curves(run_dir) or Curves()
     atomic_write_text(Path(run_dir) / CURVES, curves.with_training(curve).to_json())
+
+
+def epoch_checkpoint(run_dir: Path, label: str) -> EpochCheckpoint:
+    """Where the training called ``label`` (``baseline``, ``round 3 recover``...) keeps its epoch checkpoint."""
+    return EpochCheckpoint(path=Path(run_dir) / EPOCH, label=label)
+
+
+def clear_epoch_checkpoint(run_dir: Path) -> None:
+    """Remove the epoch checkpoint: the step whose training it held is saved."""
+    (Path(run_dir) / EPOCH).unlink(missing_ok=True)
 
 
 def _round_dir(run_dir: Path, index: int) -> Path:

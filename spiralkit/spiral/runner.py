@@ -9,6 +9,7 @@ round is simply run again, with the same seed, and gives the same result.
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,13 +26,14 @@ from spiralkit.export import atomic_write_text, load_state, save_sparse, save_we
 from spiralkit.models import load_model
 from spiralkit.models.loading import is_pretrained
 from spiralkit.modules import freeze, torch_threads
+from spiralkit.parallel import SINGLE, World
 from spiralkit.prune import next_sparsity
 from spiralkit.prune.plan import write_plans
 from spiralkit.report import Measurement, Metrics, QuantInfo, Report, RoundRecord, TaskInfo, print_report, write_report
 from spiralkit.report.curves import TrainingCurve
 from spiralkit.report.html import write_html_report
 from spiralkit.spiral.fingerprint import FINGERPRINT, check_fingerprint, fingerprint, run_fingerprint, write_fingerprint
-from spiralkit.spiral.context import RunContext, diverged, example_input, measure_model, stage_context
+from spiralkit.spiral.context import RunContext, diverged, example_input, measure_here, measure_model, stage_context
 from spiralkit.spiral.quantize import Quantized, StageInputs
 from spiralkit.spiral.recipe import Recipe, dump_recipe
 from spiralkit.spiral.recovery import Recovery, fitted_to
@@ -44,6 +46,8 @@ from spiralkit.spiral.rundir import (
     STATE,
     Pruned,
     RunState,
+    clear_epoch_checkpoint,
+    epoch_checkpoint,
     load_curves,
     load_round,
     load_run_state,
@@ -74,14 +78,16 @@ def _teacher_cache(recover: Recovery) -> Iterator[TeacherCache | None]:
 
 def train_baseline(
     model: nn.Module, recipe: Recipe, data: DataSplits, run_dir: Path, *, trained: bool, console: Console,
-    on_trained: Callable[[TrainStats], None] | None = None,
+    on_trained: Callable[[TrainStats], None] | None = None, world: World = SINGLE,
 ) -> None:
     """Train the dense model when the recipe says so and save it as ``baseline.safetensors``.
 
     With a ``train`` section the model is trained from what it loads: random weights, or its
     checkpoint (or packaged weights), which makes the run a fine-tune; without one, the
     checkpoint is the baseline as it is. ``on_trained`` gets the training's statistics
-    before the weights are saved (so a kill in between trains, and reports, again).
+    before the weights are saved (so a kill in between trains, and reports, again). The
+    training saves an epoch checkpoint in ``run_dir`` after every epoch and continues from it;
+    with several processes (``world``) they train together and rank 0 alone writes.
     """
     path = run_dir / BASELINE
     if path.exists():
@@ -92,17 +98,29 @@ def train_baseline(
         console.print(f"[bold]baseline[/]: {verb} {recipe.model.name} for {recipe.train.epochs} epoch(s)")
         try:
             stats = train(model, data.train, config=recipe.train, objective=supervised(recipe.task.loss),
-                          seed=recipe.seed, progress=True, description="baseline")
+                          seed=recipe.seed, progress=True, description="baseline", world=world,
+                          checkpoint=epoch_checkpoint(run_dir, "baseline"))
         except NonFiniteLoss as exc:
             raise diverged("baseline training", exc, data.train, key="train.optimizer.lr") from None
-        if on_trained is not None:
+        if on_trained is not None and world.main:
             on_trained(stats)
     elif recipe.model.checkpoint is None and not trained and not is_pretrained(recipe.model):
         raise RecipeError(
             f"model {recipe.model.name!r} has no 'model.checkpoint' and the recipe has no 'train' section: "
             "give trained weights or a training stage"
         )
-    save_weights(model, path)
+    if world.main:
+        save_weights(model, path)
+        clear_epoch_checkpoint(run_dir)
+
+
+def _commit(state: RunState, ctx: RunContext) -> RunState:
+    """Save ``state`` (rank 0) — the commit point of a step, after which its epoch checkpoint
+    is no longer needed — and give every rank rank 0's state, so all take the same next step."""
+    if ctx.world.main:
+        save_run_state(ctx.run_dir, state)
+        clear_epoch_checkpoint(ctx.run_dir)
+    return ctx.world.broadcast(state)
 
 
 def _stage_step(state: RunState, ctx: RunContext) -> tuple[float | None, str | None]:
@@ -156,13 +174,15 @@ def _run_round(
     torch.manual_seed(seed)
     candidate = copy.deepcopy(pruned.model)
     cut = stage.cut(candidate, pruned.masks, target=target, ctx=stage_context(stage, state.baseline, ctx))
+    masks = ctx.world.broadcast(cut.masks)  # every rank prunes the same weights (and `train` checks the shapes)
     objective = stage.recovery(ctx.recover.objective(task=recipe.task, teacher=ctx.teacher, cache=ctx.cache))
     reason = ""
     losses: tuple[float, ...] = ()  # none after a non-finite loss
     recovery = ctx.recover.round_train(last=target >= stage.goal - 1e-6)
     try:
         losses = train(candidate, ctx.data.train, config=recovery, objective=objective, seed=seed,
-                       masks=cut.masks, progress=True, description=f"round {index} recover").epoch_losses
+                       masks=masks, progress=True, description=f"round {index} recover", world=ctx.world,
+                       checkpoint=epoch_checkpoint(ctx.run_dir, f"round {index} recover")).epoch_losses
     except NonFiniteLoss as exc:
         ctx.console.print(f"round {index}: {exc}")
         reason = "non-finite loss"
@@ -177,10 +197,11 @@ def _run_round(
         predicted_latency_ms=cut.predicted_ms, measured_latency_ms=cut.measured_ms,
         prediction_runtime=(stage.runtime or "eager") if cut.predicted_ms is not None else None,
     )
-    record_training(ctx.run_dir, TrainingCurve(label=f"round {index}", round=index, losses=losses,
-                                               val_metric=record.val_metric, accepted=record.accepted))
+    if ctx.world.main:
+        record_training(ctx.run_dir, TrainingCurve(label=f"round {index}", round=index, losses=losses,
+                                                   val_metric=record.val_metric, accepted=record.accepted))
     plans = pruned.plans + ((cut.plan,) if cut.plan is not None else ())
-    return Pruned(model=candidate, masks=cut.masks, plans=plans), record
+    return Pruned(model=candidate, masks=masks, plans=plans), record
 
 
 def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[Pruned, RunState]:
@@ -192,8 +213,7 @@ def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[Pruned,
     while True:
         target = _next_target(state, pruned, ctx)
         if target is None:
-            save_run_state(ctx.run_dir, state)
-            return pruned, state
+            return pruned, _commit(state, ctx)
         index = len(state.rounds) + 1
         stage = ctx.recipe.prune[state.stage]
         candidate, record = _run_round(pruned, target, state, ctx, index=index)
@@ -203,12 +223,13 @@ def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[Pruned,
             state.accepted += 1
             state.stage_accepted += 1
             state.progress = stage.progress(pruned.model, pruned.masks, stage_context(stage, state.baseline, ctx))
-            state.checkpoint = save_round(ctx.run_dir, index, pruned)
+            if ctx.world.main:
+                state.checkpoint = save_round(ctx.run_dir, index, pruned)
             if state.progress <= before + 1e-6:
                 _end_stage(state, f"round {index} could not prune further", pruned, ctx)
         else:
             state.scale /= 2
-        save_run_state(ctx.run_dir, state)
+        state = _commit(state, ctx)
         verdict = "[green]kept[/]" if record.accepted else f"[red]rolled back[/]: {record.reason}"
         ctx.console.print(
             f"round {index}: {record.progress} {100 * target:.1f}% → val {record.val_metric:.2f}, "
@@ -218,31 +239,53 @@ def _spiral(model: nn.Module, state: RunState, ctx: RunContext) -> tuple[Pruned,
 
 
 def _finish(result: Pruned, state: RunState, ctx: RunContext) -> None:
-    """Save the pruned model (dense and sparse layouts, plans), quantize it if asked, measure both."""
-    model, masks = result.model, result.masks
+    """Save the pruned model (dense and sparse layouts, plans), quantize it if asked, measure both.
+
+    With several processes rank 0 saves, quantizes and measures; the others take part only
+    in a quantization-aware training (writing into a scratch directory), and get the results
+    with the state rank 0 commits next.
+    """
+    model = result.model
     pruned = measure_model(model, ctx)
+    recipe = ctx.recipe
+    trains = getattr(recipe.quantize, "qat", None) is not None  # a stage that may train runs on every rank
+    if not ctx.world.main:
+        if recipe.quantize is not None and trains:
+            with tempfile.TemporaryDirectory(prefix="spiralkit-rank-") as scratch:
+                _quantize(result, pruned, state, ctx, directory=Path(scratch))
+        return
     dense_bytes = save_weights(model, ctx.run_dir / MODEL)
     sparse_bytes = save_sparse(model, ctx.run_dir / MODEL_SPARSE)
     if result.plans:
         write_plans(ctx.run_dir / PLANS, result.plans)
     pruned = pruned.model_copy(update={"size_bytes": min(sparse_bytes, dense_bytes), "dense_size_bytes": dense_bytes})
-    recipe = ctx.recipe
     if recipe.quantize is None:
         state.final = pruned
         return
+    _quantize(result, pruned, state, ctx, directory=ctx.run_dir, world=ctx.world if trains else SINGLE)
+
+
+def _quantize(result: Pruned, pruned: Metrics, state: RunState, ctx: RunContext, *, directory: Path,
+              world: World | None = None) -> None:
+    """Quantize the pruned model into ``directory`` and record it in ``state`` (rank 0's is the one kept)."""
+    recipe, model, masks = ctx.recipe, result.model, result.masks
+    assert recipe.quantize is not None
     baseline_val = state.baseline.val_metric if state.baseline else pruned.val_metric
     inputs = StageInputs(
         spec=recipe.model, teacher=ctx.teacher, task=recipe.task, train_loader=ctx.data.train, masks=masks,
         evaluate=lambda m: evaluate(recipe.task, m, ctx.data.val, reference=ctx.reference).metric,
         baseline_val=baseline_val, pruned_val=pruned.val_metric, max_metric_drop=recipe.targets.max_metric_drop,
-        seed=recipe.seed + 999_999, directory=ctx.run_dir, example=ctx.example, threads=recipe.measure.threads,
+        seed=recipe.seed + 999_999, directory=directory, example=ctx.example, threads=recipe.measure.threads,
+        world=world or ctx.world, checkpoint=epoch_checkpoint(ctx.run_dir, "quantization-aware training"),
     )
     quantized = recipe.quantize.run(model, inputs)
+    if not ctx.world.main:
+        return
     state.pruned = pruned
     state.final = _quantized_metrics(quantized, pruned, ctx)
     state.quantization = QuantInfo(
         kind=recipe.quantize.kind, method=quantized.method, bits=quantized.bits,
-        artefact=str(quantized.artefact.relative_to(ctx.run_dir)),
+        artefact=str(quantized.artefact.relative_to(directory)),
     )
     ctx.console.print(f"quantized ({quantized.method}): {recipe.task.metric_name} {state.final.metric:.2f}, "
                       f"{quantized.size_bytes:,} bytes")
@@ -255,7 +298,7 @@ def _quantized_metrics(quantized: Quantized, pruned: Metrics, ctx: RunContext) -
     parameter counts and MACs are the pruned model's, since the integer kernels do the
     same multiply-accumulates.
     """
-    final = measure_model(quantized.model, ctx)
+    final = measure_here(quantized.model, ctx)
     update: dict[str, float | int] = {"size_bytes": quantized.size_bytes, "dense_size_bytes": pruned.dense_size_bytes}
     if final.params == 0:
         update |= {key: getattr(pruned, key) for key in ("params", "nonzero_params", "sparsity", "macs")}
@@ -317,6 +360,7 @@ class Spiral:
         model: nn.Module | None = None,
         data: DataSplits | None = None,
         console: Console | None = None,
+        world: World = SINGLE,
     ) -> Report:
         """Run (or resume) the spiral in ``run_dir`` and return its report.
 
@@ -332,43 +376,62 @@ class Spiral:
             model: a trained model to compress instead of ``recipe.model`` (used as is).
             data: data splits to use instead of ``recipe.data``.
             console: where progress is printed.
+            world: the data-parallel processes running the recipe together (torchrun): all
+                train, rank 0 alone evaluates, holds the run directory's lock and writes it.
         """
         recipe, run_dir = self.recipe, Path(run_dir)
         recipe.check_code(allow_code=self.allow_code)
         console = console or Console()
+        if not world.main:
+            console = Console(quiet=True)
+            world.barrier()  # rank 0 holds the lock and has checked the directory
+            return self._run(run_dir, model=model, data=data, console=console, world=world)
         with run_lock(run_dir):
             _prepare_run_dir(recipe, run_dir, resume=resume)
-            return self._run(run_dir, model=model, data=data, console=console)
+            world.barrier()
+            return self._run(run_dir, model=model, data=data, console=console, world=world)
 
-    def _run(self, run_dir: Path, *, model: nn.Module | None, data: DataSplits | None, console: Console) -> Report:
+    def _run(self, run_dir: Path, *, model: nn.Module | None, data: DataSplits | None, console: Console,
+             world: World) -> Report:
         recipe = self.recipe
-        with torch_threads(recipe.threads):
+        # the recipe's threads are the run's: shared by its processes
+        threads = max(1, recipe.threads // world.size) if recipe.threads else None
+        with torch_threads(threads):
             data = data or load_data(recipe.data, seed=recipe.seed)
+            if world.parallel:
+                batch = getattr(data.train, "batch_size", None)
+                console.print(f"data-parallel: {world}, {threads or torch.get_num_threads()} thread(s) each; "
+                              f"global batch {batch}, {batch // world.size if batch else '?'} per process")
             trained = model is not None
             torch.manual_seed(recipe.seed)  # the model's random init is part of the run
             model = model if model is not None else load_model(recipe.model)
             example = example_input(data, recipe.measure.batch_size)
             if recipe.student is None:  # a student's layer names are known once it is built
                 recipe.check_model(model, example)
-            train_baseline(model, recipe, data, run_dir, trained=trained, console=console,
+            train_baseline(model, recipe, data, run_dir, trained=trained, console=console, world=world,
                            on_trained=lambda stats: record_training(
                                run_dir, TrainingCurve(label="baseline", losses=stats.epoch_losses)))
             teacher = freeze(copy.deepcopy(model))
             recover = fitted_to(recipe.recover, data.train)
             with _teacher_cache(recover) as cache, TeacherCache(budget_mb=_REFERENCE_CACHE_MB, disk_budget_mb=0) as outputs:
                 ctx = RunContext(recipe=recipe, data=data, teacher=teacher, reference=CachedModel(teacher, outputs),
-                                 example=example, run_dir=run_dir, console=console, recover=recover, cache=cache)
-                state = load_run_state(run_dir)
+                                 example=example, run_dir=run_dir, console=console, recover=recover, cache=cache,
+                                 world=world)
+                state = world.broadcast(load_run_state(run_dir) if world.main else None)
+                if state.final is None:
+                    state.processes = world.size
                 if state.baseline is None:
                     state.baseline = measure_model(model, ctx)
-                    save_run_state(run_dir, state)
+                    state = _commit(state, ctx)
                 if state.final is None:
                     if recipe.student is not None:
                         model = run_student(recipe.student, model, state, ctx)
                     result, state = _spiral(model, state, ctx)
                     _finish(result, state, ctx)
-                    save_run_state(run_dir, state)
+                    state = _commit(state, ctx)
         report = build_report(recipe, state)
+        if not world.main:
+            return report
         write_report(report, run_dir)
         write_html_report(report, run_dir, recipe_text=dump_recipe(recipe), weights=run_dir / MODEL,
                           curves=load_curves(run_dir))

@@ -15,7 +15,8 @@ from spiralkit.export import atomic_write_text, load_state, save_weights
 from spiralkit.prune.students import StudentLayout, StudentSpec, apply_student, plan_student, read_layout
 from spiralkit.spiral.context import RunContext, diverged, measure_model
 from spiralkit.spiral.recovery import Distill, Recovery, distill, fitted_to
-from spiralkit.spiral.rundir import STUDENT_LAYOUT, STUDENT_WEIGHTS, RunState, save_run_state
+from spiralkit.spiral.rundir import STUDENT_LAYOUT, STUDENT_WEIGHTS, RunState, clear_epoch_checkpoint, epoch_checkpoint
+from spiralkit.spiral.rundir import save_run_state
 from spiralkit.train import NonFiniteLoss
 
 __all__ = ["StudentStage", "run_student"]
@@ -43,7 +44,9 @@ def _layout(stage: StudentStage, ctx: RunContext) -> StudentLayout:
         return read_layout(path)
     layout = plan_student(stage.architecture, ctx.teacher, example=ctx.example,
                           batches=ctx.data.train, loss_fn=ctx.recipe.task.loss)
-    atomic_write_text(path, layout.model_dump_json(indent=2))
+    layout = ctx.world.broadcast(layout)  # every rank builds rank 0's student
+    if ctx.world.main:
+        atomic_write_text(path, layout.model_dump_json(indent=2))
     return layout
 
 
@@ -61,12 +64,15 @@ def run_student(stage: StudentStage, model: nn.Module, state: RunState, ctx: Run
     ctx.console.print(f"[bold]student[/]: {stage.architecture.kind}, distilling for {stage.distill.train.epochs} epoch(s)")
     try:
         distill(student, ctx.teacher, ctx.data.train, config=fitted_to(stage.distill, ctx.data.train), task=ctx.recipe.task,
-                seed=ctx.recipe.seed + 500, progress=True)
+                seed=ctx.recipe.seed + 500, progress=True, world=ctx.world,
+                checkpoint=epoch_checkpoint(ctx.run_dir, "student"))
     except NonFiniteLoss as exc:
         raise diverged("student distillation", exc, ctx.data.train, key="student.distill.train.optimizer.lr") from None
-    save_weights(student, weights)
     state.student = measure_model(student, ctx)
-    save_run_state(ctx.run_dir, state)
+    if ctx.world.main:
+        save_weights(student, weights)
+        save_run_state(ctx.run_dir, state)
+        clear_epoch_checkpoint(ctx.run_dir)
     ctx.console.print(f"student: {ctx.recipe.task.metric_name} {state.student.metric:.2f}, "
                       f"{state.student.latency_ms:.3f} ms at batch {ctx.recipe.measure.batch_size}")
     return student.eval()
