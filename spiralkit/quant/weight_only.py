@@ -17,6 +17,15 @@ for 8 bits or ``uint8`` nibble-packed for 3/4 bits (`pack_int4`); ``scale`` — 
 codes need not come from rounding: GPTQ (`spiralkit.quant.gptq`) chooses them itself on the
 same grid and builds the modules from its codes (``codes=``, ``scale=``).
 
+**File** (`save_weight_only` / `load_weight_only`; the run directory's
+``model.weight-only.safetensors``): the quantized model's whole state dict as safetensors —
+each quantized layer's ``<layer>.qweight`` and ``<layer>.scale`` as above, every other tensor
+(biases, norms, embeddings, float layers) as it is — with the metadata
+``{"format": "spiralkit.weight-only/1", "layers": {name: {"bits", "group_size", "shape"}}}``.
+It is loaded into the float model's architecture (the recipe's model, with any structured
+plans replayed): the listed layers become weight-only modules holding the stored codes, then
+the state dict is loaded strictly, so the reloaded model is bit-identical.
+
 The replacement modules (`WeightOnlyLinear`, `WeightOnlyConv2d`) keep the packed codes and
 scales as buffers and dequantize on the fly in ``forward``: ``W = q · s`` then an ordinary
 float ``linear``/``conv2d``. This is about storage — weights 4x smaller (int8) or 6.4x
@@ -25,14 +34,22 @@ float ``linear``/``conv2d``. This is about storage — weights 4x smaller (int8)
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
+
+from spiralkit.errors import StorageError
+from spiralkit.export.weights import atomic_write_bytes
 
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import (
@@ -46,13 +63,18 @@ from spiralkit.quant.affine import (
 )
 
 __all__ = [
+    "WEIGHT_ONLY_FORMAT",
     "WeightOnlyConfig",
     "WeightOnlyConv2d",
     "WeightOnlyLinear",
     "pack_int4",
+    "load_weight_only",
     "quantize_weights_",
+    "save_weight_only",
     "unpack_int4",
 ]
+
+WEIGHT_ONLY_FORMAT = "spiralkit.weight-only/1"
 
 DEFAULT_INT4_GROUP = 32
 
@@ -325,3 +347,72 @@ def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _unpacked(qweight: Tensor, shape: Sequence[int], bits: int) -> Tensor:
+    """Stored codes as ``(out, in)`` ``int8`` (unpacked for 3/4 bits)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    return (qweight if bits == 8 else unpack_int4(qweight, rows * cols)).reshape(rows, cols)
+
+
+def save_weight_only(model: nn.Module, path: Path) -> int:
+    """Save a model holding weight-only layers in the documented file format; returns the bytes written.
+
+    Raises:
+        QuantError: ``model`` holds no weight-only layer.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _WeightOnly)}
+    if not layers:
+        raise QuantError(f"{type(model).__name__} holds no weight-only layer to save")
+    layout = {name: {"bits": m.config.bits, "group_size": m.config.group_size, "shape": list(m.weight_shape)}
+              for name, m in layers.items()}
+    # Clones: safetensors refuses tensors sharing memory (tied weights are stored twice).
+    state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
+    data = save_safetensors(state, metadata={"format": WEIGHT_ONLY_FORMAT, "layers": json.dumps(layout)})
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def load_weight_only(path: Path, model: nn.Module) -> nn.Module:
+    """Load a `save_weight_only` file into ``model`` (the float architecture), in place; returns it.
+
+    Raises:
+        StorageError: the file is missing, not a weight-only file, or does not fit ``model``
+            (the message names the layer or key).
+    """
+    try:
+        data = Path(path).read_bytes()
+        state = load_safetensors(data)
+        metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (SafetensorError, ValueError) as exc:
+        raise StorageError(f"{path} is not a safetensors file: {exc}") from None
+    if metadata.get("format") != WEIGHT_ONLY_FORMAT:
+        raise StorageError(f"{path} is not a spiralkit weight-only file (format {metadata.get('format')!r}, "
+                           f"expected {WEIGHT_ONLY_FORMAT!r})")
+    modules = dict(model.named_modules())
+    replacements: dict[int, nn.Module] = {}
+    for name, entry in json.loads(metadata["layers"]).items():
+        layer = modules.get(name)
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or list(layer.weight.shape) != entry["shape"]:
+            found = "no such layer" if layer is None else f"a {type(layer).__name__}" + (
+                f" of weight shape {tuple(layer.weight.shape)}" if hasattr(layer, "weight") else "")
+            raise StorageError(f"{path}: layer {name!r} holds a weight-only {tuple(entry['shape'])} weight, "
+                               f"the model has {found}")
+        if f"{name}.qweight" not in state or f"{name}.scale" not in state:
+            raise StorageError(f"{path}: layer {name!r} is listed as weight-only but its qweight/scale are not stored")
+        config = WeightOnlyConfig(bits=entry["bits"], group_size=entry["group_size"])
+        codes = _unpacked(state[f"{name}.qweight"], entry["shape"], config.bits)
+        cls = WeightOnlyLinear if isinstance(layer, nn.Linear) else WeightOnlyConv2d
+        replacements[id(layer)] = cls(layer, config, name=name, codes=codes, scale=state[f"{name}.scale"])  # type: ignore[arg-type]
+    _swap(model, replacements)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise StorageError(f"{path} does not fit the model: {str(exc).splitlines()[0]} "
+                           f"{' '.join(str(exc).split()[-12:])}") from None
+    return model
