@@ -25,7 +25,8 @@ class UnstructuredPrune(BaseModel):
             sparsegpt; see `spiralkit.prune.calibrated`), which compares weights within a
             row (wanda) or a block of columns (sparsegpt): ``scope`` does not apply to them.
         scope: ``global`` ranks all selected weights together; ``layerwise`` prunes each
-            layer to the same sparsity.
+            layer to the same sparsity. Not used with a ``pattern`` or a calibration method
+            (their comparison groups are rows, blocks or N:M groups).
         include: module name patterns to prune (fnmatch).
         exclude: module name patterns to leave dense.
         target_sparsity: final fraction of the selected weights that are zero; with a
@@ -69,11 +70,6 @@ class UnstructuredPrune(BaseModel):
             if not isinstance(self.schedule, OneShot):
                 raise ValueError(f"pattern {self.pattern} is reached in one step: schedule must be one-shot "
                                  f"(got {self.schedule.kind!r}); leave schedule out")
-        if "scope" in self.model_fields_set and (self.pattern is not None
-                                                 or isinstance(self.criterion, CalibratedCriterion)):
-            why = f"pattern {self.pattern}" if self.pattern is not None else f"criterion {self.criterion.kind!r}"
-            raise ValueError(f"scope does not apply with {why}, which compares weights within rows or groups; "
-                             "remove scope")
         return self
 
     @property

@@ -24,7 +24,7 @@ already-quantized layers before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -82,6 +82,7 @@ def gptq_quantize(
     act_order: bool = False,
     blocksize: int = 128,
     damp: float = 0.01,
+    keep: Tensor | None = None,
     name: str = "weight",
 ) -> tuple[Tensor, Tensor]:
     """GPTQ on one weight matrix (see the module docstring).
@@ -93,6 +94,8 @@ def gptq_quantize(
         act_order: visit columns by decreasing ``H_jj``.
         blocksize: columns per lazy batch update.
         damp: dampening, a fraction of the mean diagonal of ``H``.
+        keep: bool ``(out, in)`` pruning keep-mask: pruned weights get code 0 (their error,
+            if any, is absorbed by the columns still to come), so a pruned model stays sparse.
         name: the layer, for error messages.
 
     Returns:
@@ -108,6 +111,7 @@ def gptq_quantize(
     column_scale = expand_qparam(scale, w.shape, spec.granularity).double().expand(w.shape)  # each column's scales
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(w.shape[1])
     w, h, column_scale = w[:, order], h[order][:, order], column_scale[:, order]
+    kept = None if keep is None else keep.reshape(w.shape)[:, order]
     h.diagonal().add_(damp * float(h.diagonal().mean()))
     try:
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -123,6 +127,8 @@ def gptq_quantize(
         for i in range(end - start):
             s = column_scale[:, start + i]
             q = torch.clamp(torch.round(block[:, i] / s), spec.qmin, spec.qmax)
+            if kept is not None:
+                q = q.masked_fill(~kept[:, start + i], 0.0)
             codes[:, start + i] = q
             error = (block[:, i] - q * s) / u_block[i, i]
             block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
@@ -139,6 +145,7 @@ def quantize_gptq_(
     batches: Iterable[Any],
     *,
     exclude: Sequence[str] = (),
+    masks: Mapping[str, Tensor] | None = None,
 ) -> dict[str, int]:
     """Quantize every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` with GPTQ, in place, sequentially.
 
@@ -152,6 +159,8 @@ def quantize_gptq_(
         batches: calibration data: ``(x, y)`` batches or bare inputs; the first
             ``config.samples`` examples are used.
         exclude: ``fnmatch`` patterns of layer names kept in float; each must match a layer.
+        masks: pruning keep-masks by parameter name (``"fc1.weight"``): pruned weights stay
+            exactly zero (code 0).
 
     Returns:
         Bits per layer name (the float width for excluded layers), like `quantize_weights_`.
@@ -171,8 +180,9 @@ def quantize_gptq_(
 
     def solve(name: str, layer: nn.Module, stats: InputStats) -> None:
         matrix = weight_matrix(layer)
+        keep = masks.get(f"{name}.weight") if masks else None
         codes, scale = gptq_quantize(matrix, stats.hessian(), config=storage, act_order=config.act_order,
-                                     blocksize=config.blocksize, damp=config.damp, name=name)
+                                     blocksize=config.blocksize, damp=config.damp, keep=keep, name=name)
         results[name] = (codes, scale)
         with torch.no_grad():  # the following layers see this layer's quantized outputs
             matrix.copy_((codes.double() * expand_qparam(scale, codes.shape, storage.spec.granularity)).to(matrix.dtype))

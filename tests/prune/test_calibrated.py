@@ -14,7 +14,6 @@ from spiralkit.prune.config import prune_to
 from spiralkit.prune.importance import Magnitude
 from spiralkit.prune.nm import load_masks, pack_masks, save_masks, unpack_masks
 from spiralkit.prune.schedules import OneShot
-from spiralkit.prune.unstructured import Scope
 from spiralkit.train import OptimizerConfig, TrainConfig, supervised, train
 
 
@@ -275,8 +274,6 @@ def test_bad_configs_are_refused_with_the_key() -> None:
         UnstructuredPrune(pattern=NM(n=2, m=4), target_sparsity=0.6)
     with pytest.raises(ValidationError, match="schedule must be one-shot"):
         UnstructuredPrune(pattern=NM(n=2, m=4), schedule={"kind": "agp", "rounds": 3})
-    with pytest.raises(ValidationError, match="scope does not apply with criterion 'wanda'"):
-        UnstructuredPrune(criterion=Wanda(), target_sparsity=0.5, scope=Scope.GLOBAL)
     with pytest.raises(ValidationError, match="samples"):
         UnstructuredPrune(criterion={"kind": "sparsegpt", "samples": 0}, target_sparsity=0.5)
 
