@@ -325,3 +325,23 @@ def test_query_key_value_sharing_one_input_are_calibrated_in_one_pass() -> None:
                              solve=lambda name, layer, stats: groups.append(f"{name}@{model.passes}"))
     assert order == ["q", "k", "v", "o"]
     assert groups == ["q@1", "k@1", "v@1", "o@2"]  # q, k, v from the first pass; o needs a second
+
+
+def test_an_nm_model_in_the_compact_artefact_reloads_with_its_pattern(tmp_path) -> None:
+    from spiralkit.models import ModelSpec, load_model
+    from spiralkit.quant.compact import load_compressed, save_compressed
+
+    spec = ModelSpec(name="mlp", kwargs={"in_features": 16, "widths": [16], "num_classes": 4})
+    torch.manual_seed(17)
+    model = load_model(spec)
+    masks = prune(model, UnstructuredPrune(criterion=SparseGPT(samples=32), pattern=NM(n=2, m=4),
+                                           exclude=("fc2",)), batches=[(torch.randn(32, 16), None)])
+    save_compressed(model, tmp_path / "nm.spkc", spec=spec, bits=6)
+    loaded = dict(load_compressed(tmp_path / "nm.spkc").named_parameters())
+    assert torch.equal(loaded["fc1.weight"] != 0, masks["fc1.weight"])  # the exact 2:4 positions, 6-bit values
+    check_nm(loaded["fc1.weight"] != 0, NM(n=2, m=4), name="fc1.weight")
+
+
+def test_a_sparsegpt_block_that_splits_an_nm_group_is_refused() -> None:
+    with pytest.raises(PruneError, match="sparsegpt blocksize 6 is not a multiple of the pattern's m=4"):
+        sparsegpt_prune(torch.ones(2, 8), torch.eye(8), sparsity=0.5, pattern=NM(n=2, m=4), blocksize=6)
