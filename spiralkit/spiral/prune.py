@@ -35,7 +35,10 @@ from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError, PruneError
 from spiralkit.latency import RUNTIMES, LatencyPlan, calibration_ms, choose_widths, table_for
 from spiralkit.measure import Clock
+from spiralkit.layerwise import CalibrationError, check_layer, weight_matrix
+from spiralkit.prune.calibrated import CalibratedCriterion
 from spiralkit.prune.config import UnstructuredPrune, prune_to
+from spiralkit.prune.nm import nm_keep_mask
 from spiralkit.prune.importance import LossFn, Magnitude
 from spiralkit.prune.schedules import AGP, Schedule
 from spiralkit.prune.apply import apply_plan
@@ -172,11 +175,24 @@ class UnstructuredStage(UnstructuredPrune):
         return objective
 
     def check(self, model: nn.Module, example: Tensor) -> None:
-        """Every include/exclude pattern must match a prunable layer of ``model``."""
+        """Every include/exclude pattern must match a prunable layer of ``model``; an N:M pattern
+        must fit every selected layer's width, and a calibration method must apply to every layer."""
         try:
-            self.selector.select(model)
+            layers = self.selector.select(model)
         except PruneError as exc:
             raise ConfigError.naming(exc, exclude=self.exclude, include=self.include) from None
+        if isinstance(self.criterion, CalibratedCriterion):
+            for name, layer in layers.items():
+                try:
+                    check_layer(name, layer)
+                except CalibrationError as exc:
+                    raise ConfigError("criterion", str(exc)) from None
+        if self.pattern is not None:
+            for name, layer in layers.items():
+                try:
+                    nm_keep_mask(weight_matrix(layer).detach(), self.pattern, name=name)
+                except PruneError as exc:
+                    raise ConfigError("pattern", str(exc)) from None
 
 
 class StructuredStage(BaseModel):

@@ -77,3 +77,13 @@ def test_a_gptq_exclude_matching_nothing_names_the_key(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "quantize.exclude" in result.output and "pattern 'head' matches no Linear/Conv2d layer" in \
         " ".join(result.output.split())
+
+
+def test_a_pattern_that_does_not_fit_a_layer_is_refused_before_training(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(ONESHOT.replace("pattern: {n: 2, m: 4}", "pattern: {n: 2, m: 5}"))
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    text = " ".join(result.output.split())
+    assert "key 'prune.0.pattern'" in text and "layer 'fc1': its 64 input columns are not a multiple of m=5" in text
+    assert not (tmp_path / "run" / "baseline.safetensors").exists()  # nothing was trained
