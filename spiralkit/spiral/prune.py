@@ -145,7 +145,12 @@ class PruneStage(Protocol):
 
 
 class UnstructuredStage(UnstructuredPrune):
-    """Unstructured spiral rounds: masks to the schedule's next sparsity (see `UnstructuredPrune`)."""
+    """Unstructured spiral rounds: masks to the schedule's next sparsity (see `UnstructuredPrune`).
+
+    With ``criterion: wanda`` or ``sparsegpt`` a round is a one-shot calibration step (layer by
+    layer, on the first ``samples`` training examples; SparseGPT also updates the kept weights),
+    and with a ``pattern`` the round prunes straight to N:M. Recovery then keeps the masks.
+    """
 
     size_measure: ClassVar[SizeMeasure] = "macs"
     runtime: ClassVar[str | None] = None
