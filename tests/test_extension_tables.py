@@ -174,7 +174,7 @@ def test_a_new_loss_term_is_one_class_and_one_line(added: Callable[..., None]) -
 @pytest.mark.parametrize(
     ("section", "known"),
     [
-        ("prune: {criterion: nope, target_sparsity: 0.5}", "'magnitude', 'random', 'taylor'"),
+        ("prune: {criterion: nope, target_sparsity: 0.5}", "'magnitude', 'random', 'taylor', 'wanda', 'sparsegpt'"),
         ("prune: {kind: structured, criterion: nope, target_reduction: 0.5}",
          "'magnitude', 'taylor', 'mean_activation', 'apoz', 'bn_scale', 'norm_ratio', 'random'"),
         ("recover: {kind: distill, losses: [{kind: nope}]}",

@@ -22,6 +22,8 @@ LAYERS: dict[str, int] = {
     "errors": 0, "configs": 0, "patterns": 0, "modules": 0,
     # models, data, counting and timing, weights and ONNX I/O
     "models": 1, "data": 1, "measure": 1, "export": 1,
+    # the layer-by-layer calibration scheme that prune/ (Wanda, SparseGPT) and quant/ (GPTQ) share
+    "layerwise": 1,
     # the algorithms (and the report's types and writers, which the spiral fills)
     "prune": 2, "graph": 2, "distill": 2, "quant": 2, "report": 2, "latency": 2,
     # training loops and what "good" means
@@ -31,7 +33,7 @@ LAYERS: dict[str, int] = {
     # the command and its benchmarks
     "bench": 5, "cli": 5, "__main__": 5,
 }
-ALGORITHMS = ("prune", "graph", "distill", "quant", "latency", "models", "data", "measure")
+ALGORITHMS = ("prune", "graph", "distill", "quant", "latency", "models", "data", "measure", "layerwise")
 FORBIDDEN_FOR_ALGORITHMS = ("spiral", "train", "tasks", "bench", "cli")
 
 

@@ -1,6 +1,8 @@
 """Pruning: importance criteria, masks, schedules and selectors."""
 
 from spiralkit.prune.apply import apply_plan
+from spiralkit.prune.calibrated import CalibratedCriterion, SparseGPT, Wanda, sparsegpt_prune, wanda_scores
+from spiralkit.prune.nm import NM, check_nm, load_masks, nm_keep_mask, save_masks
 from spiralkit.prune.config import UnstructuredPrune, prune, prune_to
 from spiralkit.prune.importance import (
     WEIGHT_CRITERIA,
@@ -54,6 +56,16 @@ from spiralkit.prune.unstructured import (
 )
 
 __all__ = [
+    "CalibratedCriterion",
+    "NM",
+    "SparseGPT",
+    "Wanda",
+    "check_nm",
+    "load_masks",
+    "nm_keep_mask",
+    "save_masks",
+    "sparsegpt_prune",
+    "wanda_scores",
     "BlockPlan",
     "GroupPlan",
     "HeadPlan",

@@ -4,6 +4,8 @@ Criteria are typed configs (``Magnitude``, ``Random``, ``Taylor``), each one cla
 `weight_scores` method scores weights (and whose `structure_scores` scores channels and heads:
 these three are also criteria of structured pruning). `WEIGHT_CRITERIA` is the table a
 recipe's ``criterion`` is typed from; :func:`score_weights` calls the criterion's method.
+The one-shot calibration methods ``Wanda`` and ``SparseGPT`` (`spiralkit.prune.calibrated`)
+are in the table too: they prune layer by layer themselves (``prune_layers``).
 Each criterion is also a plain function usable alone.
 """
 
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import PruneError
 from spiralkit.graph.groups import ModelGroups
+from spiralkit.prune.calibrated import SparseGPT, Wanda
 from spiralkit.prune.channel_scoring import (
     Batch,
     LossFn,
@@ -115,7 +118,7 @@ class Taylor(BaseModel):
         return taylor_structure_scores(model, groups, islice(batches, self.batches), loss_fn=loss_fn)
 
 
-WEIGHT_CRITERIA: dict[str, type[BaseModel]] = by_kind(Magnitude, Random, Taylor)
+WEIGHT_CRITERIA: dict[str, type[BaseModel]] = by_kind(Magnitude, Random, Taylor, Wanda, SparseGPT)
 """The criteria of unstructured pruning, by ``kind``: a new one is a class with `weight_scores` and a line here."""
 
 Criterion = Annotated[WeightCriterion, KindTable(WEIGHT_CRITERIA, what="pruning criterion")]

@@ -17,6 +17,7 @@ from spiralkit.prune.students import apply_student, read_layout
 from spiralkit.prune.apply import replay_plans
 from spiralkit.prune.plan import read_plans
 from spiralkit.quant.compact import load_compressed
+from spiralkit.quant.weight_only import load_weight_only
 from spiralkit.spiral.context import example_input
 from spiralkit.spiral.recipe import Recipe, load_recipe
 from spiralkit.spiral.rundir import MODEL, ONNX, PLANS, RECIPE, STUDENT_LAYOUT, RunState, load_run_state
@@ -95,6 +96,12 @@ def export_run(run_dir: Path, *, allow_code: bool = False) -> Exported:
                         f"the decoded {quantization.artefact} weights in float (ONNX has no "
                         f"{max(quantization.bits.values(), default=8)}-bit weight type), checked against the decoded model")
     model = pruned_model(run_dir, recipe)
+    if quantization is not None and quantization.kind == "weight-only":
+        quantized = load_weight_only(run_dir / quantization.artefact, model).eval()
+        path = export_onnx(quantized, example, run_dir / ONNX)
+        return Exported(path, verify_onnx(quantized, path, example),
+                        f"the weight-only model {quantization.artefact} (codes dequantized in the graph), "
+                        "checked against the reloaded weight-only model")
     if quantization is not None:
         artefact = run_dir / quantization.artefact
         path = run_dir / ONNX

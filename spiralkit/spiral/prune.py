@@ -35,7 +35,10 @@ from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError, PruneError
 from spiralkit.latency import RUNTIMES, LatencyPlan, calibration_ms, choose_widths, table_for
 from spiralkit.measure import Clock
+from spiralkit.layerwise import CalibrationError, check_layer, weight_matrix
+from spiralkit.prune.calibrated import CalibratedCriterion
 from spiralkit.prune.config import UnstructuredPrune, prune_to
+from spiralkit.prune.nm import nm_keep_mask
 from spiralkit.prune.importance import LossFn, Magnitude
 from spiralkit.prune.schedules import AGP, Schedule
 from spiralkit.prune.apply import apply_plan
@@ -142,7 +145,12 @@ class PruneStage(Protocol):
 
 
 class UnstructuredStage(UnstructuredPrune):
-    """Unstructured spiral rounds: masks to the schedule's next sparsity (see `UnstructuredPrune`)."""
+    """Unstructured spiral rounds: masks to the schedule's next sparsity (see `UnstructuredPrune`).
+
+    With ``criterion: wanda`` or ``sparsegpt`` a round is a one-shot calibration step (layer by
+    layer, on the first ``samples`` training examples; SparseGPT also updates the kept weights),
+    and with a ``pattern`` the round prunes straight to N:M. Recovery then keeps the masks.
+    """
 
     size_measure: ClassVar[SizeMeasure] = "macs"
     runtime: ClassVar[str | None] = None
@@ -172,11 +180,24 @@ class UnstructuredStage(UnstructuredPrune):
         return objective
 
     def check(self, model: nn.Module, example: Tensor) -> None:
-        """Every include/exclude pattern must match a prunable layer of ``model``."""
+        """Every include/exclude pattern must match a prunable layer of ``model``; an N:M pattern
+        must fit every selected layer's width, and a calibration method must apply to every layer."""
         try:
-            self.selector.select(model)
+            layers = self.selector.select(model)
         except PruneError as exc:
             raise ConfigError.naming(exc, exclude=self.exclude, include=self.include) from None
+        if isinstance(self.criterion, CalibratedCriterion):
+            for name, layer in layers.items():
+                try:
+                    check_layer(name, layer)
+                except CalibrationError as exc:
+                    raise ConfigError("criterion", str(exc)) from None
+        if self.pattern is not None:
+            for name, layer in layers.items():
+                try:
+                    nm_keep_mask(weight_matrix(layer).detach(), self.pattern, name=name)
+                except PruneError as exc:
+                    raise ConfigError("pattern", str(exc)) from None
 
 
 class StructuredStage(BaseModel):

@@ -8,6 +8,10 @@ listed in `QUANTIZE_STAGES`:
   codes, zstd). Post-training first; when the metric drops more than allowed, "trained
   quantization": recovery by distillation with the weights fake-quantized (straight-through
   estimator) and the pruning masks enforced, then quantized again.
+* ``StaticInt8Stage`` / ``DynamicInt8Stage`` — int8 on ONNX Runtime's integer kernels.
+* ``WeightOnlyStage`` — weight-only int8/int4/int3 codes with per-group scales, by
+  round-to-nearest or GPTQ (calibrated layer by layer on training examples, no training);
+  pruned weights stay zero. Saved as ``model.weight-only.safetensors``.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -29,10 +33,12 @@ from spiralkit.export import atomic_write_text
 from spiralkit.parallel import SINGLE, World
 from spiralkit.patterns import first_unmatched
 from spiralkit.spiral.recovery import Distill
-from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY
+from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY, WEIGHT_ONLY
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
 from spiralkit.quant.compact import save_compressed
+from spiralkit.quant.gptq import GPTQConfig, quantize_gptq_
+from spiralkit.quant.weight_only import DEFAULT_INT4_GROUP, WeightOnlyConfig, quantize_weights_, save_weight_only
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan
 from spiralkit.quant.nonzero import fake_quantize_nonzero, quantize_nonzero_, weight_bits
 from spiralkit.export.onnx import OrtModel
@@ -279,6 +285,68 @@ class DynamicInt8Stage(DynamicInt8):
         _check_keep_float(model, self.keep_float)
 
 
+class WeightOnlyStage(BaseModel):
+    """Weight-only quantization of the Linear and Conv2d layers as the spiral's last stage.
+
+    No training: ``method: rtn`` rounds every weight to the nearest code; ``method: gptq``
+    chooses the codes layer by layer on ``samples`` training examples so that each layer's
+    outputs change least (`spiralkit.quant.gptq`). Both give the same format (codes and
+    per-group scales, `spiralkit.quant.weight_only`), saved as ``model.weight-only.safetensors``;
+    pruned weights stay exactly zero.
+
+    Attributes:
+        method: ``rtn`` or ``gptq``.
+        bits: 3, 4 or 8.
+        group_size: input weights sharing a scale (``None``: per output channel); when not
+            given, 32 for 3 and 4 bits, per channel for 8 bits.
+        act_order: GPTQ visits columns by decreasing input energy (scales stay static).
+        samples: GPTQ's calibration examples.
+        damp: GPTQ's Hessian dampening (a fraction of its mean diagonal).
+        exclude: layer name patterns kept in float.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["weight-only"] = "weight-only"
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: Literal[3, 4, 8] = 4
+    group_size: int | None = Field(default=None, gt=0)
+    act_order: bool = False
+    samples: int = Field(default=128, gt=0)
+    damp: float = Field(default=0.01, gt=0)
+    exclude: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_group_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "group_size" not in data and data.get("bits", 4) in (3, 4):
+            return {**data, "group_size": DEFAULT_INT4_GROUP}
+        return data
+
+    def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
+        """Quantize a copy of ``model`` and save ``model.weight-only.safetensors``."""
+        quantized = copy.deepcopy(model)
+        if self.method == "gptq":
+            config = GPTQConfig(bits=self.bits, group_size=self.group_size, act_order=self.act_order,
+                                samples=self.samples, damp=self.damp)
+            bits = quantize_gptq_(quantized, config, inputs.train_loader, exclude=self.exclude,  # type: ignore[arg-type]
+                                  masks=inputs.masks)
+        else:  # round to nearest: a pruned (zero) weight has code 0
+            bits = quantize_weights_(quantized, WeightOnlyConfig(bits=self.bits, group_size=self.group_size),
+                                     exclude=self.exclude)
+        path = inputs.directory / WEIGHT_ONLY
+        size = save_weight_only(quantized, path)
+        return Quantized(model=quantized.eval(), artefact=path, size_bytes=size, method="ptq", bits=bits)
+
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """The ``exclude`` patterns name Linear/Conv2d layers of ``model``."""
+        layers = [name for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, nn.Conv2d))]
+        if not layers:
+            raise ConfigError("kind", f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to quantize")
+        if (pattern := first_unmatched(self.exclude, layers)) is not None:
+            raise ConfigError("exclude", f"pattern {pattern!r} matches no Linear/Conv2d layer; layers are: "
+                              f"{', '.join(layers[:20])}" + (" …" if len(layers) > 20 else ""))
+
+
 class QuantizeStageKind(Protocol):
     """What the spiral asks of a quantize stage; each stage kind implements it."""
 
@@ -293,7 +361,7 @@ class QuantizeStageKind(Protocol):
         ...
 
 
-QUANTIZE_STAGES: dict[str, type[BaseModel]] = by_kind(CompactQuant, StaticInt8Stage, DynamicInt8Stage)
+QUANTIZE_STAGES: dict[str, type[BaseModel]] = by_kind(CompactQuant, StaticInt8Stage, DynamicInt8Stage, WeightOnlyStage)
 """The quantize stage kinds a recipe can name: a new kind is a `QuantizeStageKind` class and a line here."""
 
 QuantizeStage = Annotated[QuantizeStageKind, KindTable(QUANTIZE_STAGES, what="quantize stage")]

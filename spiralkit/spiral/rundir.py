@@ -8,7 +8,8 @@ RUN_DIR/curves.json            training loss per epoch of the baseline's trainin
 RUN_DIR/baseline.safetensors   the trained dense model (the frozen teacher)
 RUN_DIR/student.json, student.safetensors  the student's layout and distilled weights, when
                                the recipe builds a student from the baseline
-RUN_DIR/rounds/NNN/            weights, masks and structured plans of each kept round
+RUN_DIR/rounds/NNN/            weights, masks (one bit per weight, `spiralkit.prune.nm`) and structured
+                               plans of each kept round
 RUN_DIR/epoch.pt               the training in progress after its last finished epoch (model,
                                optimizer, schedule, RNG): a resumed run continues that training
                                from there; removed once its step (baseline, student, round) is saved
@@ -17,6 +18,8 @@ RUN_DIR/model.sparse.safetensors  the same, in the compact sparse encoding
 RUN_DIR/plan.json              the structured plans, in order, when channels were removed:
                                the recipe's model with these replayed takes model.safetensors
 RUN_DIR/model.spkc             the compact quantized artefact (quantize kind ``compact``)
+RUN_DIR/model.weight-only.safetensors  the weight-only model (quantize kind ``weight-only``, RTN or
+                               GPTQ; format in `spiralkit.quant.weight_only`)
 RUN_DIR/sensitivity.json       the per-layer bit-width scan (``bits: {kind: mixed}``)
 RUN_DIR/int8/                  the int8 ONNX models (quantize kinds ``static-int8``, ``dynamic-int8``)
 RUN_DIR/model.onnx             what ``spiral export`` writes
@@ -38,7 +41,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import ConfigDict, Field, ValidationError
 from torch import nn
 
@@ -46,6 +48,7 @@ from spiralkit.errors import SpiralError, StorageError
 from spiralkit.export import atomic_write_text, load_state, save_weights
 from spiralkit.prune import Masks
 from spiralkit.prune.apply import replay_plans
+from spiralkit.prune.nm import load_masks, save_masks
 from spiralkit.prune.plan import PrunePlan, read_plans, write_plans
 from spiralkit.report import Outcome
 from spiralkit.report.curves import Curves, TrainingCurve
@@ -74,6 +77,7 @@ __all__ = [
     "STATE_SCHEMA",
     "STUDENT_LAYOUT",
     "STUDENT_WEIGHTS",
+    "WEIGHT_ONLY",
     "Pruned",
     "clear_epoch_checkpoint",
     "epoch_checkpoint",
@@ -97,8 +101,10 @@ ROUNDS = "rounds"
 MODEL = "model.safetensors"
 MODEL_SPARSE = "model.sparse.safetensors"
 PLANS = "plan.json"
-MASKS = "masks.safetensors"
+MASKS = "masks.safetensors"  # one byte per weight: read from runs written before MASKS_PACKED
+MASKS_PACKED = "masks.packed.safetensors"
 COMPACT = "model.spkc"
+WEIGHT_ONLY = "model.weight-only.safetensors"
 SENSITIVITY = "sensitivity.json"
 INT8_DIR = "int8"
 QAT_ONNX = "model.qat.onnx"
@@ -213,7 +219,7 @@ def save_round(run_dir: Path, index: int, pruned: Pruned) -> str:
         raise StorageError(f"cannot create {directory}: {exc.strerror or exc}") from None
     save_weights(pruned.model, directory / MODEL)
     if pruned.masks:
-        save_weights({name: m.to(torch.uint8) for name, m in pruned.masks.items()}, directory / MASKS)
+        save_masks(directory / MASKS_PACKED, pruned.masks)
     if pruned.plans:
         write_plans(directory / PLANS, pruned.plans)
     return str(directory.relative_to(run_dir))
@@ -227,6 +233,8 @@ def load_round(run_dir: Path, checkpoint: str, base: nn.Module) -> Pruned:
     model.load_state_dict(load_state(directory / MODEL))
     masks_file = directory / MASKS
     masks = {name: m.bool() for name, m in load_state(masks_file).items()} if masks_file.exists() else None
+    if (directory / MASKS_PACKED).exists():
+        masks = load_masks(directory / MASKS_PACKED)
     return Pruned(model=model.eval(), masks=masks, plans=plans)
 
 
