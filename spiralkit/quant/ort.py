@@ -280,16 +280,18 @@ def _matmul_nodes(gemm: onnx.NodeProto, weight: str) -> list[onnx.NodeProto]:
 MATMUL_NBITS = "MatMulNBits"
 MS_DOMAIN = "com.microsoft"
 _MIN_BLOCK = 16  # ONNX Runtime: block_size is a power of two >= 16
+_ACCURACY_LEVELS = frozenset({0, 1, 2, 3, 4})  # unset, fp32, fp16, bf16, int8 (ONNX Runtime's contrib op doc)
 
 
 @torch.library.custom_op("spiralkit::matmul_nbits", mutates_args=())
-def _matmul_nbits(x: Tensor, b: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int) -> Tensor:
-    """PyTorch reference of ``MatMulNBits``: ``x · ((codes − 2^(bits−1)) · scale)ᵀ``."""
+def _matmul_nbits(x: Tensor, b: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int,
+                  accuracy_level: int) -> Tensor:
+    """PyTorch reference of ``MatMulNBits``: ``x · ((codes − 2^(bits−1)) · scale)ᵀ`` (in ``x``'s precision)."""
     return x @ _dequantize_blocks(b, scales, k=k, n=n, bits=bits, block_size=block_size).to(x.dtype).T
 
 
 @_matmul_nbits.register_fake
-def _(x: Tensor, b: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int) -> Tensor:
+def _(x: Tensor, b: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int, accuracy_level: int) -> Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -313,16 +315,18 @@ def _matmul_nbits_schema() -> onnx.defs.OpSchema:
         inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1")],
         outputs=[param("Y", "T1")],
         type_constraints=[("T1", ["tensor(float)"], "activations"), ("T2", ["tensor(uint8)"], "packed codes")],
-        attributes=[attr(name, integer, required=True) for name in ("K", "N", "bits", "block_size")],
+        attributes=[*(attr(name, integer, required=True) for name in ("K", "N", "bits", "block_size")),
+                    attr("accuracy_level", integer, required=False)],
     )
 
 
 _MATMUL_NBITS_OP = onnxscript.values.Op(onnxscript.values.Opset(MS_DOMAIN, 1), MATMUL_NBITS, _matmul_nbits_schema())
 
 
-def _translate_matmul_nbits(x: Any, b: Any, scales: Any, k: int, n: int, bits: int, block_size: int) -> Any:
+def _translate_matmul_nbits(x: Any, b: Any, scales: Any, k: int, n: int, bits: int, block_size: int,
+                            accuracy_level: int) -> Any:
     """The ONNX node of one ``spiralkit::matmul_nbits`` call (the exporter's custom translation)."""
-    return _MATMUL_NBITS_OP(x, b, scales, K=k, N=n, bits=bits, block_size=block_size)
+    return _MATMUL_NBITS_OP(x, b, scales, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
 
 
 _TRANSLATIONS = {torch.ops.spiralkit.matmul_nbits.default: _translate_matmul_nbits}
@@ -340,14 +344,20 @@ class MatMulNBitsLinear(nn.Module):
     ``q + 2^(bits−1)`` and need none: the weight is exactly the dequantized `WeightOnlyLinear`
     weight ``q · s``. A last block shorter than ``block_size`` is padded with the zero code.
 
-    Built by `matmul_nbits_linear`; ``forward`` computes the same product in PyTorch.
+    ``accuracy_level`` is the node's attribute of that name: 0 (unset) or 1 multiply in
+    float32 (ONNX Runtime unpacks the codes block by block); 4 lets ONNX Runtime quantize
+    ``A`` to int8 per block and multiply in integers where the CPU has a kernel for it
+    (faster, not exact: outputs then differ from the PyTorch product by the int8 rounding
+    of the activations).
+
+    Built by `matmul_nbits_linear`; ``forward`` computes the product in PyTorch (float).
     """
 
     b: Tensor
     scales: Tensor
 
     def __init__(self, b: Tensor, scales: Tensor, bias: Tensor | None, *, in_features: int, bits: int,
-                 block_size: int) -> None:
+                 block_size: int, accuracy_level: int = 0) -> None:
         super().__init__()
         self.register_buffer("b", b)
         self.register_buffer("scales", scales)
@@ -356,10 +366,12 @@ class MatMulNBitsLinear(nn.Module):
         self.out_features = int(b.shape[0])
         self.bits = bits
         self.block_size = block_size
+        self.accuracy_level = accuracy_level
 
     def forward(self, x: Tensor) -> Tensor:
         """``x Wᵀ + b`` through ``spiralkit::matmul_nbits`` (the op the exporter writes as ``MatMulNBits``)."""
-        y = _matmul_nbits(x, self.b, self.scales, self.in_features, self.out_features, self.bits, self.block_size)
+        y = _matmul_nbits(x, self.b, self.scales, self.in_features, self.out_features, self.bits, self.block_size,
+                          self.accuracy_level)
         return y if self.bias is None else y + self.bias
 
     @property
@@ -370,15 +382,16 @@ class MatMulNBitsLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, block_size={self.block_size}")
+                f"bits={self.bits}, block_size={self.block_size}, accuracy_level={self.accuracy_level}")
 
 
-def matmul_nbits_linear(layer: WeightOnlyLinear, *, name: str = "linear") -> MatMulNBitsLinear:
+def matmul_nbits_linear(layer: WeightOnlyLinear, *, name: str = "linear", accuracy_level: int = 0) -> MatMulNBitsLinear:
     """Re-lay a `WeightOnlyLinear`'s codes and scales for ``MatMulNBits`` (the same weight, exactly).
 
     Args:
         layer: A weight-only Linear quantized per group of ``group_size`` input weights.
         name: The layer's name, for error messages.
+        accuracy_level: ``MatMulNBits``'s attribute (0, 1: float32; 4: int8 activations).
 
     Raises:
         QuantError: The layer has one scale per output channel, or its group size is not a
@@ -404,7 +417,8 @@ def matmul_nbits_linear(layer: WeightOnlyLinear, *, name: str = "linear") -> Mat
     else:
         packed = codes.reshape(n, blocks, block).to(torch.uint8)
     scales = layer.scale.detach().reshape(n, blocks).float().contiguous()
-    return MatMulNBitsLinear(packed, scales, layer.bias, in_features=k, bits=config.bits, block_size=block)
+    return MatMulNBitsLinear(packed, scales, layer.bias, in_features=k, bits=config.bits, block_size=block,
+                             accuracy_level=accuracy_level)
 
 
 def _float_conv(layer: WeightOnlyConv2d) -> nn.Conv2d:
@@ -419,7 +433,7 @@ def _float_conv(layer: WeightOnlyConv2d) -> nn.Conv2d:
     return conv
 
 
-def to_matmul_nbits_(model: nn.Module) -> dict[str, str]:
+def to_matmul_nbits_(model: nn.Module, *, accuracy_level: int = 0) -> dict[str, str]:
     """Replace weight-only layers in place by what ONNX Runtime runs them as.
 
     Every `WeightOnlyLinear` becomes a `MatMulNBitsLinear` (same weight, exactly); every
@@ -428,6 +442,7 @@ def to_matmul_nbits_(model: nn.Module) -> dict[str, str]:
 
     Args:
         model: Modified in place (a container; the model itself cannot be replaced).
+        accuracy_level: Of every ``MatMulNBits`` (see `MatMulNBitsLinear`).
 
     Returns:
         Layer name → ``"MatMulNBits"`` or ``"Conv"`` (float), for each replaced layer.
@@ -440,7 +455,7 @@ def to_matmul_nbits_(model: nn.Module) -> dict[str, str]:
         for child_name, child in list(parent._modules.items()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if isinstance(child, WeightOnlyLinear):
-                setattr(parent, child_name, matmul_nbits_linear(child, name=name))
+                setattr(parent, child_name, matmul_nbits_linear(child, name=name, accuracy_level=accuracy_level))
                 replaced[name] = MATMUL_NBITS
             elif isinstance(child, WeightOnlyConv2d):
                 setattr(parent, child_name, _float_conv(child))
@@ -448,7 +463,8 @@ def to_matmul_nbits_(model: nn.Module) -> dict[str, str]:
     return replaced
 
 
-def export_weight_only_onnx(model: nn.Module, example: Tensor, path: Path, *, opset: int | None = None) -> Path:
+def export_weight_only_onnx(model: nn.Module, example: Tensor, path: Path, *, accuracy_level: int = 0,
+                            opset: int | None = None) -> Path:
     """Export a weight-only model with each `WeightOnlyLinear` as one ``MatMulNBits`` node.
 
     ``model`` is not modified: a copy has its layers replaced (`to_matmul_nbits_`) and is
@@ -460,6 +476,8 @@ def export_weight_only_onnx(model: nn.Module, example: Tensor, path: Path, *, op
         model: A model holding `WeightOnlyLinear` layers (from `quantize_weights_`, GPTQ, ...).
         example: An example input batch.
         path: Destination ``.onnx`` file.
+        accuracy_level: ``MatMulNBits``'s attribute: 0 (float32, matches the PyTorch model)
+            or 4 (int8 activations where the CPU has the kernel; see `MatMulNBitsLinear`).
         opset: ONNX opset version; None takes the exporter's default.
 
     Returns:
@@ -470,8 +488,10 @@ def export_weight_only_onnx(model: nn.Module, example: Tensor, path: Path, *, op
             ``MatMulNBits``.
         ExportError: The exporter fails.
     """
+    if accuracy_level not in _ACCURACY_LEVELS:
+        raise QuantError(f"MatMulNBits accuracy_level must be one of {sorted(_ACCURACY_LEVELS)}, got {accuracy_level}")
     runnable = copy.deepcopy(model)
-    replaced = to_matmul_nbits_(runnable)
+    replaced = to_matmul_nbits_(runnable, accuracy_level=accuracy_level)
     if MATMUL_NBITS not in replaced.values():
         raise QuantError(f"{type(model).__name__} holds no WeightOnlyLinear layer to export as MatMulNBits "
                          "(quantize it with quantize_weights_ first)")

@@ -46,7 +46,8 @@ def test_the_file_holds_matmul_nbits_with_the_layer_attributes(exported: tuple[n
     nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == MATMUL_NBITS]
     assert [n.domain for n in nodes] == ["com.microsoft", "com.microsoft"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
-    assert attrs == [{"K": 40, "N": 64, "bits": bits, "block_size": 32}, {"K": 64, "N": 24, "bits": bits, "block_size": 32}]
+    assert attrs == [{"K": 40, "N": 64, "bits": bits, "block_size": 32, "accuracy_level": 0},
+                     {"K": 64, "N": 24, "bits": bits, "block_size": 32, "accuracy_level": 0}]
 
 
 def test_onnx_runtime_runs_matmul_nbits_not_a_float_matmul(exported: tuple[nn.Module, nn.Module, Path]) -> None:
@@ -129,3 +130,22 @@ def test_groups_matmul_nbits_cannot_hold_are_refused_naming_the_layer(group_size
 def test_a_model_without_weight_only_linear_is_refused(tmp_path: Path) -> None:
     with pytest.raises(QuantError, match="Sequential holds no WeightOnlyLinear layer"):
         export_weight_only_onnx(_mlp(), torch.randn(2, 40), tmp_path / "float.onnx")
+
+
+def test_accuracy_level_4_is_written_and_stays_close(tmp_path: Path) -> None:
+    model = _mlp()
+    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32))
+    x = torch.randn(4, 40)
+    path = export_weight_only_onnx(model, x, tmp_path / "int8act.onnx", accuracy_level=4)
+    node = next(n for n in onnx.load(str(path)).graph.node if n.op_type == MATMUL_NBITS)
+    assert {a.name: a.i for a in node.attribute}["accuracy_level"] == 4
+    assert optimized_ops(path)[MATMUL_NBITS] == 2
+    # int8 activations where the CPU has the kernel: close to the dequantized model, not necessarily exact
+    assert verify_onnx(model, path, x, atol=0.05, rtol=0.05).cosine > 0.999
+
+
+def test_an_unknown_accuracy_level_is_refused(tmp_path: Path) -> None:
+    model = _mlp()
+    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32))
+    with pytest.raises(QuantError, match=r"accuracy_level must be one of \[0, 1, 2, 3, 4\], got 7"):
+        export_weight_only_onnx(model, torch.randn(2, 40), tmp_path / "bad.onnx", accuracy_level=7)
