@@ -8,6 +8,9 @@ listed in `QUANTIZE_STAGES`:
   codes, zstd). Post-training first; when the metric drops more than allowed, "trained
   quantization": recovery by distillation with the weights fake-quantized (straight-through
   estimator) and the pruning masks enforced, then quantized again.
+* ``StaticInt8Stage`` / ``DynamicInt8Stage`` — int8 on ONNX Runtime's integer kernels.
+* ``WeightOnlyStage`` — int4 (or int8) weights per group, float activations, as an ONNX file
+  whose Linear layers are ONNX Runtime's ``MatMulNBits`` (`spiralkit.quant.ort`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from spiralkit.errors import ConfigError
 from spiralkit.export import atomic_write_text
 from spiralkit.patterns import first_unmatched
 from spiralkit.spiral.recovery import Distill
-from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY
+from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY, WEIGHT_ONLY_ONNX
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
 from spiralkit.quant.compact import save_compressed
@@ -38,6 +41,8 @@ from spiralkit.export.onnx import OrtModel
 from spiralkit.spiral.qat import QATRecovery, qat
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.quant.qat import export_qat_onnx
+from spiralkit.quant.ort import export_weight_only_onnx
+from spiralkit.quant.weight_only import WeightOnlyConfig, quantize_weights_
 from spiralkit.tasks import Classification, metric_drop
 from spiralkit.train import NonFiniteLoss, Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
@@ -276,6 +281,46 @@ class DynamicInt8Stage(DynamicInt8):
         _check_keep_float(model, self.keep_float)
 
 
+class WeightOnlyStage(WeightOnlyConfig):
+    """Weight-only quantization as the spiral's last stage, run by ONNX Runtime's ``MatMulNBits``.
+
+    Every Linear (and Conv2d) weight not excluded is quantized symmetrically per group of
+    ``group_size`` input weights (`spiralkit.quant.weight_only`); the model is saved as
+    ``model.weight-only.onnx`` with each Linear as one ``MatMulNBits`` node holding the packed
+    codes (`spiralkit.quant.ort.export_weight_only_onnx`), which is what the run measures
+    and ``spiral export`` writes. ONNX Runtime has no block-quantized convolution, so
+    quantized convolutions are stored dequantized in float in that file.
+
+    Attributes:
+        exclude: Linear/Conv2d layer name patterns kept in float.
+        accuracy_level: ``MatMulNBits``'s attribute: 0 (float32 arithmetic) or 4 (int8
+            activations where the CPU has the kernel; faster at larger batches).
+    """
+
+    exclude: tuple[str, ...] = ()
+    accuracy_level: Literal[0, 4] = 0
+
+    def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
+        """Quantize a copy of ``model`` and export it with ``MatMulNBits``."""
+        quantized = copy.deepcopy(model)
+        bits = quantize_weights_(quantized, self, exclude=self.exclude)
+        path = export_weight_only_onnx(quantized, inputs.example, inputs.directory / WEIGHT_ONLY_ONNX,
+                                       accuracy_level=self.accuracy_level)
+        return Quantized(model=OrtModel(path, threads=inputs.threads), artefact=path, size_bytes=path.stat().st_size,
+                         method="ptq", bits={name: b for name, b in bits.items() if b == self.bits})
+
+    def check(self, model: nn.Module, example: Tensor) -> None:
+        """``group_size`` fits ``MatMulNBits`` and the ``exclude`` patterns name Linear/Conv2d layers."""
+        block = self.group_size
+        if block is None or block < 16 or block & (block - 1):
+            raise ConfigError("group_size", f"ONNX Runtime's MatMulNBits needs groups of a power-of-two size >= 16 "
+                                            f"(e.g. 32), got {block if block is not None else 'none (per channel)'}")
+        layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if (pattern := first_unmatched(self.exclude, layers)) is not None:
+            raise ConfigError("exclude", f"pattern {pattern!r} matches no Linear/Conv2d layer; layers are: "
+                                         f"{', '.join(layers[:20])}" + (" …" if len(layers) > 20 else ""))
+
+
 class QuantizeStageKind(Protocol):
     """What the spiral asks of a quantize stage; each stage kind implements it."""
 
@@ -290,7 +335,7 @@ class QuantizeStageKind(Protocol):
         ...
 
 
-QUANTIZE_STAGES: dict[str, type[BaseModel]] = by_kind(CompactQuant, StaticInt8Stage, DynamicInt8Stage)
+QUANTIZE_STAGES: dict[str, type[BaseModel]] = by_kind(CompactQuant, StaticInt8Stage, DynamicInt8Stage, WeightOnlyStage)
 """The quantize stage kinds a recipe can name: a new kind is a `QuantizeStageKind` class and a line here."""
 
 QuantizeStage = Annotated[QuantizeStageKind, KindTable(QUANTIZE_STAGES, what="quantize stage")]

@@ -69,6 +69,7 @@ __all__ = [
     "STATE_SCHEMA",
     "STUDENT_LAYOUT",
     "STUDENT_WEIGHTS",
+    "WEIGHT_ONLY_ONNX",
     "Pruned",
     "RunState",
     "load_curves",
@@ -95,6 +96,7 @@ COMPACT = "model.spkc"
 SENSITIVITY = "sensitivity.json"
 INT8_DIR = "int8"
 QAT_ONNX = "model.qat.onnx"
+WEIGHT_ONLY_ONNX = "model.weight-only.onnx"
 ONNX = "model.onnx"
 
 STATE_SCHEMA = "spiralkit.state/2"
