@@ -80,5 +80,14 @@ def test_the_recipe_model_loads_with_its_data_and_task() -> None:
         assert model(torch.randint(0, 256, (2, seq_len))).shape == (2, seq_len, 256)
 
 
+def test_the_int4_recipe_quantizes_the_same_model_and_data() -> None:
+    base = load_recipe(ROOT / "recipes" / "tinyllama_tinystories.yaml")
+    int4 = load_recipe(ROOT / "recipes" / "tinyllama_tinystories_int4.yaml")
+    assert int4.model.kwargs == base.model.kwargs and int4.data == base.data and int4.task == base.task
+    assert int4.quantize is not None and int4.quantize.kind == "weight-only"
+    assert (int4.quantize.bits, int4.quantize.group_size) == (4, 32)  # type: ignore[attr-defined]
+    assert str(int4.model.checkpoint).endswith(f"{base.name}/model.safetensors")
+
+
 def test_it_is_a_zoo_name() -> None:
     assert isinstance(load_model(ModelSpec(name="tiny_llama", kwargs=SMALL)), CausalLM)
