@@ -149,3 +149,16 @@ def test_an_unknown_accuracy_level_is_refused(tmp_path: Path) -> None:
     quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32))
     with pytest.raises(QuantError, match=r"accuracy_level must be one of \[0, 1, 2, 3, 4\], got 7"):
         export_weight_only_onnx(model, torch.randn(2, 40), tmp_path / "bad.onnx", accuracy_level=7)
+
+
+@pytest.mark.slow  # exporting a Llama takes 10-30 s
+def test_a_grouped_query_llama_exports_every_projection_as_matmul_nbits(tmp_path: Path) -> None:
+    from spiralkit.models.causal_lm import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=64, hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate_size=64).eval()
+    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=16))
+    tokens = torch.randint(0, 64, (2, 12))
+    path = export_weight_only_onnx(model, tokens, tmp_path / "llama.onnx")
+    assert optimized_ops(path)[MATMUL_NBITS] == 8  # q, k, v, o, gate, up, down and lm_head
+    assert verify_onnx(model, path, torch.randint(0, 64, (3, 12)), atol=1e-4, rtol=1e-3).cosine > 0.999999
