@@ -53,7 +53,7 @@ def tiny_llama(
     intermediate_size: int = 384,
     max_positions: int = 512,
     rope_theta: float = 10_000.0,
-    tie_embeddings: bool = True,
+    tie_embeddings: bool = False,
     attention: Attention = "sdpa",
 ) -> CausalLM:
     """A small ``LlamaForCausalLM`` with grouped-query attention, randomly initialised.
@@ -67,7 +67,10 @@ def tiny_llama(
         intermediate_size: Width of the SwiGLU MLP.
         max_positions: Longest sequence the rotary embedding is set up for.
         rope_theta: Rotary embedding base.
-        tie_embeddings: Share the input embedding with the output layer's weight.
+        tie_embeddings: Share the input embedding with the output layer's weight. Off by
+            default: a tied ``lm_head.weight`` is not a parameter of its own
+            (``named_parameters`` lists the shared tensor once, as the embedding), so
+            per-layer pruning masks and quantization of ``lm_head`` could not name it.
         attention: ``"sdpa"`` (fast) or ``"eager"`` (the attention probabilities can be captured).
 
     Raises:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from spiralkit.errors import ModelError
 from spiralkit.models import ModelSpec, load_model
 from spiralkit.models.causal_lm import CausalLM, tiny_llama
-from spiralkit.spiral.recipe import load_recipe
+from spiralkit.spiral.recipe import load_recipe, parse_recipe
+from spiralkit.spiral.runner import Spiral
 from spiralkit.tasks import Perplexity
 from spiralkit.train import OptimizerConfig, TrainConfig, train
 
@@ -91,3 +94,27 @@ def test_the_int4_recipe_quantizes_the_same_model_and_data() -> None:
 
 def test_it_is_a_zoo_name() -> None:
     assert isinstance(load_model(ModelSpec(name="tiny_llama", kwargs=SMALL)), CausalLM)
+
+
+SPIRAL = """\
+name: llama_spiral
+seed: 0
+threads: 1
+model: {name: tiny_llama, kwargs: {hidden_size: 32, layers: 1, heads: 4, kv_heads: 2, intermediate_size: 64}}
+data: {name: tinystories, batch_size: 16, eval_batch_size: 64, kwargs: {seq_len: 64, limit_stories: 200}}
+task: perplexity
+train: {epochs: 1, max_batches: 5, optimizer: {name: adamw, lr: 3.0e-3}}
+prune: {target_sparsity: 0.5, schedule: {kind: one-shot}}
+recover: {kind: finetune, train: {epochs: 1, max_batches: 3, optimizer: {name: adamw, lr: 1.0e-3}}}
+targets: {max_metric_drop: 1000.0}
+measure: {repeats: 2, warmup: 0}
+"""
+
+
+@pytest.mark.slow  # a whole spiral on real stories: ~15 s of CPU
+def test_the_spiral_prunes_every_linear_layer_of_the_llama_including_lm_head(tmp_path: Path) -> None:
+    # Untied by default: a tied lm_head.weight is no parameter of its own, and its mask could not be applied.
+    Spiral(parse_recipe(SPIRAL)).run(tmp_path / "run", console=Console(quiet=True))
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["task"] == {"metric": "perplexity", "higher_is_better": False}
+    assert report["final"]["sparsity"] > 0.3 and report["final"]["metric"] > 1.0
