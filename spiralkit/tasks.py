@@ -2,11 +2,13 @@
 
 A task is a small typed config; :func:`evaluate` dispatches on its type. Metrics are
 reported in the units users quote: classification accuracy in percent, embedding fidelity
-as a mean cosine similarity (1 = the reference model's embeddings exactly).
+as a mean cosine similarity (1 = the reference model's embeddings exactly), language-model
+perplexity (lower is better).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import singledispatch
@@ -82,9 +84,60 @@ class EmbeddingFidelity(BaseModel):
         return (1.0 - _row_cosine(outputs, targets)).mean()
 
 
-Task = Annotated[
-    Classification | EmbeddingFidelity, Field(discriminator="kind"), BeforeValidator(kind_from_string)
-]
+class Perplexity(BaseModel):
+    """Causal language modelling: perplexity of next-token predictions, lower is better.
+
+    The model maps token ids ``(batch, seq)`` to logits ``(batch, seq, vocab)``; the targets
+    are the next tokens ``(batch, seq)`` (`spiralkit.data.tinystories`). With ``N`` scored
+    target tokens (those not equal to ``ignore_index``) and ``p(t_i)`` the model's softmax
+    probability of target ``i``::
+
+        NLL = −(1/N) Σ_i log p(t_i)        perplexity = exp(NLL)
+
+    The training loss and the evaluation loss are ``NLL`` (next-token cross-entropy, in nats
+    per token); evaluation averages over all tokens of the split, not over batch means.
+
+    Attributes:
+        ignore_index: Target value that is not scored (e.g. padding).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["perplexity"] = "perplexity"
+    ignore_index: int = -100
+
+    @property
+    def metric_name(self) -> str:
+        """The name the report gives the metric."""
+        return "perplexity"
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger metric is better: no, lower perplexity is better."""
+        return False
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy over the scored target tokens.
+
+        Raises:
+            SpiralError: ``outputs`` are not ``targets``' shape plus a vocabulary dimension.
+        """
+        _check_lm_shapes(outputs, targets)
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1),
+                               ignore_index=self.ignore_index)
+
+
+def _check_lm_shapes(outputs: Tensor, targets: Tensor) -> None:
+    if outputs.dim() != targets.dim() + 1 or outputs.shape[:-1] != targets.shape:
+        raise SpiralError(
+            f"the perplexity task needs logits (batch, seq, vocab) and next-token targets (batch, seq), got "
+            f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+        )
+
+
+AnyTask = Classification | EmbeddingFidelity | Perplexity
+"""Every task config type."""
+
+Task = Annotated[AnyTask, Field(discriminator="kind"), BeforeValidator(kind_from_string)]
 
 
 @dataclass(frozen=True)
@@ -96,7 +149,7 @@ class Evaluation:
     examples: int
 
 
-def metric_drop(task: Classification | EmbeddingFidelity, *, baseline: float, value: float) -> float:
+def metric_drop(task: AnyTask, *, baseline: float, value: float) -> float:
     """How much worse ``value`` is than ``baseline`` (positive = worse), whatever the metric's direction."""
     return baseline - value if task.higher_is_better else value - baseline
 
@@ -180,3 +233,28 @@ def _row_cosine(a: Tensor, b: Tensor) -> Tensor:
     if a.shape != b.shape:
         raise SpiralError(f"embeddings differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     return F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1, eps=1e-12)
+
+
+@evaluate.register
+def _(
+    task: Perplexity,
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    reference: nn.Module | None = None,
+) -> Evaluation:
+    nll_sum = 0.0
+    tokens = 0
+    sequences = 0
+    with eval_mode(model), torch.inference_mode():
+        for x, y in loader:
+            logits = model(x)
+            _check_lm_shapes(logits, y)
+            nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                                             ignore_index=task.ignore_index, reduction="sum"))
+            tokens += int((y != task.ignore_index).sum())
+            sequences += y.shape[0]
+    if tokens == 0:
+        raise SpiralError("cannot evaluate perplexity on a data split without scored tokens")
+    nll = nll_sum / tokens
+    return Evaluation(metric=math.exp(nll), loss=nll, examples=sequences)

@@ -10,7 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from spiralkit.errors import SpiralError
-from spiralkit.tasks import Classification, EmbeddingFidelity, Task, evaluate, metric_drop
+from spiralkit.tasks import Classification, EmbeddingFidelity, Perplexity, Task, evaluate, metric_drop
 
 
 def _rotation(degrees: float) -> nn.Linear:
@@ -77,12 +77,13 @@ def test_classification_ignores_a_reference() -> None:
     assert evaluate(Classification(), model, batches).metric == result.metric
 
 
-def test_task_union_parses_both_kinds_and_names_unknown_ones() -> None:
+def test_task_union_parses_every_kind_and_names_unknown_ones() -> None:
     adapter = TypeAdapter(Task)
     assert adapter.validate_python("fidelity") == EmbeddingFidelity()
+    assert adapter.validate_python("perplexity") == Perplexity()
     assert adapter.validate_python({"kind": "classification", "top_k": 5}) == Classification(top_k=5)
-    with pytest.raises(ValidationError, match="'classification', 'fidelity'"):
-        adapter.validate_python("perplexity")
+    with pytest.raises(ValidationError, match="'classification', 'fidelity', 'perplexity'"):
+        adapter.validate_python("bleu")
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         adapter.validate_python({"kind": "fidelity", "top_k": 1})
 

@@ -13,6 +13,8 @@ Built-in sources never download anything:
   once and cached as ``.npy`` (`spiralkit.data.images`, `spiralkit.data.arraycache`).
 - ``imagefolder``: any ``train/<class>/`` + ``test/<class>/`` image folder (``data.kwargs.root``).
 - ``text-tsv``: sentence classification from two text files (`spiralkit.data.texttsv`).
+- ``tinystories``: children's stories under ``<root>/tinystories/`` as byte-level next-token
+  windows for causal language models (`spiralkit.data.tinystories`).
 - ``package.module:function``: a user function returning its own loaders.
 
 Test and validation splits come from a fixed internal seed, never the run seed, so they are
@@ -60,6 +62,7 @@ from spiralkit.data.sst2 import (
     sst2_options,
 )
 from spiralkit.data.texttsv import TextTSVOptions, class_order, read_labelled_text
+from spiralkit.data.tinystories import load_tinystories
 from spiralkit.errors import DataError
 
 __all__ = ["DATA_DIR_ENV", "DATA_SOURCES", "load_data"]
@@ -406,6 +409,7 @@ DATA_SOURCES: Mapping[str, Callable[[DataSpec, int], DataSplits]] = MappingProxy
         "mnist-sample": _load_mnist_sample,
         "sst2": _load_sst2,
         "text-tsv": _load_text_tsv,
+        "tinystories": load_tinystories,
     }
 )
 """Built-in data sets by name: ``loader(spec, seed)`` (read-only). Any ``a.b:c`` name is imported."""

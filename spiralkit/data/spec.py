@@ -19,7 +19,7 @@ class DataSpec(BaseModel):
     Attributes:
         name: A built-in data set (``spiralkit.data.DATA_SOURCES``: ``mnist-sample``, ``mnist``,
             ``fashion-mnist``, ``digits``, ``sst2``, ``cifar10-jpeg``, ``imagefolder``,
-            ``text-tsv``) or ``"package.module:function"``.
+            ``text-tsv``, ``tinystories``) or ``"package.module:function"``.
         root: Directory holding on-disk data sets (``<root>/mnist/...``); when None the
             ``SPIRALKIT_DATA_DIR`` environment variable is used. ``mnist``, ``fashion-mnist``,
             ``sst2`` and ``cifar10-jpeg`` read it.

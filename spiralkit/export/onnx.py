@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def export_onnx(
     *,
     dynamic_batch: bool = True,
     opset: int | None = None,
+    translations: Mapping[Any, Callable[..., Any]] | None = None,
 ) -> Path:
     """Export ``model`` to a single self-contained ONNX file.
 
@@ -108,6 +110,10 @@ def export_onnx(
         dynamic_batch: Make dimension 0 of the input and output symbolic (``"batch"``);
             otherwise the file only accepts ``example``'s batch size.
         opset: ONNX opset version; None takes the exporter's default.
+        translations: Custom ops of the model (``torch.ops.ns.op.default``) → the onnxscript
+            function that writes each as ONNX (the exporter's ``custom_translation_table``);
+            how `spiralkit.quant.ort.export_weight_only_onnx` emits ONNX Runtime's
+            ``MatMulNBits``.
 
     Returns:
         ``path``.
@@ -118,7 +124,7 @@ def export_onnx(
     """
     path = Path(path)
     program = _export_program(model, _export_example(example, dynamic_batch=dynamic_batch),
-                              dynamic_batch=dynamic_batch, opset=opset)
+                              dynamic_batch=dynamic_batch, opset=opset, translations=translations)
     proto = program.model_proto
     _strip_debug_metadata(proto)
     if proto.ByteSize() > _PROTOBUF_LIMIT:
@@ -159,7 +165,14 @@ def _export_example(example: Tensor, *, dynamic_batch: bool) -> Tensor:
     return example
 
 
-def _export_program(model: nn.Module, example: Tensor, *, dynamic_batch: bool, opset: int | None) -> Any:
+def _export_program(
+    model: nn.Module,
+    example: Tensor,
+    *,
+    dynamic_batch: bool,
+    opset: int | None,
+    translations: Mapping[Any, Callable[..., Any]] | None = None,
+) -> Any:
     """Run torch's ONNX exporter in memory; wrap its failures in an `ExportError`.
 
     When the export fails and ``model`` holds Hugging Face models whose attention is not
@@ -168,7 +181,7 @@ def _export_program(model: nn.Module, example: Tensor, *, dynamic_batch: bool, o
     weights and function — and each model's implementation is restored afterwards.
     """
     try:
-        return _export_once(model, example, dynamic_batch=dynamic_batch, opset=opset)
+        return _export_once(model, example, dynamic_batch=dynamic_batch, opset=opset, translations=translations)
     except ExportError as first:
         switched = _hf_attention_implementations(model)
         if not switched:
@@ -176,7 +189,7 @@ def _export_program(model: nn.Module, example: Tensor, *, dynamic_batch: bool, o
         try:
             for module in switched:
                 module.set_attn_implementation("eager")
-            return _export_once(model, example, dynamic_batch=dynamic_batch, opset=opset)
+            return _export_once(model, example, dynamic_batch=dynamic_batch, opset=opset, translations=translations)
         except ExportError as second:
             raise ExportError(f"{first}\n(retried with eager attention: {second})") from second
         finally:
@@ -196,7 +209,14 @@ def _hf_attention_implementations(model: nn.Module) -> dict[nn.Module, str]:
     return found
 
 
-def _export_once(model: nn.Module, example: Tensor, *, dynamic_batch: bool, opset: int | None) -> Any:
+def _export_once(
+    model: nn.Module,
+    example: Tensor,
+    *,
+    dynamic_batch: bool,
+    opset: int | None,
+    translations: Mapping[Any, Callable[..., Any]] | None,
+) -> Any:
     """One run of torch's ONNX exporter."""
     dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     try:
@@ -217,6 +237,7 @@ def _export_once(model: nn.Module, example: Tensor, *, dynamic_batch: bool, opse
                 dynamo=True,
                 external_data=False,
                 dynamic_shapes=dynamic_shapes,
+                custom_translation_table=dict(translations) if translations else None,
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many unrelated types; all mean "cannot export"

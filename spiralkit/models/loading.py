@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from spiralkit.errors import ModelError
 from spiralkit.export.weights import load_state
+from spiralkit.models.causal_lm import tiny_llama
 from spiralkit.models.hf import hf_model, packaged_builder
 from spiralkit.models.lenet import lenet5, lenet300
 from spiralkit.models.mlp import mlp
@@ -48,6 +49,7 @@ ZOO: Mapping[str, Callable[..., nn.Module]] = types.MappingProxyType(
         "mlp": mlp,
         "resnet20": resnet20,
         "resnet56": resnet56,
+        "tiny_llama": tiny_llama,
     }
 )
 """Built-in models by name (read-only)."""

@@ -68,6 +68,8 @@ def export_run(run_dir: Path, *, allow_code: bool = False) -> Exported:
     * no quantize stage: the pruned model, exported and checked against PyTorch;
     * ``static-int8`` / ``dynamic-int8``: the int8 ONNX model the run measured (what the report's
       final row is), copied, and compared with the pruned float model it came from;
+    * ``weight-only``: likewise its ONNX file, whose Linear layers are ``MatMulNBits`` nodes
+      (``runtime: pytorch``: the reloaded codes, dequantized in the graph);
     * ``compact``: ONNX has no b-bit weights, so the compact artefact's decoded weights are
       exported in float, and checked against the decoded model.
 
@@ -96,7 +98,7 @@ def export_run(run_dir: Path, *, allow_code: bool = False) -> Exported:
                         f"the decoded {quantization.artefact} weights in float (ONNX has no "
                         f"{max(quantization.bits.values(), default=8)}-bit weight type), checked against the decoded model")
     model = pruned_model(run_dir, recipe)
-    if quantization is not None and quantization.kind == "weight-only":
+    if quantization is not None and quantization.kind == "weight-only" and not quantization.artefact.endswith(".onnx"):
         quantized = load_weight_only(run_dir / quantization.artefact, model).eval()
         path = export_onnx(quantized, example, run_dir / ONNX)
         return Exported(path, verify_onnx(quantized, path, example),
@@ -108,7 +110,9 @@ def export_run(run_dir: Path, *, allow_code: bool = False) -> Exported:
         atomic_write_bytes(path, artefact.read_bytes())
         with torch.no_grad():
             check = compare_outputs(model(example), OrtModel(path)(example))
-        return Exported(path, check, f"the int8 model {quantization.artefact} ({quantization.method}), "
-                                     "compared with the float pruned model it quantizes")
+        what = (f"the weight-only int{max(quantization.bits.values(), default=4)} model {quantization.artefact} "
+                "(MatMulNBits)" if quantization.kind == "weight-only"
+                else f"the int8 model {quantization.artefact} ({quantization.method})")
+        return Exported(path, check, f"{what}, compared with the float pruned model it quantizes")
     path = export_onnx(model, example, run_dir / ONNX)
     return Exported(path, verify_onnx(model, path, example), "the pruned model, checked against PyTorch")

@@ -11,7 +11,8 @@ listed in `QUANTIZE_STAGES`:
 * ``StaticInt8Stage`` / ``DynamicInt8Stage`` — int8 on ONNX Runtime's integer kernels.
 * ``WeightOnlyStage`` — weight-only int8/int4/int3 codes with per-group scales, by
   round-to-nearest or GPTQ (calibrated layer by layer on training examples, no training);
-  pruned weights stay zero. Saved as ``model.weight-only.safetensors``.
+  pruned weights stay zero. Saved as ``model.weight-only.safetensors``; run by ONNX Runtime's
+  ``MatMulNBits`` from ``model.weight-only.onnx`` (`spiralkit.quant.ort`), or in PyTorch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from spiralkit.export import atomic_write_text
 from spiralkit.parallel import SINGLE, World
 from spiralkit.patterns import first_unmatched
 from spiralkit.spiral.recovery import Distill
-from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY, WEIGHT_ONLY
+from spiralkit.spiral.rundir import COMPACT, INT8_DIR, QAT_ONNX, SENSITIVITY, WEIGHT_ONLY, WEIGHT_ONLY_ONNX
 from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
 from spiralkit.quant.compact import save_compressed
@@ -45,6 +46,7 @@ from spiralkit.export.onnx import OrtModel
 from spiralkit.spiral.qat import QATRecovery, qat
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.quant.qat import export_qat_onnx
+from spiralkit.quant.ort import export_weight_only_onnx
 from spiralkit.tasks import Classification, metric_drop
 from spiralkit.train import EpochCheckpoint, NonFiniteLoss, Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
@@ -294,6 +296,13 @@ class WeightOnlyStage(BaseModel):
     per-group scales, `spiralkit.quant.weight_only`), saved as ``model.weight-only.safetensors``;
     pruned weights stay exactly zero.
 
+    With ``runtime: ort`` (the default) the model is also saved as ``model.weight-only.onnx``,
+    each Linear one ONNX Runtime ``MatMulNBits`` node holding the packed codes
+    (`spiralkit.quant.ort.export_weight_only_onnx`): that file is what the run measures and
+    ``spiral export`` writes. ONNX Runtime has no block-quantized convolution, so quantized
+    convolutions are stored dequantized in float there. ``runtime: pytorch`` measures the
+    PyTorch modules (which dequantize on the fly) and is the only choice for 3 bits.
+
     Attributes:
         method: ``rtn`` or ``gptq``.
         bits: 3, 4 or 8.
@@ -303,6 +312,9 @@ class WeightOnlyStage(BaseModel):
         samples: GPTQ's calibration examples.
         damp: GPTQ's Hessian dampening (a fraction of its mean diagonal).
         exclude: layer name patterns kept in float.
+        runtime: ``ort`` (``MatMulNBits``) or ``pytorch``.
+        accuracy_level: ``MatMulNBits``'s attribute: 0 (float32 arithmetic) or 4 (int8
+            activations where the CPU has the kernel; faster at larger batches).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -314,6 +326,8 @@ class WeightOnlyStage(BaseModel):
     samples: int = Field(default=128, gt=0)
     damp: float = Field(default=0.01, gt=0)
     exclude: tuple[str, ...] = ()
+    runtime: Literal["ort", "pytorch"] = "ort"
+    accuracy_level: Literal[0, 4] = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -323,7 +337,7 @@ class WeightOnlyStage(BaseModel):
         return data
 
     def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
-        """Quantize a copy of ``model`` and save ``model.weight-only.safetensors``."""
+        """Quantize a copy of ``model``, save its codes and, for ONNX Runtime, its ``MatMulNBits`` file."""
         quantized = copy.deepcopy(model)
         if self.method == "gptq":
             config = GPTQConfig(bits=self.bits, group_size=self.group_size, act_order=self.act_order,
@@ -333,18 +347,33 @@ class WeightOnlyStage(BaseModel):
         else:  # round to nearest: a pruned (zero) weight has code 0
             bits = quantize_weights_(quantized, WeightOnlyConfig(bits=self.bits, group_size=self.group_size),
                                      exclude=self.exclude)
-        path = inputs.directory / WEIGHT_ONLY
-        size = save_weight_only(quantized, path)
-        return Quantized(model=quantized.eval(), artefact=path, size_bytes=size, method="ptq", bits=bits)
+        size = save_weight_only(quantized, inputs.directory / WEIGHT_ONLY)
+        if self.runtime == "pytorch":
+            return Quantized(model=quantized.eval(), artefact=inputs.directory / WEIGHT_ONLY, size_bytes=size,
+                             method="ptq", bits=bits)
+        path = export_weight_only_onnx(quantized, inputs.example, inputs.directory / WEIGHT_ONLY_ONNX,
+                                       accuracy_level=self.accuracy_level)
+        return Quantized(model=OrtModel(path, threads=inputs.threads), artefact=path, size_bytes=path.stat().st_size,
+                         method="ptq", bits=bits)
 
     def check(self, model: nn.Module, example: Tensor) -> None:
-        """The ``exclude`` patterns name Linear/Conv2d layers of ``model``."""
+        """The ``exclude`` patterns name Linear/Conv2d layers; for ONNX Runtime, bits and groups fit ``MatMulNBits``."""
         layers = [name for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, nn.Conv2d))]
         if not layers:
             raise ConfigError("kind", f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to quantize")
         if (pattern := first_unmatched(self.exclude, layers)) is not None:
             raise ConfigError("exclude", f"pattern {pattern!r} matches no Linear/Conv2d layer; layers are: "
                               f"{', '.join(layers[:20])}" + (" …" if len(layers) > 20 else ""))
+        if self.runtime != "ort":
+            return
+        if self.bits not in (4, 8):
+            raise ConfigError("bits", f"ONNX Runtime's MatMulNBits runs 4- or 8-bit weights, got {self.bits}; "
+                                      "use `runtime: pytorch` for 3 bits")
+        block = self.group_size
+        if block is None or block < 16 or block & (block - 1):
+            raise ConfigError("group_size", f"ONNX Runtime's MatMulNBits needs groups of a power-of-two size >= 16 "
+                                            f"(e.g. 32), got {block if block is not None else 'none (per channel)'}"
+                                            " (or use `runtime: pytorch`)")
 
 
 class QuantizeStageKind(Protocol):

@@ -78,6 +78,7 @@ __all__ = [
     "STUDENT_LAYOUT",
     "STUDENT_WEIGHTS",
     "WEIGHT_ONLY",
+    "WEIGHT_ONLY_ONNX",
     "Pruned",
     "clear_epoch_checkpoint",
     "epoch_checkpoint",
@@ -108,6 +109,7 @@ WEIGHT_ONLY = "model.weight-only.safetensors"
 SENSITIVITY = "sensitivity.json"
 INT8_DIR = "int8"
 QAT_ONNX = "model.qat.onnx"
+WEIGHT_ONLY_ONNX = "model.weight-only.onnx"
 ONNX = "model.onnx"
 EPOCH = "epoch.pt"
 

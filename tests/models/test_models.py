@@ -38,7 +38,7 @@ def n_params(model: nn.Module) -> int:
 def test_zoo_is_read_only_and_complete() -> None:
     assert set(ZOO) == {
         "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
-        "lenet300", "lenet5", "mlp", "resnet20", "resnet56",
+        "lenet300", "lenet5", "mlp", "resnet20", "resnet56", "tiny_llama",
     }
     with pytest.raises(TypeError):
         ZOO["extra"] = mlp  # type: ignore[index]
