@@ -40,26 +40,32 @@ METHODS = ("dense", "magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2:4",
            "rtn-3bit-g32", "gptq-3bit-g32-actorder")
 
 
-def _compress(method: str, model: torch.nn.Module, calibration: list, samples: int) -> str:
-    """Compress ``model`` in place by ``method``; a short description of what was done."""
+def _compress(method: str, model: torch.nn.Module, calibration: list, samples: int, *,
+              include: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = ()) -> str:
+    """Compress ``model`` in place by ``method``; a short description of what was done.
+
+    ``include``/``exclude`` (fnmatch patterns of layer names) choose the pruned layers;
+    ``exclude`` also names the layers quantization leaves in float.
+    """
     if method == "dense":
         return "uncompressed"
     if method.startswith(("magnitude", "wanda", "sparsegpt")):
         name, amount = method.split("-")
         criterion = {"magnitude": Magnitude(), "wanda": Wanda(samples=samples), "sparsegpt": SparseGPT(samples=samples)}[name]
         if amount == "2:4":
-            config = UnstructuredPrune(criterion=criterion, pattern=NM(n=2, m=4))
+            config = UnstructuredPrune(criterion=criterion, pattern=NM(n=2, m=4), include=include, exclude=exclude)
         else:
-            config = UnstructuredPrune(criterion=criterion, target_sparsity=0.5, scope=Scope.LAYERWISE)
+            config = UnstructuredPrune(criterion=criterion, target_sparsity=0.5, scope=Scope.LAYERWISE,
+                                       include=include, exclude=exclude)
         masks = prune(model, config, batches=calibration)
         return f"{len(masks)} layers, sparsity {mask_sparsity(masks):.4f}"
     group = None if "channel" in method else 32
     width = int(method.split("-")[1].removesuffix("bit"))
     if method.startswith("rtn"):
-        bits = quantize_weights_(model, WeightOnlyConfig(bits=width, group_size=group))
+        bits = quantize_weights_(model, WeightOnlyConfig(bits=width, group_size=group), exclude=exclude)
     else:
         bits = quantize_gptq_(model, GPTQConfig(bits=width, group_size=group, act_order="actorder" in method,
-                                                samples=samples), calibration)
+                                                samples=samples), calibration, exclude=exclude)
     return f"{sum(b == width for b in bits.values())} layers at {width} bits, group {group or 'per channel'}"
 
 

@@ -46,29 +46,52 @@ def kd_loss(
     *,
     alpha: float,
     temperature: float,
+    ignore_index: int = -100,
 ) -> Tensor:
     """Logit distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network").
 
     ``L = α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE(z_s, y)``
 
-    The KL term is averaged over the batch; the ``T²`` factor keeps its gradients on the
-    same scale as the cross-entropy's when the temperature changes.
+    Both terms are averaged over the predictions; the ``T²`` factor keeps the KL term's
+    gradients on the same scale as the cross-entropy's when the temperature changes.
+
+    A prediction is one row of logits: one per example for classifiers (logits
+    ``(batch, classes)``, targets ``(batch,)``), one per token for language models (logits
+    ``(batch, seq, vocab)``, targets ``(batch, seq)``, as `spiralkit.tasks.Perplexity` scores
+    them). Logits are flattened to ``(batch·seq, vocab)`` and targets to ``(batch·seq,)``;
+    predictions whose target is ``ignore_index`` count in neither term.
 
     Args:
-        student_logits: ``z_s``, shape (batch, classes).
+        student_logits: ``z_s``, shape (batch, classes) or (batch, seq, vocab).
         teacher_logits: ``z_t``, same shape; treated as a constant.
-        targets: class indices ``y``, shape (batch,).
+        targets: class indices ``y``, shape ``student_logits.shape[:-1]``.
         alpha: weight of the distillation term, in [0, 1].
         temperature: softening temperature ``T > 0``.
+        ignore_index: target value of predictions left out (padding).
+
+    Raises:
+        ValueError: ``alpha`` or ``temperature`` out of range, or shapes that do not fit.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    ce = F.cross_entropy(student_logits, targets)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if student_logits.dim() < 2 or targets.shape != student_logits.shape[:-1]:
+        raise ValueError(f"kd_loss: targets {tuple(targets.shape)} do not fit logits {tuple(student_logits.shape)}: "
+                         f"need logits (..., classes) and targets of the logits' shape without the last dimension")
+    classes = student_logits.shape[-1]
+    student_flat = student_logits.reshape(-1, classes)
+    teacher_flat = teacher_logits.detach().reshape(-1, classes)
+    targets_flat = targets.reshape(-1)
+    scored = (targets_flat != ignore_index).to(student_flat.dtype)
+    log_p_student = F.log_softmax(student_flat / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_flat / temperature, dim=-1)
+    kl_rows = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=-1)
+    kl = (kl_rows * scored).sum() / scored.sum().clamp_min(1.0)
+    ce = F.cross_entropy(student_flat, targets_flat, ignore_index=ignore_index) if alpha < 1.0 else kl.new_zeros(())
     return alpha * temperature**2 * kl + (1.0 - alpha) * ce
 
 
