@@ -72,3 +72,21 @@ def test_kd_shape_mismatch_names_the_argument(student: tuple, teacher: tuple, ta
     with pytest.raises(ValueError, match=message):
         kd_loss(torch.zeros(student), torch.zeros(teacher), torch.zeros(targets, dtype=torch.long),
                 alpha=0.5, temperature=2.0)
+
+
+def test_the_spirals_distillation_objective_runs_on_a_causal_lm() -> None:
+    from spiralkit.modules import freeze
+    from spiralkit.spiral.recovery import Distill
+
+    student, teacher = _tiny_lms()
+    config = Distill(losses=["logits"], alpha=0.8, temperature=3.0)
+    objective = config.objective(task=Perplexity(), teacher=freeze(teacher))
+    x, y = torch.randint(0, 32, (2, 6)), torch.randint(0, 32, (2, 6))
+    loss = objective(student, x, y)
+    with torch.no_grad():
+        z_t = teacher(x)
+    direct = torch.stack([_per_example(student(x)[b, i], z_t[b, i], y[b, i], 0.8, 3.0)
+                          for b in range(2) for i in range(6)]).mean()
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
+    loss.backward()
+    assert student.llm.model.layers[0].mlp.down_proj.weight.grad is not None
