@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from spiralkit.data import load_data
+from spiralkit.errors import SpiralError
 from spiralkit.export import load_state
 from spiralkit.spiral.recipe import parse_recipe
 from spiralkit.spiral.runner import Spiral
@@ -94,3 +96,28 @@ def test_the_recipe_s_stages_run_end_to_end_on_a_tiny_bert(bert: Path, data_root
     assert report.final.metric >= report.pruned.metric - 20.0  # int8 of a tiny model: close, not equal
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["final"]["latency_ms"] > 0 and saved["baseline"]["latency_ms"] > 0
+    # The benchmark rebuilds the five models from the run directory and times them interleaved.
+    from bench.minilm_4x import build, interleave
+
+    recipe = parse_recipe(text)
+    data = load_data(recipe.data, seed=recipe.seed)
+    named, sizes = build(tmp_path / "run", data, static=False)
+    assert list(named) == ["teacher eager", "teacher ORT", "student", "pruned student", "final"]
+    x = next(iter(data.test))[0][:4]
+    with torch.no_grad():
+        assert torch.allclose(named["teacher ORT"](x), named["teacher eager"](x), atol=1e-4)
+        assert named["pruned student"](x).shape == named["final"](x).shape == (4, 2)
+    assert sizes["final"] < sizes["pruned student"] < sizes["student"] < sizes["teacher eager"]
+    medians = interleave(named, x, repeats=2, warmup=0)
+    assert set(medians) == set(named) and all(ms > 0 for ms in medians.values())
+
+
+def test_the_benchmark_names_the_missing_file_of_an_unfinished_run(tmp_path: Path) -> None:
+    from bench.minilm_4x import check_run
+
+    with pytest.raises(SpiralError, match=r"recipe\.yaml is missing: bench\.minilm_4x needs a finished run"):
+        check_run(tmp_path)
+    for name in ("recipe.yaml", "baseline.safetensors", "student.json", "student.safetensors", "model.safetensors"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(SpiralError, match=r"has no int8 ONNX final model"):
+        check_run(tmp_path)
