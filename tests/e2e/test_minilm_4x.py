@@ -121,3 +121,23 @@ def test_the_benchmark_names_the_missing_file_of_an_unfinished_run(tmp_path: Pat
         (tmp_path / name).write_text("")
     with pytest.raises(SpiralError, match=r"has no int8 ONNX final model"):
         check_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_static_int8_calibrates_a_text_model_on_its_token_ids(bert: Path, data_root: Path, tmp_path: Path) -> None:
+    """Token ids reach ONNX Runtime's calibrator as int64 (they were cast to float32, which it refused)."""
+    from spiralkit.models import ModelSpec, load_model
+    from spiralkit.quant.ort import BatchReader
+    from spiralkit.quant.ptq import StaticInt8, quantize
+
+    ids = torch.tensor([[[2, 6, 3], [1, 1, 1]]])
+    assert BatchReader([ids]).get_next()["input"].dtype == ids.numpy().dtype  # int64, unchanged
+    assert str(BatchReader([torch.ones(1, 3, dtype=torch.float64)]).get_next()["input"].dtype) == "float32"
+    torch.set_num_threads(1)
+    model = load_model(ModelSpec(name="hf", kwargs={"path": str(bert), "head": "classifier"})).eval()
+    spec = parse_recipe(yaml.safe_dump(tiny(yaml.safe_load(RECIPE.read_text()), bert, data_root))).data
+    data = load_data(spec, seed=0)
+    x = next(iter(data.test))[0][:4]
+    result = quantize(model, StaticInt8(calibration_batches=2), data.train, example=x, workdir=tmp_path)
+    with torch.no_grad():
+        assert (result.model(x) - model(x)).abs().max() < 0.5
