@@ -1,6 +1,6 @@
 """Benchmark: a finished MiniLM-at-4x run's five models, timed interleaved in one process.
 
-    python -m bench.minilm_4x runs/minilm_sst2_4x [--batch 32] [--repeats 20] [--static]
+    python -m bench.minilm_4x runs/minilm_sst2_4x [--batch 32] [--repeats 20] [--other]
 
 The run is recipes/minilm_sst2_4x.yaml's (any run with a student stage, structured rounds and
 an int8 quantize stage will do). Its models:
@@ -12,8 +12,9 @@ an int8 quantize stage will do). Its models:
 * ``student``: rebuilt from ``student.json`` and ``student.safetensors`` (eager);
 * ``pruned student``: the run's pruned float model (eager);
 * ``final``: the run's int8 ONNX file (its report's final row) in ONNX Runtime;
-* with ``--static``, also ``pruned, static int8``: the pruned model quantized here with
-  static int8 (calibrated on 8 training batches), to compare with the run's dynamic int8.
+* with ``--other``, also the pruned model quantized here with the other int8 kind (static
+  int8, calibrated on 8 training batches, when the run used dynamic; dynamic when it used
+  static), to compare the two on speed and accuracy.
 
 All run on 1 thread, call by call in turn, so that load on a shared machine hits each alike;
 inputs as `bench.student_speed` (``dev``: the 32 longest validation sentences, ``full``:
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from spiralkit.data import DataSplits, load_data
 from spiralkit.errors import SpiralError
 from spiralkit.export.onnx import OrtModel, export_onnx
-from spiralkit.quant.ptq import StaticInt8, quantize
+from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.spiral.context import example_input
 from spiralkit.spiral.export import pruned_model
 from spiralkit.spiral.recipe import load_recipe
@@ -77,7 +78,7 @@ def interleave(named: dict[str, nn.Module], x: Tensor, *, repeats: int, warmup: 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def build(run_dir: Path, data: DataSplits, *, static: bool) -> tuple[dict[str, nn.Module], dict[str, int]]:
+def build(run_dir: Path, data: DataSplits, *, other: bool) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The run's models by row name, and each one's size on disk in bytes (``data``: the run's)."""
     final_path = check_run(run_dir)
     recipe = load_recipe(run_dir / RECIPE)
@@ -93,9 +94,12 @@ def build(run_dir: Path, data: DataSplits, *, static: bool) -> tuple[dict[str, n
     sizes = {"teacher eager": (run_dir / BASELINE).stat().st_size, "teacher ORT": teacher_onnx.stat().st_size,
              "student": (run_dir / STUDENT_WEIGHTS).stat().st_size, "pruned student": (run_dir / MODEL).stat().st_size,
              "final": final_path.stat().st_size}
-    if static:
-        result = quantize(pruned, StaticInt8(), data.train, example=example, workdir=out / "static-int8", threads=1)
-        named["pruned, static int8"], sizes["pruned, static int8"] = result.model, result.size_bytes
+    if other:
+        state = load_run_state(run_dir)
+        config = DynamicInt8() if state.quantization is not None and state.quantization.kind == "static-int8" else StaticInt8()
+        result = quantize(pruned, config, data.train, example=example, workdir=out / config.kind, threads=1)
+        name = f"pruned, {config.kind}"
+        named[name], sizes[name] = result.model, result.size_bytes
     return named, sizes
 
 
@@ -104,13 +108,13 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--static", action="store_true", help="also time the pruned model in static int8")
+    parser.add_argument("--other", action="store_true", help="also the pruned model in the int8 kind the run did not use")
     args = parser.parse_args()
     torch.set_num_threads(1)
     check_run(args.run_dir)
     recipe = load_recipe(args.run_dir / RECIPE)
     data = load_data(recipe.data, seed=recipe.seed)
-    named, sizes = build(args.run_dir, data, static=args.static)
+    named, sizes = build(args.run_dir, data, other=args.other)
     accuracy = {name: evaluate(recipe.task, model, data.test).metric for name, model in named.items()}
     cases = inputs(args.run_dir, args.batch)
     medians = {case: interleave(named, x, repeats=args.repeats) for case, x in cases.items()}

@@ -101,7 +101,7 @@ def test_the_recipe_s_stages_run_end_to_end_on_a_tiny_bert(bert: Path, data_root
 
     recipe = parse_recipe(text)
     data = load_data(recipe.data, seed=recipe.seed)
-    named, sizes = build(tmp_path / "run", data, static=False)
+    named, sizes = build(tmp_path / "run", data, other=False)
     assert list(named) == ["teacher eager", "teacher ORT", "student", "pruned student", "final"]
     x = next(iter(data.test))[0][:4]
     with torch.no_grad():
