@@ -68,6 +68,7 @@ def test_the_4x_recipe_reads_the_teacher_and_chains_student_prune_and_int8() -> 
     assert recipe.student is not None and recipe.student.architecture.kind == "shallow"
     assert [(s.kind, s.heads) for s in recipe.prune] == [("structured", True)]
     assert recipe.recover.kind == "distill" and recipe.quantize is not None and recipe.quantize.kind == "dynamic-int8"
+    assert recipe.quantize.per_channel
     assert (recipe.measure.batch_size, recipe.measure.threads, recipe.data.kwargs["max_length"]) == (32, 1, 64)
 
 
