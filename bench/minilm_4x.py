@@ -26,6 +26,7 @@ the eager teacher and against the ONNX Runtime teacher, the dev accuracy and siz
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -132,6 +133,23 @@ def main() -> None:
     print(f"1 thread, batch {args.batch}, median of {args.repeats} interleaved calls; dev accuracy on "
           f"{sum(len(y) for _, y in data.test)} sentences")
     print(format_table(header, rows))
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print(contract(args.run_dir))
+
+
+def contract(run_dir: Path) -> str:
+    """The command contract from the run's ``report.json``: final against baseline, speed and metric."""
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    base, final = report["baseline"], report["final"]
+    return (f"report.json: baseline {base['latency_ms']:.1f} ms ({base.get('latency_runtime')}), "
+            f"final {final['latency_ms']:.1f} ms ({final.get('latency_runtime')}): "
+            f"{base['latency_ms'] / final['latency_ms']:.2f}x faster; metric {final['metric']:.2f} vs "
+            f"{base['metric']:.2f} = {100 * final['metric'] / base['metric']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_the_recipe_s_stages_run_end_to_end_on_a_tiny_bert(bert: Path, data_root
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["final"]["latency_ms"] > 0 and saved["baseline"]["latency_ms"] > 0
     # The benchmark rebuilds the five models from the run directory and times them interleaved.
-    from bench.minilm_4x import build, interleave
+    from bench.minilm_4x import build, contract, interleave
 
     recipe = parse_recipe(text)
     data = load_data(recipe.data, seed=recipe.seed)
@@ -111,6 +111,8 @@ def test_the_recipe_s_stages_run_end_to_end_on_a_tiny_bert(bert: Path, data_root
     assert sizes["final"] < sizes["pruned student"] < sizes["student"] < sizes["teacher eager"]
     medians = interleave(named, x, repeats=2, warmup=0)
     assert set(medians) == set(named) and all(ms > 0 for ms in medians.values())
+    speed = saved["baseline"]["latency_ms"] / saved["final"]["latency_ms"]
+    assert contract(tmp_path / "run").startswith("report.json: baseline ") and f"{speed:.2f}x faster" in contract(tmp_path / "run")
 
 
 def test_the_benchmark_names_the_missing_file_of_an_unfinished_run(tmp_path: Path) -> None:
