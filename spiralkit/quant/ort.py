@@ -118,12 +118,14 @@ class BatchReader(CalibrationDataReader):
     """Feeds ONNX Runtime's calibrators one batch at a time from in-memory tensors.
 
     Args:
-        batches: The calibration inputs (float tensors shaped like the model input).
+        batches: The calibration inputs, shaped like the model input: float tensors (fed as
+            float32), or integer ones such as token ids (fed with their own dtype).
         input_name: The model's input name.
     """
 
     def __init__(self, batches: Sequence[Tensor], *, input_name: str = INPUT_NAME) -> None:
-        self._batches = [np.ascontiguousarray(b.detach().cpu().float().numpy()) for b in batches]
+        self._batches = [np.ascontiguousarray((b if not b.is_floating_point() else b.float()).detach().cpu().numpy())
+                         for b in batches]
         self._input_name = input_name
         self._iter: Iterator[np.ndarray] = iter(self._batches)
 
