@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from spiralkit.layerwise import CalibrationError, InputStats, calibrate_layers, calibration_inputs, weight_matrix
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import QuantError, choose_qparams, expand_qparam
-from spiralkit.quant.weight_only import DEFAULT_INT4_GROUP, WeightOnlyConfig, WeightOnlyConv2d, WeightOnlyLinear, _swap
+from spiralkit.quant.weight_only import WeightOnlyConfig, WeightOnlyConv2d, WeightOnlyLinear, _swap, default_group_size
 
 __all__ = ["GPTQConfig", "gptq_quantize", "quantize_gptq_"]
 
@@ -64,9 +64,7 @@ class GPTQConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_group_size(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "group_size" not in data and data.get("bits", 4) in (3, 4):
-            return {**data, "group_size": DEFAULT_INT4_GROUP}
-        return data
+        return default_group_size(data, bits=4)
 
     @property
     def weight_only(self) -> WeightOnlyConfig:

@@ -79,6 +79,17 @@ WEIGHT_ONLY_FORMAT = "spiralkit.weight-only/1"
 DEFAULT_INT4_GROUP = 32
 
 
+def default_group_size(data: Any, *, bits: int) -> Any:
+    """A config's raw input with ``group_size`` filled in when it is not given: 32 for 3 and 4 bits.
+
+    ``bits`` is the config's default bit width, used when ``data`` names none. Every config
+    holding ``bits``/``group_size`` validates its input through this, before its fields.
+    """
+    if isinstance(data, dict) and "group_size" not in data and data.get("bits", bits) in (3, 4):
+        return {**data, "group_size": DEFAULT_INT4_GROUP}
+    return data
+
+
 class WeightOnlyConfig(BaseModel):
     """Weight-only quantization of Linear and Conv2d layers.
 
@@ -97,9 +108,7 @@ class WeightOnlyConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_group_size(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "group_size" not in data and data.get("bits") in (3, 4):
-            return {**data, "group_size": DEFAULT_INT4_GROUP}
-        return data
+        return default_group_size(data, bits=8)
 
     @property
     def spec(self) -> QuantSpec:

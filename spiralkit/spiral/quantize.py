@@ -39,7 +39,7 @@ from spiralkit.models import ModelSpec
 from spiralkit.quant.affine import PerChannel, PerTensor, QuantError, check_bits
 from spiralkit.quant.compact import save_compressed
 from spiralkit.quant.gptq import GPTQConfig, quantize_gptq_
-from spiralkit.quant.weight_only import DEFAULT_INT4_GROUP, WeightOnlyConfig, quantize_weights_, save_weight_only
+from spiralkit.quant.weight_only import WeightOnlyConfig, default_group_size, quantize_weights_, save_weight_only
 from spiralkit.quant.mixed import choose_bits, sensitivity_scan
 from spiralkit.quant.nonzero import fake_quantize_nonzero, quantize_nonzero_, weight_bits
 from spiralkit.export.onnx import OrtModel
@@ -332,9 +332,7 @@ class WeightOnlyStage(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_group_size(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "group_size" not in data and data.get("bits", 4) in (3, 4):
-            return {**data, "group_size": DEFAULT_INT4_GROUP}
-        return data
+        return default_group_size(data, bits=4)
 
     def run(self, model: nn.Module, inputs: StageInputs) -> Quantized:
         """Quantize a copy of ``model``, save its codes and, for ONNX Runtime, its ``MatMulNBits`` file."""
