@@ -8,9 +8,11 @@
 """
 
 from spiralkit.latency.planner import (
+    GroupWeight,
     LatencyPlan,
     calibration_ms,
     choose_widths,
+    group_weights,
     narrowest_counts,
     plan_for_latency,
     table_for,
@@ -32,6 +34,7 @@ __all__ = [
     "Block",
     "BlockShape",
     "Compiled",
+    "GroupWeight",
     "LatencyError",
     "LatencyPlan",
     "LatencyTable",
@@ -41,6 +44,7 @@ __all__ = [
     "calibration_ms",
     "choose_widths",
     "get_runtime",
+    "group_weights",
     "interleaved_ms",
     "latency_of",
     "narrowest_counts",

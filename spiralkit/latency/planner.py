@@ -35,7 +35,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -48,7 +48,10 @@ from spiralkit.prune.importance import LossFn
 from spiralkit.prune.plan import PrunePlan
 from spiralkit.prune.structured import Planner, StructuredPrune, planner
 
-__all__ = ["LatencyPlan", "calibration_ms", "choose_widths", "narrowest_counts", "plan_for_latency", "table_for"]
+GroupWeight = Literal["equal", "layers", "weights"]
+"""How groups' importance compares in `choose_widths` (see `group_weights`)."""
+
+__all__ = ["GroupWeight", "LatencyPlan", "calibration_ms", "choose_widths", "narrowest_counts", "plan_for_latency", "table_for"]
 
 
 @dataclass(frozen=True)
@@ -104,18 +107,58 @@ def _removed(member: Member, kept: frozenset[int]) -> int:
     return sum(1 for root in member.roots if root not in kept)
 
 
+def _weights_per_channel(block: Block, role: str) -> int:
+    """The conv/linear weights one channel of ``block``'s ``role`` side holds, at full widths."""
+    shape = block.shape
+    kernel = math.prod(shape.kernel) if shape.kernel else 1
+    if shape.depthwise:
+        return kernel if role == "out" else 0
+    groups = max(shape.groups, 1)
+    return (block.in_size // groups) * kernel if role == "out" else (block.out_size // groups) * kernel
+
+
+def group_weights(groups: Sequence[ChannelGroup], blocks: Sequence[Block], how: GroupWeight) -> dict[str, float]:
+    """What one channel of each group is worth, relative to the others, before its own score.
+
+    Each group's channel scores are divided by their mean (a channel of the group is worth 1
+    on average); this weight multiplies them:
+
+    * ``equal`` — 1 for every group: a channel of a residual stream that ten layers share is
+      worth as much as one of a single convolution.
+    * ``layers`` — the number of conv/linear layers the group's channels live in (either side),
+      so cutting a stream shared by many layers costs what cutting each of them would.
+    * ``weights`` — the number of conv/linear weights one channel of the group holds, over
+      every layer it touches (at full widths): wide, deep layers' channels are worth more.
+
+    A group touching no conv/linear layer weighs 1.
+    """
+    by_name = {b.name: b for b in blocks}
+    weights: dict[str, float] = {}
+    for group in groups:
+        sides = [(by_name[m.module], m.role) for m in group.members if m.module in by_name]
+        if how == "layers":
+            value = float(len({block.name for block, _ in sides}))
+        elif how == "weights":
+            value = float(sum(_weights_per_channel(block, role) for block, role in sides))
+        else:
+            value = 1.0
+        weights[group.id] = value if value > 0 else 1.0
+    return weights
+
+
 class _Problem:
     """The groups, their allowed widths and importance, and the blocks they change."""
 
     def __init__(self, plan_for: Planner, blocks: Sequence[Block], table: LatencyTable, *, step: int,
-                 max_ratio: float) -> None:
+                 max_ratio: float, weigh: GroupWeight = "equal") -> None:
         self.table = table
         self.widths = {g.id: _group_widths(g, step, max_ratio) for g in plan_for.channels}
         self.gain: dict[str, dict[int, float]] = {}
         kept: dict[str, dict[int, frozenset[int]]] = {}
+        weight = group_weights(plan_for.channels, blocks, weigh)
         for g in plan_for.channels:
             scores = plan_for.scores.channels[g.id].double()
-            scores = scores / scores.mean().clamp_min(1e-300)
+            scores = weight[g.id] * scores / scores.mean().clamp_min(1e-300)
             kept[g.id] = {k: frozenset(plan_for.keep(g, k)) for k in self.widths[g.id]}
             self.gain[g.id] = {k: float(scores[list(kept[g.id][k])].sum()) for k in self.widths[g.id]}
         sides: dict[tuple[str, str], list[_Side]] = {}
@@ -191,6 +234,7 @@ def choose_widths(
     step: int = 8,
     max_ratio: float = 1.0,
     strict: bool = True,
+    weigh: GroupWeight = "equal",
 ) -> LatencyPlan:
     """Per-group widths with the most importance whose predicted latency is at most ``target_ms``.
 
@@ -207,6 +251,7 @@ def choose_widths(
         max_ratio: at most this fraction of a group's channels may go.
         strict: a target that even the narrowest widths miss is an error; otherwise the
             narrowest widths are returned (a spiral round gets as close as it may).
+        weigh: how groups' importance compares (`group_weights`).
 
     Returns:
         The plan and its predicted latency.
@@ -214,7 +259,7 @@ def choose_widths(
     Raises:
         LatencyError: ``strict`` and even the narrowest allowed widths predict more than ``target_ms``.
     """
-    problem = _Problem(plan_for, blocks, table, step=step, max_ratio=max_ratio)
+    problem = _Problem(plan_for, blocks, table, step=step, max_ratio=max_ratio, weigh=weigh)
     counts = {g.id: g.size for g in plan_for.channels}
     full_sum = problem.blocks_ms(counts)
     narrow_sum = problem.blocks_ms(narrowest_counts(plan_for, step=step, max_ratio=max_ratio))

@@ -16,7 +16,7 @@ from spiralkit.data import DataSplits
 from spiralkit.distill.cache import TeacherCache
 from spiralkit.errors import SpiralError
 from spiralkit.export.onnx import OrtModel
-from spiralkit.latency import latency_of
+from spiralkit.latency import interleaved_ms, latency_of
 from spiralkit.measure import count_macs, count_params, measure_latency, size_on_disk
 from spiralkit.parallel import SINGLE, World
 from spiralkit.report import Metrics
@@ -127,12 +127,30 @@ def _size_measure(stage: PruneStage, baseline: Metrics, ctx: RunContext) -> tupl
     return (lambda m: _runtime_latency_ms(m, runtime, ctx)), ctx.baseline_latency[runtime]
 
 
+def _relative_latency(model: nn.Module, runtime: str, ctx: RunContext) -> float:
+    """``model``'s latency over the baseline's (the frozen teacher's), the two timed interleaved."""
+    measure = ctx.recipe.measure
+    model_ms, baseline_ms = interleaved_ms([(model, ctx.example), (ctx.teacher, ctx.example)], runtime=runtime,
+                                           threads=measure.threads, warmup=measure.warmup,
+                                           repeats=max(1, measure.repeats // 3), clock=measure.clock)
+    return model_ms / baseline_ms
+
+
 def stage_context(stage: PruneStage, baseline: Metrics, ctx: RunContext) -> StageContext:
-    """What ``stage`` needs from the run to measure and prune a model."""
+    """What ``stage`` needs from the run to measure and prune a model.
+
+    A latency stage's progress times the model beside the baseline (`_relative_latency`):
+    against a baseline timed once, a burst of load during that one measurement made an
+    unpruned model look faster than it.
+    """
     size, baseline_size = _size_measure(stage, baseline, ctx)
+    relative = None
+    if stage.size_measure == "latency":
+        runtime = stage.runtime or "eager"
+        relative = lambda model: _relative_latency(model, runtime, ctx)  # noqa: E731
     return StageContext(example=ctx.example, batches=ctx.data.train, loss_fn=ctx.recipe.task.loss,
                         size=size, baseline_size=baseline_size, threads=ctx.recipe.measure.threads,
-                        clock=ctx.recipe.measure.clock)
+                        clock=ctx.recipe.measure.clock, relative=relative)
 
 
 def _first_nonfinite_batch(batches: Iterable[tuple[object, Tensor]]) -> int | None:

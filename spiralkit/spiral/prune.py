@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from spiralkit.configs import KindTable, by_kind
 from spiralkit.errors import ConfigError, PruneError
-from spiralkit.latency import RUNTIMES, LatencyPlan, calibration_ms, choose_widths, table_for
+from spiralkit.latency import RUNTIMES, GroupWeight, LatencyPlan, calibration_ms, choose_widths, table_for
 from spiralkit.measure import Clock
 from spiralkit.layerwise import CalibrationError, check_layer, weight_matrix
 from spiralkit.prune.calibrated import CalibratedCriterion
@@ -75,6 +75,9 @@ class StageContext:
         baseline_size: the same measure of the unpruned baseline.
         threads: intra-op threads latency is measured with.
         clock: the clock latency is measured on (``wall`` or ``cpu``).
+        relative: a model's size measure over the baseline's, the two measured together
+            (latency: timed interleaved, so that a burst of load on a shared machine hits
+            both alike); None: ``size(model) / baseline_size``.
     """
 
     example: Tensor
@@ -84,6 +87,11 @@ class StageContext:
     baseline_size: float
     threads: int = 1
     clock: Clock = "wall"
+    relative: Callable[[nn.Module], float] | None = None
+
+    def ratio(self, model: nn.Module) -> float:
+        """``model``'s size measure as a fraction of the baseline's."""
+        return self.relative(model) if self.relative is not None else self.size(model) / self.baseline_size
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,11 @@ class StructuredStage(BaseModel):
         width_step: with ``measure: latency``, group widths are multiples of this (or whole;
             default 8). Both default to None so that recipes without them keep their
             fingerprint (a missing key and None compare equal).
+        group_weight: with ``measure: latency``, how the planner compares groups' importance:
+            ``equal``, ``layers`` (a channel is worth the number of layers it lives in: a
+            residual stream shared by many layers costs what cutting each of them would) or
+            ``weights`` (the weights it holds); see `spiralkit.latency.group_weights`. None
+            (the default, as ``width_step``) is ``equal``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -249,6 +262,7 @@ class StructuredStage(BaseModel):
     bn_penalty: float = Field(default=0.0, ge=0)
     runtime: str | None = None
     width_step: int | None = Field(default=None, ge=1)
+    group_weight: GroupWeight | None = None
 
     @field_validator("runtime")
     @classmethod
@@ -282,8 +296,8 @@ class StructuredStage(BaseModel):
         )
 
     def progress(self, model: nn.Module, masks: Masks | None, ctx: StageContext) -> float:
-        """The reduction of the size measure against the baseline's."""
-        return 1.0 - ctx.size(model) / ctx.baseline_size
+        """The reduction of the size measure against the baseline's (latency: timed beside the baseline)."""
+        return 1.0 - ctx.ratio(model)
 
     def cut(self, model: nn.Module, masks: Masks | None, *, target: float, ctx: StageContext) -> RoundCut:
         """Remove the channels of the ratio (or, for latency, the widths) that bring the size measure to ``target``."""
@@ -299,8 +313,10 @@ class StructuredStage(BaseModel):
         """Widths from the latency table within ``(1 − target)·baseline`` ms.
 
         The prediction is calibrated on the model and its narrowest copy (measured
-        interleaved) and checked with one measurement of the pruned model (the stage's size
-        measure, which also measures the model before the cut once). A stage target
+        interleaved) and checked by timing the pruned model beside the baseline; when that
+        misses the round's target, the widths are chosen once more for a target lowered by
+        the miss. The round records the prediction and one measurement of the model it keeps
+        (the stage's size measure, which also measures the model before the cut once). A stage target
         that even the narrowest widths miss is an error (in its first round, before any
         recovery); a round's own target is approached as closely as the widths allow.
 
@@ -316,14 +332,19 @@ class StructuredStage(BaseModel):
         # measure (a median), so the goal is scaled by the model's latency in both.
         scale = full_ms / ctx.size(model)
 
-        def widths(reduction: float, *, strict: bool) -> LatencyPlan:
-            return choose_widths(plan_for, blocks, table, target_ms=(1.0 - reduction) * ctx.baseline_size * scale,
+        def widths(reduction: float, *, strict: bool, correction: float = 1.0) -> LatencyPlan:
+            return choose_widths(plan_for, blocks, table,
+                                 target_ms=(1.0 - reduction) * ctx.baseline_size * scale * correction,
                                  measured_ms=full_ms, narrowest_ms=narrowest_ms, step=step, max_ratio=self.max_ratio,
-                                 strict=strict)
+                                 strict=strict, weigh=self.group_weight or "equal")
 
         if narrowest_ms > (1.0 - self.target_reduction) * ctx.baseline_size * scale:
             widths(self.target_reduction, strict=True)  # the stage's goal is out of reach: the error names the key
         chosen = widths(target, strict=False)
+        measured = ctx.ratio(apply_plan(copy.deepcopy(model), chosen.plan, mode="remove"))
+        if measured > 1.0 - target:  # the prediction was optimistic: plan once more for less, by the miss
+            retry = widths(target, strict=False, correction=(1.0 - target) / measured)
+            chosen = retry if retry.counts != chosen.counts else chosen
         apply_plan(model, chosen.plan, mode="remove")
         predicted = chosen.predicted_ms / scale  # back in the stage measure's terms, like the measurement
         return RoundCut(masks=None, plan=chosen.plan, predicted_ms=predicted, measured_ms=ctx.size(model))
