@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from spiralkit.bench import RUNTIMES, BenchConfig, BenchResult, Candidate, bench, bench_table, input_shape_of
-from spiralkit.bench import model_candidates, run_candidates
-from spiralkit.bench.peers import PeersConfig, peers_table
+from spiralkit.bench import BenchError, model_candidates, run_candidates
+from spiralkit.bench.peers import PLANS, PeersConfig, peers_table
 from spiralkit.bench.peers import peers as run_peers
 from spiralkit.errors import SpiralError
 from spiralkit.parallel import launched, world_from_env
@@ -314,6 +314,7 @@ def bench_command(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Weights for MODEL (.safetensors or a weights-only torch file); default: its initial weights.")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="One input's shape without the batch, e.g. 3,224,224 (default: known per model, or the run's data).")] = None,
     macs: Annotated[float, typer.Option(help="With --peers: the fraction of the dense MACs the pruned methods keep.")] = 0.5,
+    plan: Annotated[str, typer.Option(help=f"With --peers: how spiralkit prunes: {' or '.join(PLANS)} (uniform L2 widths, multiples of 16; or the latency-aware planner on ONNX Runtime's table).")] = "uniform",
     repeats: Annotated[int, typer.Option(help="Timed rounds (each calls every candidate once, round-robin).")] = 30,
     warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON.")] = None,
@@ -328,6 +329,8 @@ def bench_command(
                                               warmup=warmup, repeats=repeats)
         budget = PeersConfig(macs=macs, batch=batches[0], threads=thread_counts[0], warmup=warmup,
                              repeats=repeats) if peers else None
+        if plan not in PLANS:
+            raise BenchError(f"unknown --plan {plan!r}; known plans: {', '.join(PLANS)}")
         shape = _ints([input_shape], "--input-shape") if input_shape else ()
         candidates, shape = _bench_target(target, checkpoint, shape, allow_code)
         with tempfile.TemporaryDirectory(prefix="spiral-bench-") as tmp:
@@ -335,7 +338,7 @@ def bench_command(
             if budget is not None:
                 model = candidates[0].module
                 assert model is not None  # the first candidate is always a module (a model, a run's baseline)
-                measured = run_peers(model, target, shape, budget, where)
+                measured = run_peers(model, target, shape, budget, where, plan=PLANS[plan])
                 table, data = peers_table(measured), measured.to_dict()
             else:
                 assert grid is not None

@@ -51,8 +51,9 @@ from spiralkit.bench.timing import time_interleaved
 from spiralkit.export import save_weights
 from spiralkit.export.onnx import compare_outputs, export_onnx
 from spiralkit.graph.tp import torch_pruning_prune
+from spiralkit.latency import GroupWeight, calibration_ms, choose_widths, table_for
 from spiralkit.latency.runtimes import RUNTIMES, Compiled, openvino_compiled
-from spiralkit.measure import count_macs, size_on_disk
+from spiralkit.measure import Clock, count_macs, size_on_disk
 from spiralkit.modules import torch_threads
 from spiralkit.prune.apply import apply_plan
 from spiralkit.prune.structured import StructuredPrune, planner
@@ -60,13 +61,13 @@ from spiralkit.quant.ort import BatchReader
 from spiralkit.quant.ptq import QuantizedModel, StaticInt8, quantize
 from spiralkit.spiral.prune import search_ratio
 
-__all__ = ["PEERS_SCHEMA", "PeerResult", "PlanFn", "PeersConfig", "PeersReport", "peers", "peers_table", "spiralkit_plan",
-           "torchpruning_plan"]
+__all__ = ["PEERS_SCHEMA", "PLANS", "PeerResult", "PlanFn", "PeersConfig", "PeersReport", "latency_plan", "peers", "peers_table",
+           "spiralkit_plan", "torchpruning_plan"]
 
 PEERS_SCHEMA = "spiralkit.bench-peers/1"
 
 PlanFn = Callable[..., nn.Module]
-"""``plan(model, example, *, macs) → pruned copy``: how spiralkit's rows prune (default `spiralkit_plan`)."""
+"""``plan(model, example, *, macs, threads) → pruned copy``: how spiralkit's rows prune (default `spiralkit_plan`)."""
 _ROUND_TO = 16  # kernel-friendly widths: multiples of 16 keep AVX-512 convolutions in their fast layouts
 _MAX_RATIO = 0.95
 _EVAL_INPUTS = 4
@@ -164,7 +165,7 @@ class PeersReport:
 # --------------------------------------------------------------------------- plans
 
 
-def spiralkit_plan(model: nn.Module, example: Tensor, *, macs: float) -> nn.Module:
+def spiralkit_plan(model: nn.Module, example: Tensor, *, macs: float, threads: int = 1) -> nn.Module:
     """spiralkit's pruned model for the peers table: structured, L2 magnitude, widths multiples of 16.
 
     The channel ratio is bisected (`spiralkit.spiral.prune.search_ratio`) to the largest
@@ -175,6 +176,7 @@ def spiralkit_plan(model: nn.Module, example: Tensor, *, macs: float) -> nn.Modu
         model: The dense model (not changed).
         example: An input batch.
         macs: The fraction of the MACs to keep.
+        threads: Unused (the plan counts MACs, it times nothing).
 
     Returns:
         A pruned copy.
@@ -184,6 +186,51 @@ def spiralkit_plan(model: nn.Module, example: Tensor, *, macs: float) -> nn.Modu
     goal = macs * count_macs(model, example)
     plan = search_ratio(plan_for, model, size=lambda m: float(count_macs(m, example)), goal=goal, max_ratio=_MAX_RATIO)
     return apply_plan(copy.deepcopy(model), plan, mode="remove").eval()
+
+
+def latency_plan(model: nn.Module, example: Tensor, *, macs: float, runtime: str = "ort", threads: int = 1,
+                 step: int = 32, weigh: GroupWeight = "layers", clock: Clock = "wall", iterations: int = 12) -> nn.Module:
+    """spiralkit's latency-aware plan at the MACs budget: the fastest widths the table knows, within ``macs``.
+
+    The model's blocks are tabled on ``runtime`` at widths that are multiples of ``step``
+    (`spiralkit.latency.table_for`, cached on disk), the prediction is calibrated on the
+    dense model and its narrowest copy, and the latency target is bisected to the largest
+    whose plan (`spiralkit.latency.choose_widths`, groups weighed by ``weigh``) has at most
+    ``macs`` of the dense MACs: for that budget, widths chosen by measured speed, not by a
+    uniform ratio.
+
+    Args:
+        model: The dense model (not changed).
+        example: An input batch (its batch size is the table's).
+        macs: The fraction of the MACs to keep.
+        runtime, threads, clock: Where the table and calibration are measured.
+        step: The width grid's step.
+        weigh: How the planner compares groups (`spiralkit.latency.group_weights`).
+        iterations: Bisection steps on the latency target.
+
+    Returns:
+        A pruned copy (the narrowest widths allowed when even they exceed the budget).
+    """
+    plan_for = planner(model, StructuredPrune(ratio=0.0), example=example)
+    blocks, table = table_for(plan_for, model, example, runtime=runtime, threads=threads, step=step, clock=clock)
+    full_ms, narrow_ms = calibration_ms(model, plan_for, example, runtime=runtime, threads=threads, step=step,
+                                        clock=clock)
+    goal = macs * count_macs(model, example)
+
+    def pruned(target_ms: float) -> nn.Module:
+        chosen = choose_widths(plan_for, blocks, table, target_ms=target_ms, measured_ms=full_ms, narrowest_ms=narrow_ms,
+                               step=step, strict=False, weigh=weigh)
+        return apply_plan(copy.deepcopy(model), chosen.plan, mode="remove")
+
+    best, low, high = pruned(narrow_ms), narrow_ms, full_ms
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        candidate = pruned(middle)
+        if count_macs(candidate, example) <= goal:
+            best, low = candidate, middle
+        else:
+            high = middle
+    return best.eval()
 
 
 def torchpruning_plan(model: nn.Module, example: Tensor, *, macs: float, iterations: int = 10) -> nn.Module:
@@ -305,11 +352,11 @@ def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: Peers
     built.append(_Built("torch_prune_unstructured", "torch.nn.utils.prune L1 unstructured, eager", "eager",
                         eager.from_module(sparse, x, threads=threads, scratch=workdir), count_macs(sparse, x),
                         size_on_disk(sparse, workdir / "unstructured").best_bytes, twin="eager_fp32"))
-    ours = plan(model, x, macs=budget)
+    ours = plan(model, x, macs=budget, threads=threads)
     ours_int8 = _spiralkit_int8(ours, x, calibration, workdir / "spiralkit", threads)
     ours_macs = count_macs(ours, x)
     built += [
-        _Built("spiralkit_prune_fp32", f"spiralkit plan ({getattr(plan, '__name__', 'custom')}), ONNX Runtime", "ort",
+        _Built("spiralkit_prune_fp32", f"spiralkit plan ({_name(plan)}), ONNX Runtime", "ort",
                ort.from_onnx(ours_int8.float_path, x, threads=threads), ours_macs, _file_size(ours_int8.float_path)),
         _Built("spiralkit_prune_int8", "spiralkit plan + spiralkit static int8, ONNX Runtime", "ort",
                ort.from_onnx(ours_int8.path, x, threads=threads), ours_macs, ours_int8.size_bytes,
@@ -319,6 +366,17 @@ def _build(model: nn.Module, x: Tensor, calibration: list[Tensor], config: Peers
         built += _openvino_methods(dense_onnx, dense_int8.path, ours_int8.path, x, calibration, threads, workdir,
                                    dense_macs=dense_macs, ours_macs=ours_macs)
     return built
+
+
+def _name(plan: PlanFn) -> str:
+    """The plan function's name (of a `functools.partial`, its function's)."""
+    return getattr(plan, "__name__", None) or getattr(getattr(plan, "func", None), "__name__", "custom")
+
+
+PLANS: dict[str, PlanFn] = {"uniform": spiralkit_plan, "latency": latency_plan}
+"""The plans ``spiral bench --peers --plan`` names: ``uniform`` (`spiralkit_plan`, the default: on
+ONNX Runtime's int8 kernels it measured faster than the latency-aware plan tabled in fp32) and
+``latency`` (`latency_plan`)."""
 
 
 def _openvino_methods(dense_onnx: Path, dense_int8: Path, ours_int8: Path, x: Tensor, calibration: list[Tensor], threads: int,

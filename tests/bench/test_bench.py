@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from spiralkit.bench import RUNTIMES, BenchConfig, BenchError, Candidate, bench, runtime, time_interleaved
-from spiralkit.bench.peers import PeersConfig, spiralkit_plan, torchpruning_plan
+from spiralkit.bench.peers import PeersConfig, latency_plan, spiralkit_plan, torchpruning_plan
 from spiralkit.cli import app
 from spiralkit.measure import count_macs
 from spiralkit.models import lenet5, mlp
@@ -101,6 +101,7 @@ def test_the_cli_times_a_run_directorys_baseline_pruned_and_final_models(tmp_pat
     (["mypackage.models:net"], "spiral bench builds zoo, torchvision and timm models only"),
     (["lenet5", "--batch", "one"], "--batch takes whole numbers"),
     (["--peers", "lenet5", "--macs", "1.5"], "--macs is the fraction of the MACs to keep, in (0, 1]; got 1.5"),
+    (["--peers", "lenet5", "--plan", "magic"], "unknown --plan 'magic'; known plans: uniform, latency"),
 ])
 def test_bad_inputs_are_errors_that_name_them(args: list[str], message: str) -> None:
     code, output = invoke(*args, *FAST)
@@ -160,6 +161,18 @@ def test_peers_json_has_the_contract_fields_and_methods_without_openvino(tmp_pat
     assert methods["spiralkit_prune_int8"]["macs"] <= 0.5 * dense and methods["torchpruning_ort_int8"]["macs"] <= 0.5 * dense
     assert methods["spiralkit_prune_int8"]["cosine_to_fp32"] > 0.99
     assert "random normal" in data["calibration"]
+
+
+def test_the_latency_aware_plan_meets_the_macs_budget_with_table_widths(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPIRALKIT_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model, x = lenet5().eval(), torch.randn(1, 1, 28, 28)
+    pruned = latency_plan(model, x, macs=0.5, step=8, iterations=6)
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert count_macs(pruned, x) <= 0.5 * count_macs(model, x) and pruned(x).shape == (1, 10)
+    assert all(w % 8 == 0 or w == full for w, full in zip(widths, (20, 50)))
+    assert list((tmp_path / "cache" / "latency").glob("ort-*.json")), "the table is cached for the next run"
 
 
 def test_peers_with_openvino_add_its_methods(tmp_path: Path) -> None:
