@@ -45,7 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reduction", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--weigh", choices=get_args(GroupWeight), default="equal")
+    parser.add_argument("--weigh", choices=get_args(GroupWeight), default=None,
+                        help="how the planner compares groups (default: the recipe's group_weight)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the recovery (the plans do not depend on it)")
     parser.add_argument("--epochs", type=int, default=None, help="recovery epochs (default: the recipe's)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="start from this checkpoint instead")
@@ -59,6 +60,7 @@ def main() -> None:
         update["recover"] = recipe.recover.model_copy(
             update={"train": recipe.recover.train.model_copy(update={"epochs": args.epochs})})
     recipe = recipe.model_copy(update=update)
+    weigh = args.weigh or recipe.prune[0].group_weight or "equal"
     torch.manual_seed(0)
     teacher = load_model(recipe.model).eval()
     data = load_data(recipe.data, seed=recipe.seed)
@@ -69,7 +71,7 @@ def main() -> None:
     blocks, table = table_for(plan_for, teacher, x, runtime="ort", threads=1, step=8, clock="cpu")
     full_ms, narrow_ms = calibration_ms(teacher, plan_for, x, runtime="ort", threads=1, step=8, **timing)
     chosen = choose_widths(plan_for, blocks, table, target_ms=(1 - args.reduction) * full_ms, measured_ms=full_ms,
-                           narrowest_ms=narrow_ms, step=8, weigh=args.weigh)
+                           narrowest_ms=narrow_ms, step=8, weigh=weigh)
     aware = apply_plan(copy.deepcopy(teacher), chosen.plan, mode="remove")
     low, high, uniform = 0.0, 0.9, None
     for _ in range(7):  # the smallest uniform ratio at most as slow as the plan
@@ -81,7 +83,7 @@ def main() -> None:
         else:
             low = middle
     assert uniform is not None, "no uniform ratio below 0.9 is as fast as the plan"
-    models = {f"latency-aware plan ({args.weigh})": aware, f"uniform L2 (ratio {high:.3f})": uniform}
+    models = {f"latency-aware plan ({weigh})": aware, f"uniform L2 (ratio {high:.3f})": uniform}
     ms = interleaved_ms([(m, x) for m in models.values()] + [(teacher, x)], runtime="ort", **timing)
     recover = fitted_to(recipe.recover, data.train)
     print(f"| model | MACs (batch 1) | ms @{args.batch} (ORT, CPU clock) | speed-up | test accuracy after recovery |")
@@ -98,7 +100,7 @@ def main() -> None:
               flush=True)
         rows.append({"model": name, "macs": count_macs(model, x[:1]), "ms": latency, "accuracy": accuracy})
     if args.json is not None:
-        args.json.write_text(json.dumps({"weigh": args.weigh, "seed": args.seed, "counts": chosen.counts,
+        args.json.write_text(json.dumps({"weigh": weigh, "seed": args.seed, "counts": chosen.counts,
                                          "predicted_ms": chosen.predicted_ms, "rows": rows}, indent=1))
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -295,14 +296,33 @@ def table_for(
     `spiralkit.latency.table.build_table` (cache directory, repeats…).
     """
     blocks = table_blocks(model, example)
-    pruned = {(m.module, m.role) for g in plan_for.channels for m in g.members}
-    widths = {
-        b.name: (width_grid(b.in_size, step) if (b.name, "in") in pruned else (b.in_size,),
-                 width_grid(b.out_size, step) if (b.name, "out") in pruned else (b.out_size,))
-        for b in blocks
-    }
+    sides: dict[tuple[str, str], list[tuple[ChannelGroup, Member]]] = {}
+    for g in plan_for.channels:
+        for m in g.members:
+            sides.setdefault((m.module, m.role), []).append((g, m))
+    widths = {b.name: (_side_widths(sides.get((b.name, "in"), []), b.in_size, step),
+                       _side_widths(sides.get((b.name, "out"), []), b.out_size, step)) for b in blocks}
     table = build_table(model, example, runtime=runtime, threads=threads, step=step, widths=widths, **build)
     return blocks, table
+
+
+def _side_widths(touching: Sequence[tuple[ChannelGroup, Member]], size: int, step: int) -> tuple[int, ...]:
+    """The widths a block side can have under any plan of `choose_widths`.
+
+    Untouched by any group: its full width only. Touched by one group whose every channel
+    spans the same number ``r`` of the side's entries (a linear layer reading a flattened
+    conv output has ``r`` = the pixels per channel): ``size − r·(removed channels)`` at each
+    width the group may keep. Otherwise (several groups, e.g. a concatenation): the grid.
+    """
+    if not touching:
+        return (size,)
+    if len(touching) == 1:
+        group, member = touching[0]
+        spans = Counter(member.roots)
+        if len(spans) == group.size and len(set(spans.values())) == 1:
+            span = next(iter(spans.values()))
+            return tuple(sorted({size - span * (group.size - k) for k in _group_widths(group, step, 1.0)}))
+    return width_grid(size, step)
 
 
 def plan_for_latency(

@@ -387,3 +387,22 @@ def test_a_stage_goal_out_of_reach_is_an_error_in_the_first_round(timer: Timer, 
     ctx = StageContext(example=x, batches=(), loss_fn=nn.functional.cross_entropy, size=lambda m: 1.0, baseline_size=1.0)
     with pytest.raises(LatencyError, match=r"out of reach on eager .* ask for a smaller 'target_reduction'"):
         stage.cut(model, None, target=0.3, ctx=ctx)
+
+
+def test_a_linear_reading_a_flattened_conv_is_tabled_at_the_widths_its_group_gives_it(timer: Timer) -> None:
+    # LeNet-5's fc1 reads conv2's 50 channels x 16 pixels: 800 inputs. Its table row holds
+    # 16·k for the widths k conv2 may keep, not every multiple of 8 up to 800.
+    from spiralkit.models import lenet5
+
+    model, x = lenet5().eval(), torch.randn(1, 1, 28, 28)
+    plan_for = planner(model, StructuredPrune(ratio=0.0), example=x)
+    blocks, table = table_for(plan_for, model, x, runtime="eager", threads=1, step=8)
+    fc1 = next(b for b in blocks if b.in_size == 800)
+    # (fc2 has the same shape key; its entries are the ones with 10 outputs.)
+    assert sorted({i for i, o in table.entries[fc1.shape.key()] if o == 500}) == [16 * k for k in width_grid(50, 8)]
+    chosen = choose_widths(plan_for, blocks, table, target_ms=0.6 * table.ms(fc1.shape, 800, fc1.out_size) + 0.5,
+                           measured_ms=sum(table.ms(b.shape, b.in_size, b.out_size) for b in blocks) + 0.5,
+                           step=8, strict=False)
+    pruned = apply_plan(copy.deepcopy(model), chosen.plan, mode="remove")
+    for block in table_blocks(pruned, x):
+        assert (block.in_size, block.out_size) in table.entries[block.shape.key()]
