@@ -154,6 +154,23 @@ def metric_drop(task: AnyTask, *, baseline: float, value: float) -> float:
     return baseline - value if task.higher_is_better else value - baseline
 
 
+_TIE = 1e-9
+"""Relative slack of `within_tolerance`: far below any metric's resolution, far above float rounding."""
+
+
+def within_tolerance(task: AnyTask, *, baseline: float, value: float, tolerance: float) -> bool:
+    """Whether ``value`` is at most ``tolerance`` worse than ``baseline``; a drop equal to the
+    tolerance is within it.
+
+    Metrics are float ratios, so a drop that equals the tolerance exactly in examples need
+    not in floats: 12 of 6,000 validation images are 0.2 points, but
+    ``98.2333… − 98.0333…`` is ``0.2000000000000028``, which a plain ``drop <= 0.2`` rejects.
+    The comparison allows ``1e-9`` (relative to the tolerance, at least absolute) for that rounding.
+    """
+    drop = metric_drop(task, baseline=baseline, value=value)
+    return drop <= tolerance + _TIE * max(1.0, abs(tolerance))
+
+
 @singledispatch
 def evaluate(
     task: object,

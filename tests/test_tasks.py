@@ -10,7 +10,15 @@ from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from spiralkit.errors import SpiralError
-from spiralkit.tasks import Classification, EmbeddingFidelity, Perplexity, Task, evaluate, metric_drop
+from spiralkit.tasks import (
+    Classification,
+    EmbeddingFidelity,
+    Perplexity,
+    Task,
+    evaluate,
+    metric_drop,
+    within_tolerance,
+)
 
 
 def _rotation(degrees: float) -> nn.Linear:
@@ -92,3 +100,17 @@ def test_metric_names_and_drop() -> None:
     assert EmbeddingFidelity().metric_name == "cosine_fidelity" and EmbeddingFidelity().higher_is_better
     assert metric_drop(EmbeddingFidelity(), baseline=1.0, value=0.97) == pytest.approx(0.03)
     assert metric_drop(Classification(), baseline=90.0, value=91.0) == pytest.approx(-1.0)
+
+
+def test_a_drop_equal_to_the_tolerance_is_within_it_despite_float_rounding() -> None:
+    # 12 of 6,000 validation images are 0.2 points, but the float difference reads 0.2000000000000028
+    baseline, twelve_fewer, thirteen_fewer = 100 * 5894 / 6000, 100 * 5882 / 6000, 100 * 5881 / 6000
+    assert metric_drop(Classification(), baseline=baseline, value=twelve_fewer) > 0.2  # what a plain `>` rejected
+    assert within_tolerance(Classification(), baseline=baseline, value=twelve_fewer, tolerance=0.2)
+    assert not within_tolerance(Classification(), baseline=baseline, value=thirteen_fewer, tolerance=0.2)
+    assert within_tolerance(Classification(), baseline=baseline, value=baseline, tolerance=0.0)
+    assert not within_tolerance(Classification(), baseline=baseline, value=twelve_fewer, tolerance=0.0)
+    # lower is better (perplexity): a rise is the drop
+    assert within_tolerance(Perplexity(), baseline=10.0, value=10.5, tolerance=0.5)
+    assert not within_tolerance(Perplexity(), baseline=10.0, value=10.6, tolerance=0.5)
+    assert within_tolerance(Perplexity(), baseline=10.0, value=9.0, tolerance=0.0)

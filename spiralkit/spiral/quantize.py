@@ -47,7 +47,7 @@ from spiralkit.spiral.qat import QATRecovery, qat
 from spiralkit.quant.ptq import DynamicInt8, StaticInt8, quantize
 from spiralkit.quant.qat import export_qat_onnx
 from spiralkit.quant.ort import export_weight_only_onnx
-from spiralkit.tasks import Classification, metric_drop
+from spiralkit.tasks import Classification, metric_drop, within_tolerance
 from spiralkit.train import EpochCheckpoint, NonFiniteLoss, Objective, OptimizerConfig, TrainConfig, Wrapped, train
 
 Evaluate = Callable[[nn.Module], float]
@@ -215,8 +215,8 @@ def _mixed_bits(config: CompactQuant, model: nn.Module, inputs: StageInputs) -> 
 def _acceptable(value: float, max_drop: float | None, inputs: StageInputs) -> bool:
     """Within ``max_drop`` of the pruned model, or (``None``) within the recipe's tolerance of the dense one."""
     if max_drop is None:
-        return metric_drop(inputs.task, baseline=inputs.baseline_val, value=value) <= inputs.max_metric_drop
-    return metric_drop(inputs.task, baseline=inputs.pruned_val, value=value) <= max_drop
+        return within_tolerance(inputs.task, baseline=inputs.baseline_val, value=value, tolerance=inputs.max_metric_drop)
+    return within_tolerance(inputs.task, baseline=inputs.pruned_val, value=value, tolerance=max_drop)
 
 
 class StaticInt8Stage(StaticInt8):

@@ -54,7 +54,7 @@ class Targets(BaseModel):
     Attributes:
         max_metric_drop: a round whose validation metric is worse than the baseline's by
             more than this (in the metric's units, e.g. accuracy points) is rolled back
-            and the step halved.
+            and the step halved; a drop equal to it (up to float rounding) is kept.
         min_step: stop when the next step of sparsity would be smaller than this.
         max_rounds: stop after this many rounds, kept or rolled back.
     """

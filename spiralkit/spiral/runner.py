@@ -57,7 +57,7 @@ from spiralkit.spiral.rundir import (
     save_run_state,
 )
 from spiralkit.spiral.student import run_student
-from spiralkit.tasks import evaluate, metric_drop
+from spiralkit.tasks import evaluate, metric_drop, within_tolerance
 from spiralkit.train import NonFiniteLoss, TrainStats, supervised, train
 
 _REFERENCE_CACHE_MB = 256.0  # the fidelity reference's outputs on the evaluation splits, kept in memory
@@ -189,7 +189,8 @@ def _run_round(
     metrics = measure_model(candidate, ctx)
     if not reason:
         drop = metric_drop(recipe.task, baseline=state.baseline.val_metric, value=metrics.val_metric)
-        if drop > recipe.targets.max_metric_drop:
+        if not within_tolerance(recipe.task, baseline=state.baseline.val_metric, value=metrics.val_metric,
+                                tolerance=recipe.targets.max_metric_drop):
             reason = f"val drop {drop:.2f} > {recipe.targets.max_metric_drop}"
     record = RoundRecord(
         **metrics.model_dump(), index=index, stage=state.stage + 1, progress=stage.progress_name, target=target,
