@@ -128,9 +128,10 @@ def save_torch_pruning(model: nn.Module, ratio: float, epochs: int, path: Path) 
 
 def load_torch_pruning(baseline: nn.Module, example: torch.Tensor, path: Path) -> tuple[nn.Module, float, int]:
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = torch_pruning_at(baseline.eval(), example, meta["ratio"])
+    ratio = meta["ratio"] if "ratio" in meta else meta["torch_pruning_ratio"]  # or this script's --json output
+    model = torch_pruning_at(baseline.eval(), example, ratio)
     model.load_state_dict(load_state(path))
-    return model, meta["ratio"], meta["epochs"]
+    return model, ratio, meta["epochs"]
 
 
 def compare(models: dict[str, nn.Module], recipe: Recipe, data, example: torch.Tensor, *, repeats: int) -> list[dict]:

@@ -222,15 +222,29 @@ def latency_plan(model: nn.Module, example: Tensor, *, macs: float, runtime: str
                                step=step, strict=False, weigh=weigh)
         return apply_plan(copy.deepcopy(model), chosen.plan, mode="remove")
 
-    best, low, high = pruned(narrow_ms), narrow_ms, full_ms
+    return _largest_within(pruned, low=narrow_ms, high=full_ms, larger_at_high=True, fallback=pruned(narrow_ms),
+                           fits=lambda m: count_macs(m, example) <= goal, iterations=iterations).eval()
+
+
+def _largest_within(make: Callable[[float], nn.Module], *, low: float, high: float, larger_at_high: bool,
+                    fallback: nn.Module, fits: Callable[[nn.Module], bool], iterations: int) -> nn.Module:
+    """Bisect ``make``'s knob in ``[low, high]`` to the largest model that ``fits`` (``fallback`` when none does).
+
+    ``larger_at_high``: the knob's high end makes the larger model (a latency target), or
+    the smaller (a pruning ratio).
+    """
+    best = fallback
     for _ in range(iterations):
         middle = (low + high) / 2
-        candidate = pruned(middle)
-        if count_macs(candidate, example) <= goal:
-            best, low = candidate, middle
+        candidate = make(middle)
+        within = fits(candidate)
+        if within:
+            best = candidate
+        if within == larger_at_high:
+            low = middle
         else:
             high = middle
-    return best.eval()
+    return best
 
 
 def torchpruning_plan(model: nn.Module, example: Tensor, *, macs: float, iterations: int = 10) -> nn.Module:
@@ -246,16 +260,8 @@ def torchpruning_plan(model: nn.Module, example: Tensor, *, macs: float, iterati
         linears = [m for m in copied.modules() if isinstance(m, nn.Linear)]
         return torch_pruning_prune(copied, example, ratio=ratio, ignored=linears[-1:]).eval()
 
-    best = pruned(_MAX_RATIO)
-    low, high = 0.0, _MAX_RATIO
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        candidate = pruned(middle)
-        if count_macs(candidate, example) <= goal:
-            high, best = middle, candidate
-        else:
-            low = middle
-    return best
+    return _largest_within(pruned, low=0.0, high=_MAX_RATIO, larger_at_high=False, fallback=pruned(_MAX_RATIO),
+                           fits=lambda m: count_macs(m, example) <= goal, iterations=iterations)
 
 
 def unstructured(model: nn.Module, *, macs: float) -> nn.Module:

@@ -123,11 +123,17 @@ def _commit(state: RunState, ctx: RunContext) -> RunState:
     return ctx.world.broadcast(state)
 
 
+REACHED = 1e-4
+"""A stage's progress this close below its target counts as reaching it: whole weights and
+channels cannot hit a fraction exactly (0.945 of 430,500 weights is 1.2e-6 short of it), and a
+one-weight round with the last round's full recovery is worth nothing."""
+
+
 def _stage_step(state: RunState, ctx: RunContext) -> tuple[float | None, str | None]:
     """The current stage's progress target for the next round, or why the stage ends."""
     stage, targets = ctx.recipe.prune[state.stage], ctx.recipe.targets
     target = stage.goal
-    if state.progress >= target - 1e-6:
+    if state.progress >= target - REACHED:
         return None, f"target {stage.progress_name} {target:.3f} reached"
     proposal = next_sparsity(stage.schedule, current=state.progress, target=target, rounds_done=state.stage_accepted)
     step = (proposal - state.progress) * state.scale
@@ -178,7 +184,7 @@ def _run_round(
     objective = stage.recovery(ctx.recover.objective(task=recipe.task, teacher=ctx.teacher, cache=ctx.cache))
     reason = ""
     losses: tuple[float, ...] = ()  # none after a non-finite loss
-    recovery = ctx.recover.round_train(last=target >= stage.goal - 1e-6)
+    recovery = ctx.recover.round_train(last=target >= stage.goal - REACHED)
     try:
         losses = train(candidate, ctx.data.train, config=recovery, objective=objective, seed=seed,
                        masks=masks, progress=True, description=f"round {index} recover", world=ctx.world,

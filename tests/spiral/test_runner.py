@@ -401,3 +401,21 @@ def test_a_recipe_naming_code_is_refused_without_the_opt_in(tmp_path: Path, monk
     data = recipe(data="{name: 'not_a_module_anywhere:loaders'}")
     with pytest.raises(RecipeError, match=r"key 'data\.name': .*names Python code"):
         Spiral(data).run(tmp_path / "run", console=quiet())
+
+
+def test_a_target_whole_weights_cannot_hit_exactly_counts_as_reached() -> None:
+    from types import SimpleNamespace
+
+    from spiralkit.spiral.runner import REACHED, _stage_step
+
+    r = recipe()
+    goal = r.prune[0].goal
+    ctx = SimpleNamespace(recipe=r)
+
+    def step(progress: float) -> tuple[float | None, str | None]:
+        return _stage_step(SimpleNamespace(stage=0, progress=progress, scale=1.0, stage_accepted=3), ctx)  # type: ignore[arg-type]
+
+    # 0.945 of 430,500 weights is 406,822.5: the nearest whole count is 1.2e-6 short of it.
+    assert step(goal - 1.2e-6) == (None, f"target sparsity {goal:.3f} reached")
+    target, why = step(goal - 10 * REACHED)
+    assert why is None and target == pytest.approx(goal), "a real gap still gets its round"
