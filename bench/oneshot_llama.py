@@ -27,6 +27,7 @@ from spiralkit.data import DataSpec, load_data
 from spiralkit.models import ModelSpec, load_model
 from spiralkit.modules import freeze
 from spiralkit.tasks import Perplexity, evaluate
+from spiralkit.layerwise import calibration_inputs
 
 METHODS = ("dense", "magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4",
            "rtn-4bit-g32", "gptq-4bit-g32", "gptq-4bit-g32-actorder")
@@ -51,11 +52,7 @@ def main() -> None:
         name="tiny_llama", checkpoint=args.checkpoint,
         kwargs={"hidden_size": 128, "layers": 3, "heads": 4, "kv_heads": 2, "intermediate_size": 384,
                 "tie_embeddings": False})))
-    calibration = []
-    for x, y in data.train:
-        calibration.append((x, y))
-        if sum(int(b.shape[0]) for b, _ in calibration) >= args.samples:
-            break
+    calibration = calibration_inputs(data.train, args.samples)
     task = Perplexity()
     print(f"{'method':28s} {'perplexity':>10s} {'NLL':>7s} {'seconds':>8s}  what")
     for method in args.methods:

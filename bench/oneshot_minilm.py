@@ -34,6 +34,7 @@ from spiralkit.prune.unstructured import Scope
 from spiralkit.quant.gptq import GPTQConfig, quantize_gptq_
 from spiralkit.quant.weight_only import WeightOnlyConfig, quantize_weights_, save_weight_only
 from spiralkit.tasks import EmbeddingFidelity, evaluate
+from spiralkit.layerwise import calibration_inputs
 
 METHODS = ("dense", "magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4",
            "rtn-4bit-g32", "gptq-4bit-g32", "gptq-4bit-g32-actorder", "rtn-4bit-channel", "gptq-4bit-channel-actorder",
@@ -87,11 +88,7 @@ def main() -> None:
     data = load_data(DataSpec(name="sst2", batch_size=32, eval_batch_size=64, val_fraction=0.02,
                               kwargs={"tokenizer": "minilm-l6", "max_length": 64}), seed=0)
     original = freeze(load_model(ModelSpec(name="hf:minilm-l6", kwargs={"head": "embedding", "encoder_dropout": 0.0})))
-    calibration = []
-    for x, y in data.train:
-        calibration.append((x, y))
-        if sum(int(b.shape[0]) for b, _ in calibration) >= args.samples:
-            break
+    calibration = calibration_inputs(data.train, args.samples)
     task = EmbeddingFidelity()
     with TeacherCache(budget_mb=256.0, disk_budget_mb=0) as cache:
         reference = CachedModel(original, cache)

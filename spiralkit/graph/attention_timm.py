@@ -114,17 +114,28 @@ def _scale_norm_reason(module: nn.Module) -> str | None:
 # --------------------------------------------------------------------------- ViT / DeiT
 
 
-class _TimmVit(HeadAdapter):
-    kind = "timm_vit"
-
-    def matches(self, module: nn.Module) -> bool:
-        return _is_timm(module, ("layers.attention", "Attention"))
+class _HeadDimAttention(HeadAdapter):
+    """timm attentions that carry ``num_heads`` and ``head_dim``, with an optional ``scale_norm``."""
 
     def unsupported(self, module: nn.Module) -> str | None:
         return _scale_norm_reason(module)
 
     def heads(self, module: nn.Module) -> tuple[int, int]:
         return int(module.num_heads), int(module.head_dim)  # type: ignore[arg-type]
+
+
+def _refresh_present(module: nn.Module, names: tuple[str, ...]) -> None:
+    """`_refresh` each of ``module``'s ``Linear`` children among ``names`` that exists."""
+    for name in names:
+        if isinstance(getattr(module, name, None), nn.Linear):
+            _refresh(getattr(module, name))
+
+
+class _TimmVit(_HeadDimAttention):
+    kind = "timm_vit"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_timm(module, ("layers.attention", "Attention"))
 
     def slices(self, module: nn.Module) -> list[HeadSlice]:
         heads, width = self.heads(module)
@@ -134,9 +145,7 @@ class _TimmVit(HeadAdapter):
     def finish(self, module: nn.Module, num_heads: int) -> None:
         module.num_heads = num_heads
         module.attn_dim = num_heads * int(module.head_dim)  # type: ignore[arg-type]
-        for name in ("qkv", "proj", "gate"):
-            if isinstance(getattr(module, name, None), nn.Linear):
-                _refresh(getattr(module, name))
+        _refresh_present(module, ("qkv", "proj", "gate"))
 
 
 def _fused_qkv(qkv: nn.Linear, heads: int, width: int) -> list[HeadSlice]:
@@ -192,65 +201,68 @@ class _TimmRope(HeadAdapter):
         module.num_heads = num_heads * groups
         module.attn_dim = num_heads * groups * width
         module.kv_dim = num_heads * width
-        for name in ("qkv", "q_proj", "k_proj", "v_proj", "proj", "gate"):
-            if isinstance(getattr(module, name, None), nn.Linear):
-                _refresh(getattr(module, name))
+        _refresh_present(module, ("qkv", "q_proj", "k_proj", "v_proj", "proj", "gate"))
 
 
 # --------------------------------------------------------------------------- Swin
 
 
-class _TimmSwin(HeadAdapter):
+class _ProjWidthHeads(HeadAdapter):
+    """timm attentions with ``num_heads``, a fused ``qkv`` (with optional ``q_bias``/``v_bias``
+    and a zero ``k_bias`` buffer) and ``proj``, whose head width is ``proj.in_features / num_heads``.
+
+    Subclasses add their per-head tables (`extra_slices`) and, where timm's forward reshapes
+    by the input width, a pruned forward (`finish`).
+    """
+
+    def heads(self, module: nn.Module) -> tuple[int, int]:
+        heads = int(module.num_heads)  # type: ignore[arg-type]
+        return heads, module.proj.in_features // heads  # type: ignore[union-attr,operator]
+
+    def slices(self, module: nn.Module) -> list[HeadSlice]:
+        heads, width = self.heads(module)
+        return [
+            *_fused_qkv(module.qkv, heads, width),  # type: ignore[arg-type]
+            *_qv_biases(module, heads, width),
+            HeadSlice("proj.weight", 1, _blocks(1, heads, width), weight=True),
+            *self.extra_slices(heads),
+        ]
+
+    def extra_slices(self, heads: int) -> list[HeadSlice]:
+        """Per-head parameters besides the projections (bias tables, scales)."""
+        return []
+
+    def finish(self, module: nn.Module, num_heads: int) -> None:
+        module.num_heads = num_heads
+        _refresh(module.qkv)  # type: ignore[arg-type]
+        _refresh(module.proj)  # type: ignore[arg-type]
+        _zero_k_bias(module)
+
+
+class _TimmSwin(_ProjWidthHeads):
     kind = "timm_swin"
 
     def matches(self, module: nn.Module) -> bool:
         return _is_timm(module, ("models.swin_transformer", "WindowAttention"))
 
-    def heads(self, module: nn.Module) -> tuple[int, int]:
-        heads = int(module.num_heads)  # type: ignore[arg-type]
-        return heads, module.proj.in_features // heads  # type: ignore[union-attr,operator]
-
-    def slices(self, module: nn.Module) -> list[HeadSlice]:
-        heads, width = self.heads(module)
-        return [
-            *_fused_qkv(module.qkv, heads, width),  # type: ignore[arg-type]
-            HeadSlice("proj.weight", 1, _blocks(1, heads, width), weight=True),
-            HeadSlice("relative_position_bias_table", 1, _blocks(1, heads, 1), weight=False),
-        ]
-
-    def finish(self, module: nn.Module, num_heads: int) -> None:
-        # The forward pass reshapes by num_heads and -1: nothing else to patch.
-        module.num_heads = num_heads
-        _refresh(module.qkv)  # type: ignore[arg-type]
-        _refresh(module.proj)  # type: ignore[arg-type]
+    def extra_slices(self, heads: int) -> list[HeadSlice]:
+        # The forward pass reshapes by num_heads and -1: finish has nothing else to patch.
+        return [HeadSlice("relative_position_bias_table", 1, _blocks(1, heads, 1), weight=False)]
 
 
-class _TimmSwinV2(HeadAdapter):
+class _TimmSwinV2(_ProjWidthHeads):
     kind = "timm_swin_v2"
 
     def matches(self, module: nn.Module) -> bool:
         return _is_timm(module, ("models.swin_transformer_v2", "WindowAttention"))
 
-    def heads(self, module: nn.Module) -> tuple[int, int]:
-        heads = int(module.num_heads)  # type: ignore[arg-type]
-        return heads, module.proj.in_features // heads  # type: ignore[union-attr,operator]
-
-    def slices(self, module: nn.Module) -> list[HeadSlice]:
-        heads, width = self.heads(module)
+    def extra_slices(self, heads: int) -> list[HeadSlice]:
         per_head = _blocks(1, heads, 1)
-        return [
-            *_fused_qkv(module.qkv, heads, width),  # type: ignore[arg-type]
-            *_qv_biases(module, heads, width),
-            HeadSlice("proj.weight", 1, _blocks(1, heads, width), weight=True),
-            HeadSlice("logit_scale", 0, per_head, weight=False),
-            HeadSlice("cpb_mlp.2.weight", 0, per_head, weight=False),
-        ]
+        return [HeadSlice("logit_scale", 0, per_head, weight=False), HeadSlice("cpb_mlp.2.weight", 0, per_head, weight=False)]
 
     def finish(self, module: nn.Module, num_heads: int) -> None:
-        module.num_heads = num_heads
-        for linear in (module.qkv, module.proj, module.cpb_mlp[2]):  # type: ignore[index]
-            _refresh(linear)  # type: ignore[arg-type]
-        _zero_k_bias(module)
+        super().finish(module, num_heads)
+        _refresh(module.cpb_mlp[2])  # type: ignore[index,arg-type]
         module.__class__ = _pruned_subclass(type(module), _swin_v2_pruned_forward)
 
 
@@ -300,7 +312,7 @@ def _swin_v2_pruned_forward(self: Any, x: Tensor, mask: Tensor | None = None) ->
 # --------------------------------------------------------------------------- BEiT
 
 
-class _TimmBeit(HeadAdapter):
+class _TimmBeit(_ProjWidthHeads):
     kind = "timm_beit"
 
     def matches(self, module: nn.Module) -> bool:
@@ -312,24 +324,11 @@ class _TimmBeit(HeadAdapter):
                     "all layers, use_shared_rel_pos_bias=True, or none) has no head adapter: heads are kept")
         return None
 
-    def heads(self, module: nn.Module) -> tuple[int, int]:
-        heads = int(module.num_heads)  # type: ignore[arg-type]
-        return heads, module.proj.in_features // heads  # type: ignore[union-attr,operator]
-
-    def slices(self, module: nn.Module) -> list[HeadSlice]:
-        heads, width = self.heads(module)
-        return [
-            *_fused_qkv(module.qkv, heads, width),  # type: ignore[arg-type]
-            *_qv_biases(module, heads, width),
-            HeadSlice("proj.weight", 1, _blocks(1, heads, width), weight=True),
-            HeadSlice("relative_position_bias_table", 1, _blocks(1, heads, 1), weight=False),
-        ]
+    def extra_slices(self, heads: int) -> list[HeadSlice]:
+        return [HeadSlice("relative_position_bias_table", 1, _blocks(1, heads, 1), weight=False)]
 
     def finish(self, module: nn.Module, num_heads: int) -> None:
-        module.num_heads = num_heads
-        _refresh(module.qkv)  # type: ignore[arg-type]
-        _refresh(module.proj)  # type: ignore[arg-type]
-        _zero_k_bias(module)
+        super().finish(module, num_heads)
         module.__class__ = _pruned_subclass(type(module), _beit_pruned_forward)
 
 
@@ -430,17 +429,11 @@ def _restore_batch_norm(norm: nn.modules.batchnorm._BatchNorm) -> None:
 # --------------------------------------------------------------------------- EVA
 
 
-class _TimmEva(HeadAdapter):
+class _TimmEva(_HeadDimAttention):
     kind = "timm_eva"
 
     def matches(self, module: nn.Module) -> bool:
         return _is_timm(module, ("models.eva", "EvaAttention"))
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        return _scale_norm_reason(module)
-
-    def heads(self, module: nn.Module) -> tuple[int, int]:
-        return int(module.num_heads), int(module.head_dim)  # type: ignore[arg-type]
 
     def slices(self, module: nn.Module) -> list[HeadSlice]:
         heads, width = self.heads(module)
@@ -455,9 +448,7 @@ class _TimmEva(HeadAdapter):
 
     def finish(self, module: nn.Module, num_heads: int) -> None:
         module.num_heads = num_heads
-        for name in ("qkv", "q_proj", "k_proj", "v_proj", "proj", "gate"):
-            if isinstance(getattr(module, name, None), nn.Linear):
-                _refresh(getattr(module, name))
+        _refresh_present(module, ("qkv", "q_proj", "k_proj", "v_proj", "proj", "gate"))
         _zero_k_bias(module)
         module.__class__ = _pruned_subclass(type(module), _eva_pruned_forward)
 

@@ -18,18 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY = """\
-name: tiny
-seed: 3
-threads: 1
-model: {name: mlp, kwargs: {in_features: 64, widths: [64]}}
-data: {name: digits, batch_size: 32, val_fraction: 0.2}
-train: {epochs: BASELINE_EPOCHS, optimizer: {name: adam, lr: 0.01}}
-prune: {target_sparsity: 0.8, schedule: {kind: agp, rounds: 3}}
-recover: {kind: distill, train: {epochs: RECOVER_EPOCHS, optimizer: {name: sgd, lr: 0.02}}}
-targets: {max_metric_drop: 3.0, min_step: 0.05, max_rounds: 6}
-measure: {repeats: 3, warmup: 1}
-"""
+from tests.e2e.test_cli import TINY as CLI_TINY
+
+TINY = CLI_TINY.replace("train: {epochs: 6,", "train: {epochs: BASELINE_EPOCHS,").replace(
+    "train: {epochs: EPOCHS,", "train: {epochs: RECOVER_EPOCHS,")
+"""The CLI tests' recipe, with the baseline's and the recovery's epochs to fill in."""
 
 TOLERANCE = 0.5
 """Accuracy points (of 359 test digits, one digit is 0.28) by which 2 processes may differ from 1."""
