@@ -314,7 +314,7 @@ def bench_command(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Weights for MODEL (.safetensors or a weights-only torch file); default: its initial weights.")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="One input's shape without the batch, e.g. 3,224,224 (default: known per model, or the run's data).")] = None,
     macs: Annotated[float, typer.Option(help="With --peers: the fraction of the dense MACs the pruned methods keep.")] = 0.5,
-    plan: Annotated[str, typer.Option(help=f"With --peers: how spiralkit prunes: {' or '.join(PLANS)} (uniform L2 widths, multiples of 16; or the latency-aware planner on ONNX Runtime's table).")] = "uniform",
+    plan: Annotated[str, typer.Option(help=f"With --peers: how spiralkit prunes: {', '.join(PLANS)} (uniform L2 widths, multiples of 16; or the latency-aware planner on ONNX Runtime's fp32 or int8 table).")] = "uniform",
     repeats: Annotated[int, typer.Option(help="Timed rounds (each calls every candidate once, round-robin).")] = 30,
     warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON.")] = None,

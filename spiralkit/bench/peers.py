@@ -32,8 +32,9 @@ is measured on other random inputs against each method's float twin.
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
+import functools
 import io
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,7 +52,7 @@ from spiralkit.bench.timing import time_interleaved
 from spiralkit.export import save_weights
 from spiralkit.export.onnx import compare_outputs, export_onnx
 from spiralkit.graph.tp import torch_pruning_prune
-from spiralkit.latency import GroupWeight, calibration_ms, choose_widths, table_for
+from spiralkit.latency import GroupWeight, calibration_ms, choose_widths, narrowest_counts, table_for
 from spiralkit.latency.runtimes import RUNTIMES, Compiled, openvino_compiled
 from spiralkit.measure import Clock, count_macs, size_on_disk
 from spiralkit.modules import torch_threads
@@ -209,7 +210,7 @@ def latency_plan(model: nn.Module, example: Tensor, *, macs: float, runtime: str
         iterations: Bisection steps on the latency target.
 
     Returns:
-        A pruned copy (the narrowest widths allowed when even they exceed the budget).
+        A pruned copy (every group at its narrowest width when no plan fits the budget).
     """
     plan_for = planner(model, StructuredPrune(ratio=0.0), example=example)
     blocks, table = table_for(plan_for, model, example, runtime=runtime, threads=threads, step=step, clock=clock)
@@ -222,7 +223,11 @@ def latency_plan(model: nn.Module, example: Tensor, *, macs: float, runtime: str
                                step=step, strict=False, weigh=weigh)
         return apply_plan(copy.deepcopy(model), chosen.plan, mode="remove")
 
-    return _largest_within(pruned, low=narrow_ms, high=full_ms, larger_at_high=True, fallback=pruned(narrow_ms),
+    # The fallback is every group at its narrowest width, not the plan for the narrowest latency: a
+    # table is measured, and where a narrower block timed slower (noise, or int8 kernels' own steps)
+    # that plan may keep more MACs than the budget.
+    narrowest = apply_plan(copy.deepcopy(model), plan_for.with_counts(narrowest_counts(plan_for, step=step)), mode="remove")
+    return _largest_within(pruned, low=narrow_ms, high=full_ms, larger_at_high=True, fallback=narrowest,
                            fits=lambda m: count_macs(m, example) <= goal, iterations=iterations).eval()
 
 
@@ -379,10 +384,11 @@ def _name(plan: PlanFn) -> str:
     return getattr(plan, "__name__", None) or getattr(getattr(plan, "func", None), "__name__", "custom")
 
 
-PLANS: dict[str, PlanFn] = {"uniform": spiralkit_plan, "latency": latency_plan}
-"""The plans ``spiral bench --peers --plan`` names: ``uniform`` (`spiralkit_plan`, the default: on
-ONNX Runtime's int8 kernels it measured faster than the latency-aware plan tabled in fp32) and
-``latency`` (`latency_plan`)."""
+PLANS: dict[str, PlanFn] = {"uniform": spiralkit_plan, "latency": latency_plan,
+                            "latency_int8": functools.partial(latency_plan, runtime="ort_int8")}
+"""The plans ``spiral bench --peers --plan`` names: ``uniform`` (`spiralkit_plan`, the default),
+``latency`` (`latency_plan`, tabled on ONNX Runtime fp32) and ``latency_int8`` (the same, tabled
+on the int8 kernels the ``spiralkit_prune_int8`` row runs: runtime ``ort_int8``)."""
 
 
 def _openvino_methods(dense_onnx: Path, dense_int8: Path, ours_int8: Path, x: Tensor, calibration: list[Tensor], threads: int,

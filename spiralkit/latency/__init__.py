@@ -1,7 +1,7 @@
 """Measured latency as a pruning target: runtimes, latency tables and the latency-constrained planner.
 
-* `spiralkit.latency.runtimes` — the one runtime table (``eager``, ``ort``, optional ``openvino``
-  and ``openvino_bf16``), shared with ``spiral bench``, and `latency_of` to time a model on one.
+* `spiralkit.latency.runtimes` — the one runtime table (``eager``, ``ort``, ``ort_int8``, optional
+  ``openvino`` and ``openvino_bf16``), shared with ``spiral bench``, and `latency_of` to time a model on one.
 * `spiralkit.latency.table` — per-block latency tables over a grid of widths, cached on disk.
 * `spiralkit.latency.planner` — per-group widths that keep the most importance within a
   predicted latency (`plan_for_latency`, `choose_widths`).

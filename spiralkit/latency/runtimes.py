@@ -14,6 +14,11 @@ Runtimes:
 
 * ``eager`` — PyTorch eager mode (modules only).
 * ``ort`` — ONNX Runtime's CPU provider, all graph optimisations (BatchNorm folded, Conv+ReLU fused).
+* ``ort_int8`` — the same provider running the model as spiralkit's static int8 quantizes it
+  (`spiralkit.quant.ptq.StaticInt8`: QDQ, unsigned activations, signed per-channel weights),
+  so that a plan is made for the integer kernels it will run on. The model is calibrated on
+  the example batch alone: good for timing (integer kernels take as long whatever the
+  scales), not for accuracy — that is the recipe's quantize stage's job.
 * ``openvino`` — OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``: fp32 maths, so
   its numbers compare with the others'. An int8 (Q/DQ) ``.onnx`` runs on its int8 kernels.
 * ``openvino_bf16`` — the same with ``bf16``, OpenVINO's own default on CPUs with bf16
@@ -53,8 +58,10 @@ __all__ = [
     "LatencyError",
     "OpenVinoBf16Runtime",
     "OpenVinoRuntime",
+    "OrtInt8Runtime",
     "OrtRuntime",
     "Runtime",
+    "block_int8_onnx",
     "block_onnx",
     "get_runtime",
     "interleaved_ms",
@@ -193,6 +200,54 @@ class OrtRuntime:
         return OrtModel(path, threads=threads)
 
 
+class OrtInt8Runtime(OrtRuntime):
+    """ONNX Runtime on the CPU running the model in static int8, as spiralkit's quantize stage writes it.
+
+    A lone block (see `OrtRuntime`) is written as its int8 graph directly (`block_int8_onnx`):
+    uint8 in and out, as it sits between the other blocks of an int8 network, without the
+    quantizer's calibration pass per table entry. A whole model is quantized by
+    `spiralkit.quant.ptq.quantize` with `StaticInt8` defaults, calibrated on the example.
+    """
+
+    name: ClassVar[str] = "ort_int8"
+    description: ClassVar[str] = "ONNX Runtime CPU, spiralkit's static int8 (QDQ)"
+
+    def prepare(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Callable[[], object]:
+        """The int8 block graph, or the model quantized on ``example``, in a session; the input converted once."""
+        if (proto := block_int8_onnx(model)) is not None:
+            path = scratch / "model.onnx"
+            path.write_bytes(proto.SerializeToString())
+            session = ort_session(path, threads=threads)
+            feed = {INPUT_NAME: _as_uint8(example)}
+            return lambda: session.run(None, feed)
+        session = ort_session(self._quantized(model, example, scratch, threads).path, threads=threads)
+        feed = {INPUT_NAME: _numpy(example)}
+        return lambda: session.run(None, feed)
+
+    def from_module(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Compiled:
+        """``model`` quantized to static int8 on ``example`` (timing only: one batch calibrates it)."""
+        return self._quantized(model, example, scratch, threads).model
+
+    def from_onnx(self, path: Path, example: Tensor, *, threads: int) -> Compiled:
+        """An int8 file (Q/DQ nodes or integer ops) run by `OrtModel`.
+
+        Raises:
+            LatencyError: The file has no quantized ops: quantize it first (or time it on ``ort``).
+        """
+        ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+        if not ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QGemm", "QLinearMatMul"}:
+            raise LatencyError(f"runtime 'ort_int8' runs int8 files, but {path} has no quantized op: "
+                               f"quantize it (a quantize stage), or time it on runtime 'ort'")
+        return OrtModel(path, threads=threads)
+
+    @staticmethod
+    def _quantized(model: nn.Module, example: Tensor, scratch: Path, threads: int) -> Any:
+        from spiralkit.quant.ptq import StaticInt8, quantize  # the quantizer is only needed by this runtime
+
+        return quantize(model, StaticInt8(calibration_batches=1), [example], example=example, workdir=scratch,
+                        threads=threads)
+
+
 class OpenVinoRuntime:
     """OpenVINO's CPU plugin at a fixed precision hint; models are reshaped to the example's static shape."""
 
@@ -239,6 +294,14 @@ class OpenVinoBf16Runtime(OpenVinoRuntime):
 
 def _numpy(example: Tensor) -> np.ndarray:
     return np.ascontiguousarray(example.detach().cpu().float().numpy())
+
+
+def _as_uint8(example: Tensor) -> np.ndarray:
+    """``example`` quantized to uint8 over its own range (a block's int8 input; the values only need to be plausible)."""
+    x = _numpy(example)
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (high - low) / 255 or 1.0
+    return np.clip(np.round(x / scale) + round(-low / scale), 0, 255).astype(np.uint8)
 
 
 def _fixed_shape_onnx(model: nn.Module, example: Tensor, scratch: Path) -> Path:
@@ -324,8 +387,59 @@ def block_onnx(model: nn.Module) -> onnx.ModelProto | None:
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
 
 
+def block_int8_onnx(model: nn.Module) -> onnx.ModelProto | None:
+    """``model`` as the int8 graph of one block (see `block_onnx`), or None when it is not one.
+
+    The float block with Q/DQ nodes where spiralkit's static int8 puts them: a uint8 input
+    (``DequantizeLinear``), int8 weights per output channel and an int32 bias (each behind a
+    ``DequantizeLinear``), a uint8 output (``QuantizeLinear`` after the ReLU). ONNX Runtime
+    fuses it into the integer kernel the int8 network runs (``QLinearConv``, ``QGemm``). The
+    scales are placeholders (the kernels' time does not depend on them); the weights are the
+    block's, rounded.
+    """
+    proto = block_onnx(model)
+    if proto is None:
+        return None
+    graph = proto.graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    weight, bias = inits["w"], inits["b"]
+    x_scale, y_scale = np.float32(1 / 32), np.float32(1 / 16)
+    w_scale = (np.abs(weight).reshape(weight.shape[0], -1).max(axis=1) / 127).astype(np.float32)
+    w_scale[w_scale == 0] = 1.0
+    w_codes = np.clip(np.round(weight / w_scale.reshape(-1, *[1] * (weight.ndim - 1))), -127, 127).astype(np.int8)
+    b_scale = (x_scale * w_scale).astype(np.float32)
+    b_codes = np.round(bias / b_scale).astype(np.int32)
+    constants = {
+        "x_scale": np.array(x_scale), "x_zero": np.array(0, np.uint8), "y_scale": np.array(y_scale),
+        "y_zero": np.array(0, np.uint8), "w_q": w_codes, "w_scale": w_scale, "w_zero": np.zeros(len(w_scale), np.int8),
+        "b_q": b_codes, "b_scale": b_scale, "b_zero": np.zeros(len(b_scale), np.int32),
+    }
+    first, *rest = graph.node
+    body = onnx.helper.make_node(first.op_type, ["x", "w", "b"], list(first.output), name=first.name)
+    body.attribute.extend(first.attribute)
+    last_output = graph.output[0].name
+    nodes = [
+        onnx.helper.make_node("DequantizeLinear", [INPUT_NAME, "x_scale", "x_zero"], ["x"]),
+        onnx.helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
+        onnx.helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zero"], ["b"], axis=0),
+        body, *rest,
+        onnx.helper.make_node("QuantizeLinear", ["float_output", "y_scale", "y_zero"], [OUTPUT_NAME]),
+    ]
+    for node in nodes[3:-1]:  # the block's last node now writes the float output the Q reads
+        node.output[:] = ["float_output" if name == last_output else name for name in node.output]
+    rank = len(graph.input[0].type.tensor_type.shape.dim)
+    u8 = onnx.TensorProto.UINT8
+    quantized = onnx.helper.make_graph(
+        nodes, "block_int8",
+        [onnx.helper.make_tensor_value_info(INPUT_NAME, u8, [None] * rank)],
+        [onnx.helper.make_tensor_value_info(OUTPUT_NAME, u8, [None] * rank)],
+        initializer=[numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    return onnx.helper.make_model(quantized, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+
+
 RUNTIMES: Mapping[str, Runtime] = MappingProxyType(
-    {r.name: r for r in (EagerRuntime(), OrtRuntime(), OpenVinoRuntime(), OpenVinoBf16Runtime())})
+    {r.name: r for r in (EagerRuntime(), OrtRuntime(), OrtInt8Runtime(), OpenVinoRuntime(), OpenVinoBf16Runtime())})
 """The runtimes by name (read-only), listed even when not installed: a new one is a `Runtime` class and a line here."""
 
 

@@ -234,8 +234,9 @@ class StructuredStage(BaseModel):
         bn_penalty: network slimming's L1 penalty on batch-norm scales, added to the
             recovery loss of every structured round (0: none; Liu et al. 2017).
         runtime: where ``measure: latency`` is measured and tabled: ``eager`` (PyTorch, the
-            default), ``ort`` (ONNX Runtime fp32), ``openvino`` / ``openvino_bf16`` (OpenVINO,
-            optional); see `spiralkit.latency.RUNTIMES`.
+            default), ``ort`` (ONNX Runtime fp32), ``ort_int8`` (ONNX Runtime on spiralkit's
+            static int8: plan for the kernels a quantize stage will run), ``openvino`` /
+            ``openvino_bf16`` (OpenVINO, optional); see `spiralkit.latency.RUNTIMES`.
         width_step: with ``measure: latency``, group widths are multiples of this (or whole;
             default 8). Both default to None so that recipes without them keep their
             fingerprint (a missing key and None compare equal).

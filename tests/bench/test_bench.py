@@ -38,7 +38,7 @@ def test_interleaved_timing_calls_every_candidate_round_robin_with_a_rotating_st
 
 
 def test_unknown_and_missing_runtimes_are_errors_that_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(BenchError, match=r"unknown runtime 'tensorrt'; runtimes: eager, ort, openvino, openvino_bf16"):
+    with pytest.raises(BenchError, match=r"unknown runtime 'tensorrt'; runtimes: eager, ort, ort_int8, openvino, openvino_bf16"):
         runtime("tensorrt")
     hide_openvino(monkeypatch)
     assert RUNTIMES["openvino"].missing == "not installed (pip install 'spiralkit[openvino]')"
@@ -95,13 +95,13 @@ def test_the_cli_times_a_run_directorys_baseline_pruned_and_final_models(tmp_pat
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["lenet5", "--runtime", "eager,tensorrt"], "unknown runtime 'tensorrt'; runtimes: eager, ort, openvino"),
+    (["lenet5", "--runtime", "eager,tensorrt"], "unknown runtime 'tensorrt'; runtimes: eager, ort, ort_int8, openvino"),
     (["lenet7"], "unknown model 'lenet7' (did you mean 'lenet5'"),
     (["torchvision:resnet19"], "unknown torchvision model 'resnet19'"),
     (["mypackage.models:net"], "spiral bench builds zoo, torchvision and timm models only"),
     (["lenet5", "--batch", "one"], "--batch takes whole numbers"),
     (["--peers", "lenet5", "--macs", "1.5"], "--macs is the fraction of the MACs to keep, in (0, 1]; got 1.5"),
-    (["--peers", "lenet5", "--plan", "magic"], "unknown --plan 'magic'; known plans: uniform, latency"),
+    (["--peers", "lenet5", "--plan", "magic"], "unknown --plan 'magic'; known plans: uniform, latency, latency_int8"),
 ])
 def test_bad_inputs_are_errors_that_name_them(args: list[str], message: str) -> None:
     code, output = invoke(*args, *FAST)
@@ -163,8 +163,9 @@ def test_peers_json_has_the_contract_fields_and_methods_without_openvino(tmp_pat
     assert "random normal" in data["calibration"]
 
 
-def test_the_latency_aware_plan_meets_the_macs_budget_with_table_widths(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("runtime", ["ort", "ort_int8"])
+def test_the_latency_aware_plan_meets_the_macs_budget_with_table_widths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        runtime: str) -> None:
     monkeypatch.setenv("SPIRALKIT_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -172,11 +173,11 @@ def test_the_latency_aware_plan_meets_the_macs_budget_with_table_widths(tmp_path
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
     ).eval()
     x = torch.randn(1, 3, 8, 8)
-    pruned = latency_plan(model, x, macs=0.5, step=8, iterations=6)
+    pruned = latency_plan(model, x, macs=0.5, step=8, iterations=6, runtime=runtime)
     widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
     assert count_macs(pruned, x) <= 0.5 * count_macs(model, x) and pruned(x).shape == (1, 10)
     assert all(w % 8 == 0 for w in widths) and widths != [32, 32]
-    assert list((tmp_path / "cache" / "latency").glob("ort-*.json")), "the table is cached for the next run"
+    assert list((tmp_path / "cache" / "latency").glob(f"{runtime}-*.json")), "the table is cached for the next run"
 
 
 def test_peers_with_openvino_add_its_methods(tmp_path: Path) -> None:

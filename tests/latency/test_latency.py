@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from spiralkit.latency import (
     table_for,
     width_grid,
 )
-from spiralkit.latency.runtimes import EagerRuntime, block_onnx, interleaved_ms
+from spiralkit.latency.runtimes import EagerRuntime, block_int8_onnx, block_onnx, interleaved_ms
 from spiralkit.latency.table import BlockShape, TableEnv
 from spiralkit.measure import count_params
 from spiralkit.models.resnet_cifar import cifar_resnet20
@@ -126,9 +127,9 @@ def test_table_lookup_off_the_grid_takes_the_next_wider_entry() -> None:
         table.ms(shape, 17, 8)
 
 
-def test_real_tables_time_every_entry_on_both_runtimes(tmp_path: Path) -> None:
+def test_real_tables_time_every_entry_on_each_runtime(tmp_path: Path) -> None:
     model, x = cnn(), torch.randn(2, 3, 8, 8)
-    for runtime in ("eager", "ort"):
+    for runtime in ("eager", "ort", "ort_int8"):
         table = build_table(model, x, runtime=runtime, step=16, directory=tmp_path, repeats=1, passes=1, warmup=0)
         values = [ms for row in table.entries.values() for ms in row.values()]
         assert table.timed == len(values) == 1 + 2 + 2 and all(ms > 0 for ms in values)
@@ -164,6 +165,37 @@ def test_a_block_written_as_onnx_computes_what_the_module_does(tmp_path: Path) -
     assert proto is not None and block_onnx(nn.Sequential(nn.Conv2d(2, 2, 1))) is None
     path.write_bytes(proto.SerializeToString())
     torch.testing.assert_close(OrtModel(path)(x), block(x), atol=1e-5, rtol=1e-4)
+
+
+def test_an_int8_block_runs_on_integer_kernels_and_approximates_the_module(tmp_path: Path) -> None:
+    from spiralkit.export.onnx import ort_session
+    from spiralkit.quant.ort import integer_ops, optimized_ops
+
+    torch.manual_seed(0)
+    for block, x in ((BlockShape(kind="conv2d", spatial=(6, 6), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                                 dilation=(1, 1)).module(8, 16).eval(), torch.rand(2, 8, 6, 6)),
+                     (nn.Linear(12, 5), torch.rand(3, 12))):
+        path = tmp_path / "block.onnx"
+        path.write_bytes(block_int8_onnx(block).SerializeToString())  # type: ignore[union-attr]
+        assert integer_ops(path) and {"Conv", "Gemm"}.isdisjoint(optimized_ops(path)), optimized_ops(path)
+        codes = np.round(x.numpy() * 32).astype(np.uint8)  # the graph's input scale is 1/32, zero point 0
+        (out,) = ort_session(path).run(None, {"input": codes})
+        assert out.dtype == np.uint8 and out.shape == tuple(block(x).shape)
+        expected = torch.relu(block(torch.from_numpy(codes / 32).float())) * 16  # output scale 1/16
+        assert np.abs(out.astype(np.float32) - expected.clamp(0, 255).detach().numpy()).max() <= 2
+    assert block_int8_onnx(nn.Sequential(nn.Conv2d(2, 2, 1))) is None
+
+
+def test_the_int8_runtime_times_whole_models_and_refuses_float_files(tmp_path: Path) -> None:
+    from spiralkit.export.onnx import export_onnx
+
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    assert latency_of(model, x, runtime="ort_int8", repeats=2, warmup=0).median_ms > 0
+    compiled = get_runtime("ort_int8").from_module(model, x, threads=1, scratch=tmp_path)
+    assert compiled(x).shape == (2, 4)
+    float_path = export_onnx(model, x, tmp_path / "float.onnx")
+    with pytest.raises(LatencyError, match=r"runtime 'ort_int8' runs int8 files, but .*float\.onnx has no quantized op"):
+        get_runtime("ort_int8").from_onnx(float_path, x, threads=1)
 
 
 def test_interleaved_timing_gives_one_value_per_run() -> None:
@@ -311,6 +343,20 @@ def test_structured_latency_round_plans_from_the_table_and_records_the_predictio
     assert cut.plan is not None and cut.predicted_ms is not None and cut.predicted_ms <= 0.5 + 1e-9
     assert cut.measured_ms == 1.0 and len(measured) == 3, "one before the cut, one checks the plan, one is recorded"
     assert model[0].out_channels % 8 == 0
+
+
+def test_a_latency_round_on_int8_kernels_plans_from_an_int8_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real timings (a tiny model's are noise): what is checked is that the table, the calibration
+    # and the measurements all run the int8 graphs, and the plan uses the table's widths.
+    monkeypatch.setenv("SPIRALKIT_CACHE_DIR", str(tmp_path))
+    model, x = cnn(), torch.randn(2, 3, 8, 8)
+    stage = StructuredStage(measure="latency", target_reduction=0.3, runtime="ort_int8", width_step=8)
+    ctx = StageContext(example=x, batches=(), loss_fn=nn.functional.cross_entropy, baseline_size=1.0,
+                       size=lambda m: latency_of(m, x, runtime="ort_int8", repeats=3, warmup=1).median_ms)
+    cut = stage.cut(model, None, target=0.3, ctx=ctx)
+    assert cut.predicted_ms is not None and cut.measured_ms is not None and cut.measured_ms > 0
+    assert [path.name.split("-")[0] for path in (tmp_path / "latency").glob("*.json")] == ["ort_int8"]
+    assert model[0].out_channels in (8, 16) and model[3].out_channels in (8, 16, 24, 32)
 
 
 def test_a_latency_round_that_misses_its_target_as_measured_plans_once_more_for_less(
