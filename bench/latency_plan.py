@@ -1,9 +1,11 @@
 """Benchmark: a latency-aware plan against uniform L2 pruning at the same MACs (ResNet-20, ONNX Runtime).
 
-    python -m bench.latency_plan [--reduction 0.5] [--batch 64] [--step 8] [--clock cpu] [--json OUT.json]
+    python -m bench.latency_plan [--reduction 0.5] [--batch 64] [--step 8] [--clock cpu] [--runtime ort]
+        [--json OUT.json]
 
 On the pretrained CIFAR-10 ResNet-20 (option A, ``$SPIRALKIT_DATA_DIR/pretrained``), one
-thread, ONNX Runtime fp32:
+thread, ONNX Runtime fp32 (``--runtime ort_int8``: every table entry, calibration and timing on
+spiralkit's static int8 instead):
 
 1. builds the latency table of its blocks at ``--batch`` in a fresh cache directory and
    reports the build time (`spiralkit.latency.table_for`);
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=8, help="width grid step")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--runtime", choices=("ort", "ort_int8"), default="ort")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     data = Path(os.environ.get("SPIRALKIT_DATA_DIR", "../shared/data"))
@@ -82,15 +85,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        blocks, table = table_for(plan_for, model, x, runtime="ort", threads=1, step=args.step, directory=Path(cache),
+        blocks, table = table_for(plan_for, model, x, runtime=args.runtime, threads=1, step=args.step, directory=Path(cache),
                                   clock=args.clock)
         build_s = time.perf_counter() - start
     print(f"latency table: {table.timed} entries ({len(table.entries)} block shapes) built in {build_s:.1f} s "
-          f"(ort {table.env.runtime_version}, batch {args.batch}, 1 thread, {args.clock} clock)")
-    full_ms, narrow_ms = calibration_ms(model, plan_for, x, runtime="ort", threads=1, step=args.step, **timing)
+          f"({args.runtime} {table.env.runtime_version}, batch {args.batch}, 1 thread, {args.clock} clock)")
+    full_ms, narrow_ms = calibration_ms(model, plan_for, x, runtime=args.runtime, threads=1, step=args.step, **timing)
+    print(f"calibration: dense {full_ms:.2f} ms, narrowest {narrow_ms:.2f} ms")
     chosen = choose_widths(plan_for, blocks, table, target_ms=(1 - args.reduction) * full_ms, measured_ms=full_ms,
                            narrowest_ms=narrow_ms, step=args.step)
-    print(f"calibration: dense {full_ms:.2f} ms, narrowest {narrow_ms:.2f} ms; plan widths {chosen.counts}")
+    print(f"plan widths {chosen.counts}")
     latency = apply_plan(copy.deepcopy(model), chosen.plan, mode="remove")
     macs = _macs(latency)
     models = {"dense": model, "latency plan": latency}
@@ -101,7 +105,7 @@ def main() -> None:
     results = {}
     for batch in (args.batch, 1):
         xb = torch.randn(batch, 3, 32, 32)
-        ms = interleaved_ms([(m, xb) for m in models.values()], runtime="ort", threads=1, **timing)
+        ms = interleaved_ms([(m, xb) for m in models.values()], runtime=args.runtime, threads=1, **timing)
         results[batch] = dict(zip(models, ms))
     dense_macs = _macs(model)
     rows = []

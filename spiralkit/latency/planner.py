@@ -258,18 +258,25 @@ def choose_widths(
         The plan and its predicted latency.
 
     Raises:
-        LatencyError: ``strict`` and even the narrowest allowed widths predict more than ``target_ms``.
+        LatencyError: ``strict`` and even the narrowest allowed widths predict more than ``target_ms``,
+            or the table has the narrowest widths slower than none pruned (nothing to plan with).
     """
     problem = _Problem(plan_for, blocks, table, step=step, max_ratio=max_ratio, weigh=weigh)
     counts = {g.id: g.size for g in plan_for.channels}
     full_sum = problem.blocks_ms(counts)
     narrow_sum = problem.blocks_ms(narrowest_counts(plan_for, step=step, max_ratio=max_ratio))
+    env = table.env
+    if strict and narrow_sum > full_sum:  # (equal: already at the narrowest widths, out of reach below)
+        raise LatencyError(
+            f"latency target {target_ms:.3f} ms cannot be planned on {env.runtime} (batch {env.batch}, "
+            f"{env.threads} thread(s)): its latency table shows no time saved by narrower widths (the blocks "
+            f"take {narrow_sum:.3f} ms at the narrowest widths allowed, {full_sum:.3f} ms unpruned); prune for "
+            f"'measure: macs' or 'params' instead, or plan on another 'runtime' or batch size")
     scale = 1.0
     if narrowest_ms is not None and full_sum - narrow_sum > 1e-9 and measured_ms > narrowest_ms:
         scale = (measured_ms - narrowest_ms) / (full_sum - narrow_sum)
     offset = measured_ms - scale * full_sum
     narrowest = offset + scale * narrow_sum
-    env = table.env
     if narrowest > target_ms and strict:
         raise LatencyError(
             f"latency target {target_ms:.3f} ms is out of reach on {env.runtime} (batch {env.batch}, "
