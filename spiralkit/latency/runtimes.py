@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -50,6 +50,9 @@ from spiralkit.errors import PruneError
 from spiralkit.export.onnx import INPUT_NAME, OUTPUT_NAME, OrtModel, export_onnx, ort_session
 from spiralkit.measure import Clock, Latency, measure_call
 from spiralkit.modules import eval_mode
+
+if TYPE_CHECKING:
+    from spiralkit.quant.ptq import QuantizedModel
 
 __all__ = [
     "RUNTIMES",
@@ -241,8 +244,8 @@ class OrtInt8Runtime(OrtRuntime):
         return OrtModel(path, threads=threads)
 
     @staticmethod
-    def _quantized(model: nn.Module, example: Tensor, scratch: Path, threads: int) -> Any:
-        from spiralkit.quant.ptq import StaticInt8, quantize  # the quantizer is only needed by this runtime
+    def _quantized(model: nn.Module, example: Tensor, scratch: Path, threads: int) -> QuantizedModel:
+        from spiralkit.quant.ptq import StaticInt8, quantize  # imported when this runtime is used (onnxruntime.quantization is slow to import)
 
         return quantize(model, StaticInt8(calibration_batches=1), [example], example=example, workdir=scratch,
                         threads=threads)
