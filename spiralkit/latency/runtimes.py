@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -50,9 +50,9 @@ from spiralkit.errors import PruneError
 from spiralkit.export.onnx import INPUT_NAME, OUTPUT_NAME, OrtModel, export_onnx, ort_session
 from spiralkit.measure import Clock, Latency, measure_call
 from spiralkit.modules import eval_mode
+from spiralkit.quant.ort import is_integer_op
+from spiralkit.quant.ptq import QuantizedModel, StaticInt8, quantize
 
-if TYPE_CHECKING:
-    from spiralkit.quant.ptq import QuantizedModel
 
 __all__ = [
     "RUNTIMES",
@@ -238,15 +238,13 @@ class OrtInt8Runtime(OrtRuntime):
             LatencyError: The file has no quantized ops: quantize it first (or time it on ``ort``).
         """
         ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
-        if not ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QGemm", "QLinearMatMul"}:
+        if "DequantizeLinear" not in ops and not any(map(is_integer_op, ops)):  # Q/DQ, or already fused
             raise LatencyError(f"runtime 'ort_int8' runs int8 files, but {path} has no quantized op: "
                                f"quantize it (a quantize stage), or time it on runtime 'ort'")
         return OrtModel(path, threads=threads)
 
     @staticmethod
     def _quantized(model: nn.Module, example: Tensor, scratch: Path, threads: int) -> QuantizedModel:
-        from spiralkit.quant.ptq import StaticInt8, quantize  # imported when this runtime is used (onnxruntime.quantization is slow to import)
-
         return quantize(model, StaticInt8(calibration_batches=1), [example], example=example, workdir=scratch,
                         threads=threads)
 

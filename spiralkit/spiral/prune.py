@@ -316,8 +316,9 @@ class StructuredStage(BaseModel):
         The prediction is calibrated on the model and its narrowest copy (measured
         interleaved) and checked by timing the pruned model beside the baseline; when that
         misses the round's target, the widths are chosen once more for a target lowered by
-        the miss. The round records the prediction and one measurement of the model it keeps
-        (the stage's size measure, which also measures the model before the cut once). A stage target
+        the miss. The round records the prediction and the check of the model it keeps (its
+        ratio to the baseline, in the baseline's terms); the stage's size measure times the model
+        before the cut once, to put the table's milliseconds in its terms. A stage target
         that even the narrowest widths miss is an error (in its first round, before any
         recovery); a round's own target is approached as closely as the widths allow.
 
@@ -345,10 +346,12 @@ class StructuredStage(BaseModel):
         measured = ctx.ratio(apply_plan(copy.deepcopy(model), chosen.plan, mode="remove"))
         if measured > 1.0 - target:  # the prediction was optimistic: plan once more for less, by the miss
             retry = widths(target, strict=False, correction=(1.0 - target) / measured)
-            chosen = retry if retry.counts != chosen.counts else chosen
+            if retry.counts != chosen.counts:
+                chosen = retry
+                measured = ctx.ratio(apply_plan(copy.deepcopy(model), chosen.plan, mode="remove"))
         apply_plan(model, chosen.plan, mode="remove")
         predicted = chosen.predicted_ms / scale  # back in the stage measure's terms, like the measurement
-        return RoundCut(masks=None, plan=chosen.plan, predicted_ms=predicted, measured_ms=ctx.size(model))
+        return RoundCut(masks=None, plan=chosen.plan, predicted_ms=predicted, measured_ms=measured * ctx.baseline_size)
 
     def recovery(self, objective: Objective) -> Objective:
         """The recipe's recovery, plus network slimming's batch-norm penalty when asked for."""
