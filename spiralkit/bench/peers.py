@@ -385,10 +385,13 @@ def _name(plan: PlanFn) -> str:
 
 
 PLANS: dict[str, PlanFn] = {"uniform": spiralkit_plan, "latency": latency_plan,
-                            "latency_int8": functools.partial(latency_plan, runtime="ort_int8")}
+                            "latency_int8": functools.partial(latency_plan, runtime="ort_int8"),
+                            "latency_openvino_int8": functools.partial(latency_plan, runtime="openvino_int8")}
 """The plans ``spiral bench --peers --plan`` names: ``uniform`` (`spiralkit_plan`, the default),
-``latency`` (`latency_plan`, tabled on ONNX Runtime fp32) and ``latency_int8`` (the same, tabled
-on the int8 kernels the ``spiralkit_prune_int8`` row runs: runtime ``ort_int8``)."""
+``latency`` (`latency_plan`, tabled on ONNX Runtime fp32), ``latency_int8`` (the same, tabled
+on the int8 kernels the ``spiralkit_prune_int8`` row runs: runtime ``ort_int8``) and
+``latency_openvino_int8`` (tabled on OpenVINO's int8 kernels, which run the
+``spiralkit_prune_int8_openvino`` row; needs OpenVINO)."""
 
 
 def _openvino_methods(dense_onnx: Path, dense_int8: Path, ours_int8: Path, x: Tensor, calibration: list[Tensor], threads: int,

@@ -101,7 +101,7 @@ def test_the_cli_times_a_run_directorys_baseline_pruned_and_final_models(tmp_pat
     (["mypackage.models:net"], "spiral bench builds zoo, torchvision and timm models only"),
     (["lenet5", "--batch", "one"], "--batch takes whole numbers"),
     (["--peers", "lenet5", "--macs", "1.5"], "--macs is the fraction of the MACs to keep, in (0, 1]; got 1.5"),
-    (["--peers", "lenet5", "--plan", "magic"], "unknown --plan 'magic'; known plans: uniform, latency, latency_int8"),
+    (["--peers", "lenet5", "--plan", "magic"], "unknown --plan 'magic'; known plans: uniform, latency, latency_int8, latency_openvino_int8"),
 ])
 def test_bad_inputs_are_errors_that_name_them(args: list[str], message: str) -> None:
     code, output = invoke(*args, *FAST)
@@ -163,7 +163,8 @@ def test_peers_json_has_the_contract_fields_and_methods_without_openvino(tmp_pat
     assert "random normal" in data["calibration"]
 
 
-@pytest.mark.parametrize("runtime", ["ort", "ort_int8"])
+@pytest.mark.parametrize("runtime", ["ort", "ort_int8", pytest.param("openvino_int8", marks=pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="OpenVINO is optional"))])
 def test_the_latency_aware_plan_meets_the_macs_budget_with_table_widths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                         runtime: str) -> None:
     monkeypatch.setenv("SPIRALKIT_CACHE_DIR", str(tmp_path / "cache"))

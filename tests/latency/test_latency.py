@@ -136,10 +136,29 @@ def test_real_tables_time_every_entry_on_each_runtime(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is optional")
-def test_a_table_on_openvino_times_every_entry_and_keys_on_its_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", ["openvino", "openvino_int8"])
+def test_a_table_on_openvino_times_every_entry_and_keys_on_its_version(tmp_path: Path, runtime: str) -> None:
     model, x = cnn(), torch.randn(2, 3, 8, 8)
-    table = build_table(model, x, runtime="openvino", step=16, directory=tmp_path, repeats=1, passes=1, warmup=0)
-    assert table.timed == 5 and table.env.runtime_version == get_runtime("openvino").version() != ""
+    table = build_table(model, x, runtime=runtime, step=16, directory=tmp_path, repeats=1, passes=1, warmup=0)
+    assert table.timed == 5 and table.env.runtime_version == get_runtime(runtime).version() != ""
+    assert table.env.runtime == runtime
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is optional")
+def test_an_int8_block_on_openvino_runs_its_convolution_on_integer_kernels(tmp_path: Path) -> None:
+    import openvino as ov
+
+    block = BlockShape(kind="conv2d", spatial=(6, 6), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                       dilation=(1, 1)).module(16, 16).eval()
+    path = tmp_path / "block.onnx"
+    path.write_bytes(block_int8_onnx(block).SerializeToString())  # type: ignore[union-attr]
+    core = ov.Core()
+    graph = core.read_model(str(path))
+    graph.reshape({graph.inputs[0].get_any_name(): [1, 16, 6, 6]})
+    compiled = core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    kernels = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+               for op in compiled.get_runtime_model().get_ordered_ops()}
+    assert ("Convolution", "u8") in kernels, kernels
 
 
 def test_a_missing_runtime_is_an_error_saying_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,16 +205,23 @@ def test_an_int8_block_runs_on_integer_kernels_and_approximates_the_module(tmp_p
     assert block_int8_onnx(nn.Sequential(nn.Conv2d(2, 2, 1))) is None
 
 
-def test_the_int8_runtime_times_whole_models_and_refuses_float_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("runtime", "fallback"), [
+    ("ort_int8", "ort"),
+    pytest.param("openvino_int8", "openvino", marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                                                       reason="OpenVINO is optional")),
+])
+def test_the_int8_runtimes_time_whole_models_and_refuse_float_files(tmp_path: Path, runtime: str, fallback: str) -> None:
     from spiralkit.export.onnx import export_onnx
 
     model, x = cnn(), torch.randn(2, 3, 8, 8)
-    assert latency_of(model, x, runtime="ort_int8", repeats=2, warmup=0).median_ms > 0
-    compiled = get_runtime("ort_int8").from_module(model, x, threads=1, scratch=tmp_path)
+    assert latency_of(model, x, runtime=runtime, repeats=2, warmup=0).median_ms > 0
+    compiled = get_runtime(runtime).from_module(model, x, threads=1, scratch=tmp_path)
     assert compiled(x).shape == (2, 4)
+    assert torch.nn.functional.cosine_similarity(compiled(x).flatten(), model(x).flatten(), dim=0) > 0.99
     float_path = export_onnx(model, x, tmp_path / "float.onnx")
-    with pytest.raises(LatencyError, match=r"runtime 'ort_int8' runs int8 files, but .*float\.onnx has no quantized op"):
-        get_runtime("ort_int8").from_onnx(float_path, x, threads=1)
+    with pytest.raises(LatencyError, match=rf"runtime '{runtime}' runs int8 files, but .*float\.onnx has no quantized op: "
+                                           rf"quantize it \(a quantize stage\), or time it on runtime '{fallback}'"):
+        get_runtime(runtime).from_onnx(float_path, x, threads=1)
 
 
 def test_interleaved_timing_gives_one_value_per_run() -> None:
