@@ -27,8 +27,8 @@ class ImageLoader:
     """Yields normalised float32 ``(b, C, H, W)`` batches of uint8 images.
 
     A batch is ``((x / 255 - mean) / std, y)`` per channel. With ``augment``, each image is
-    first padded by `PAD` zero pixels on every side, cropped back to ``H`` x ``W`` at a
-    random offset and flipped left-right with probability 1/2 (`augment_batch`). The random
+    first padded by ``pad`` zero pixels on every side, cropped back to ``H`` x ``W`` at a
+    random offset and, with ``flip``, flipped left-right with probability 1/2 (`augment_batch`). The random
     draws of epoch ``e`` come from a generator seeded with ``(seed, e, rank)``, so a pass
     over epoch ``e`` gives the same batches every time, like the shuffled order.
 
@@ -41,6 +41,8 @@ class ImageLoader:
         mean: Per-channel mean of the pixels scaled to [0, 1].
         std: Per-channel standard deviation of the pixels scaled to [0, 1].
         augment: Random crop and flip each training batch.
+        pad: Zero padding of the random crop (pixels on each side): the largest shift.
+        flip: Also flip left-right (off for images whose mirror is another class, e.g. digits).
 
     Attributes:
         augmented: Whether batches are augmented, i.e. an example's input differs from
@@ -59,8 +61,12 @@ class ImageLoader:
         mean: Sequence[float],
         std: Sequence[float],
         augment: bool = False,
+        pad: int = PAD,
+        flip: bool = True,
     ) -> None:
         self._inner = TensorLoader(images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        self._pad = pad
+        self._flip = flip
         self._seed = seed
         self._rank = 0
         self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -107,25 +113,29 @@ class ImageLoader:
             generator = torch.Generator().manual_seed(int(state[0]))
         for x, y in self._inner:
             if generator is not None:
-                x = augment_batch(x, generator=generator)
+                x = augment_batch(x, generator=generator, pad=self._pad, flip=self._flip)
             yield (x.float().div_(255.0) - self._mean).div_(self._std), y
 
 
-def augment_batch(x: Tensor, *, generator: torch.Generator) -> Tensor:
-    """Random crop with `PAD` zero pixels of padding, then a random left-right flip.
+def augment_batch(x: Tensor, *, generator: torch.Generator, pad: int = PAD, flip: bool = True) -> Tensor:
+    """Random crop with ``pad`` zero pixels of padding, then (with ``flip``) a random left-right flip.
 
     Args:
         x: ``(b, C, H, W)`` images (any dtype; padding is value 0).
-        generator: Source of the offsets (uniform in ``0..2·PAD``) and flips (probability 1/2).
+        generator: Source of the offsets (uniform in ``0..2·pad``) and flips (probability 1/2).
+        pad: Padding on each side, i.e. the largest shift in each direction.
+        flip: Draw and apply the flips; without them the offsets are the only random draws.
 
     Returns:
         A new ``(b, C, H, W)`` tensor.
     """
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
-    offsets = torch.randint(0, 2 * PAD + 1, (b, 2), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
     rows = (offsets[:, 0:1] + torch.arange(h)).view(b, 1, h, 1)
     cols = (offsets[:, 1:2] + torch.arange(w)).view(b, 1, 1, w)
     cropped = padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+    if not flip:
+        return cropped
+    flips = torch.rand(b, generator=generator) < 0.5
     return torch.where(flips.view(b, 1, 1, 1), cropped.flip(-1), cropped)

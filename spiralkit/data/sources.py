@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from spiralkit.data.arraycache import cache_dir, cached_arrays
@@ -166,12 +168,32 @@ class IdxSet:
     std: float
 
 
+class IdxOptions(BaseModel):
+    """The ``data.kwargs`` of ``mnist`` and ``fashion-mnist``.
+
+    Attributes:
+        shift: Augment training batches: move each image by up to ``shift`` pixels in each
+            direction (zero padding, then a random crop back to its size; no flip, since a
+            mirrored digit can be another digit), reproducible per seed and epoch; never
+            validation or test. 0 (the default) trains on the images as they are.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shift: int = Field(default=0, ge=0, le=8)
+
+
 MNIST = IdxSet("mnist", "MNIST", MNIST_MEAN, MNIST_STD)
 FASHION_MNIST = IdxSet("fashion-mnist", "Fashion-MNIST", FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
 
 def _load_idx_set(idx_set: IdxSet, spec: DataSpec, seed: int) -> DataSplits:
-    """An idx data set: validation carved from the training files, the t10k files as test."""
+    """An idx data set: validation carved from the training files, the t10k files as test.
+
+    With ``data.kwargs.shift`` (`IdxOptions`) the training batches come from an `ImageLoader`
+    of the uint8 images, shifted at random; validation and test are unchanged.
+    """
+    options = data_options(IdxOptions, spec.kwargs, name=spec.name)
     root = _data_root(spec)
     paths = _find_idx_files(root, idx_set)
     checksums = read_checksums(root)
@@ -191,7 +213,7 @@ def _load_idx_set(idx_set: IdxSet, spec: DataSpec, seed: int) -> DataSplits:
     def images(pixels: np.ndarray) -> Tensor:
         return _idx_images(pixels, idx_set)
 
-    return _splits(
+    splits = _splits(
         spec,
         seed=seed,
         train=(images(train_x[train]), _labels(train_y[train])),
@@ -199,6 +221,13 @@ def _load_idx_set(idx_set: IdxSet, spec: DataSpec, seed: int) -> DataSplits:
         test=(images(test_x), _labels(test_y)),
         num_classes=10,
     )
+    if options.shift == 0:
+        return splits
+    kept = train[: spec.limit_train]
+    shifted = ImageLoader(torch.from_numpy(train_x[kept]).unsqueeze(1), _labels(train_y[kept]),
+                          batch_size=spec.batch_size, shuffle=True, seed=seed, mean=(idx_set.mean,),
+                          std=(idx_set.std,), augment=True, pad=options.shift, flip=False)
+    return dataclasses.replace(splits, train=shifted)
 
 
 def _load_digits(spec: DataSpec, seed: int) -> DataSplits:

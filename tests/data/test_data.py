@@ -345,6 +345,34 @@ def test_mnist_reads_plain_and_gz_idx(tmp_path: Path, gz: bool) -> None:
     assert torch.equal(index % 10, y)
 
 
+def test_mnist_shift_moves_training_images_only_and_keeps_their_labels(tmp_path: Path) -> None:
+    _write_mnist(tmp_path, gz=False, n_train=40)
+    plain = load_data(DataSpec(name="mnist", root=tmp_path, val_fraction=0.1, batch_size=8))
+    shifted = load_data(DataSpec(name="mnist", root=tmp_path, val_fraction=0.1, batch_size=8, kwargs={"shift": 1}))
+    assert shifted.train.augmented and not plain.train.augmented
+    assert shifted.train.num_examples == plain.train.num_examples == 36 and shifted.input_shape == (1, 4, 4)
+    for split in ("val", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(_tensors(getattr(plain, split)), _tensors(getattr(shifted, split))))
+    x, y = _tensors(shifted.train)
+    assert torch.equal(y, _tensors(plain.train)[1])  # the same order; an image keeps its label
+    index = torch.round((x * 0.3081 + 0.1307) * 255).long()  # a shifted 4x4 image: its value, and 0 where padded
+    values = index.flatten(1).max(dim=1).values
+    assert torch.equal(values % 10, y)  # a shift by at most 1 keeps most of the 4x4 image's pixels
+    moved = (index.flatten(1) == 0).any(dim=1) & (values > 0)
+    assert moved.sum() > 18  # most images moved (an offset of 0 in both directions keeps 1 in 9)
+    shifted.train.set_epoch(0)
+    assert torch.equal(_tensors(shifted.train)[0], x)  # reproducible per seed and epoch
+
+
+def test_mnist_refuses_unknown_data_kwargs(tmp_path: Path) -> None:
+    _write_mnist(tmp_path, gz=False)
+    with pytest.raises(DataError, match=r"data set 'mnist': bad data.kwargs \(shfit: Extra inputs are not permitted\); "
+                                        r"accepted keys: shift"):
+        load_data(DataSpec(name="mnist", root=tmp_path, kwargs={"shfit": 1}))
+    with pytest.raises(DataError, match=r"bad data.kwargs \(shift: Input should be less than or equal to 8\)"):
+        load_data(DataSpec(name="mnist", root=tmp_path, kwargs={"shift": 9}))
+
+
 def test_parse_idx_round_trip(tmp_path: Path) -> None:
     pixels = np.arange(2 * 3 * 5).reshape(2, 3, 5)
     images = parse_idx_images(_idx_images(pixels), path=tmp_path / "x")

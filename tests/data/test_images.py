@@ -182,6 +182,17 @@ def test_augmentation_is_a_padded_crop_and_flip_and_off_without_augment() -> Non
     assert shifted > 6  # most images moved or flipped
 
 
+def test_augment_batch_without_flip_only_shifts() -> None:
+    x = torch.arange(4 * 5 * 5, dtype=torch.int64).view(4, 1, 5, 5).remainder(250).add(1).to(torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(x, generator=generator, pad=0, flip=False), x)  # no shift, never flipped
+    assert not torch.equal(augment_batch(x.repeat(8, 1, 1, 1), generator=generator, pad=0, flip=True), x.repeat(8, 1, 1, 1))
+    shifted = augment_batch(x, generator=generator, pad=1, flip=False)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    assert all(any(torch.equal(shifted[i], padded[i, :, dy:dy + 5, dx:dx + 5]) for dy in range(3) for dx in range(3))
+               for i in range(4))
+
+
 def test_augment_batch_keeps_dtype_and_shape() -> None:
     x = torch.full((3, 2, 5, 5), 9, dtype=torch.uint8)
     out = augment_batch(x, generator=torch.Generator().manual_seed(0))
