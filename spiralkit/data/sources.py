@@ -23,9 +23,9 @@ the same in every run; the run seed only shuffles the training batches.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass

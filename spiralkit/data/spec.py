@@ -29,10 +29,10 @@ class DataSpec(BaseModel):
             keep/rollback decisions (the test split is only reported).
         limit_train: Keep only this many training examples (after carving validation);
             a larger value keeps them all. For quick runs.
-        kwargs: Options of a built-in data set (``mnist`` and ``fashion-mnist``: ``shift``;
-            ``sst2``, ``cifar10-jpeg``, ``imagefolder``, ``text-tsv``: see the README), or keyword arguments of a ``module:function``
-            source; an int ``num_classes`` among those is also reported as
-            `DataSplits.num_classes`.
+        kwargs: Options of a built-in data set (``mnist``, ``fashion-mnist``, ``sst2``,
+            ``cifar10-jpeg``, ``imagefolder``, ``text-tsv``: see the README), or keyword
+            arguments of a ``module:function`` source; an int ``num_classes`` among those is
+            also reported as `DataSplits.num_classes`.
 
     Built-in data sets use every field; a ``module:function`` source builds its own
     loaders, so only ``name`` and ``kwargs`` apply to it.
