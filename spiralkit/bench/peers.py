@@ -52,7 +52,7 @@ from spiralkit.bench.timing import time_interleaved
 from spiralkit.export import save_weights
 from spiralkit.export.onnx import compare_outputs, export_onnx
 from spiralkit.graph.tp import torch_pruning_prune
-from spiralkit.latency import GroupWeight, calibration_ms, choose_widths, narrowest_counts, table_for
+from spiralkit.latency import GroupWeight, calibration_ms, choose_widths, narrowest_model, table_for
 from spiralkit.latency.runtimes import RUNTIMES, Compiled, openvino_compiled
 from spiralkit.measure import Clock, count_macs, size_on_disk
 from spiralkit.modules import torch_threads
@@ -226,8 +226,8 @@ def latency_plan(model: nn.Module, example: Tensor, *, macs: float, runtime: str
     # The fallback is every group at its narrowest width, not the plan for the narrowest latency: a
     # table is measured, and where a narrower block timed slower (noise, or int8 kernels' own steps)
     # that plan may keep more MACs than the budget.
-    narrowest = apply_plan(copy.deepcopy(model), plan_for.with_counts(narrowest_counts(plan_for, step=step)), mode="remove")
-    return _largest_within(pruned, low=narrow_ms, high=full_ms, larger_at_high=True, fallback=narrowest,
+    return _largest_within(pruned, low=narrow_ms, high=full_ms, larger_at_high=True,
+                           fallback=narrowest_model(model, plan_for, step=step),
                            fits=lambda m: count_macs(m, example) <= goal, iterations=iterations).eval()
 
 

@@ -14,6 +14,7 @@ from spiralkit.latency.planner import (
     choose_widths,
     group_weights,
     narrowest_counts,
+    narrowest_model,
     plan_for_latency,
     table_for,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "interleaved_ms",
     "latency_of",
     "narrowest_counts",
+    "narrowest_model",
     "plan_for_latency",
     "runtime_status",
     "table_blocks",

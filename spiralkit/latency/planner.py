@@ -52,7 +52,8 @@ from spiralkit.prune.structured import Planner, StructuredPrune, planner
 GroupWeight = Literal["equal", "layers", "weights"]
 """How groups' importance compares in `choose_widths` (see `group_weights`)."""
 
-__all__ = ["GroupWeight", "LatencyPlan", "calibration_ms", "choose_widths", "narrowest_counts", "plan_for_latency", "table_for"]
+__all__ = ["GroupWeight", "LatencyPlan", "calibration_ms", "choose_widths", "narrowest_counts", "narrowest_model",
+           "plan_for_latency", "table_for"]
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,12 @@ def narrowest_counts(plan_for: Planner, *, step: int, max_ratio: float = 1.0) ->
     return {g.id: _group_widths(g, step, max_ratio)[0] for g in plan_for.channels}
 
 
+def narrowest_model(model: nn.Module, plan_for: Planner, *, step: int, max_ratio: float = 1.0) -> nn.Module:
+    """A pruned copy of ``model`` with every group at its narrowest width (`narrowest_counts`)."""
+    return apply_plan(copy.deepcopy(model), plan_for.with_counts(narrowest_counts(plan_for, step=step, max_ratio=max_ratio)),
+                      mode="remove")
+
+
 def calibration_ms(
     model: nn.Module, plan_for: Planner, example: Tensor, *, runtime: str, threads: int, step: int,
     max_ratio: float = 1.0, **timing: Any,
@@ -218,8 +225,7 @@ def calibration_ms(
 
     ``timing`` goes to `spiralkit.latency.runtimes.interleaved_ms` (clock, repeats, passes…).
     """
-    narrow = apply_plan(copy.deepcopy(model), plan_for.with_counts(narrowest_counts(plan_for, step=step,
-                                                                                    max_ratio=max_ratio)), mode="remove")
+    narrow = narrowest_model(model, plan_for, step=step, max_ratio=max_ratio)
     full_ms, narrow_ms = interleaved_ms([(model, example), (narrow, example)], runtime=runtime, threads=threads, **timing)
     return full_ms, narrow_ms
 
