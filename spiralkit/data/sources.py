@@ -23,7 +23,6 @@ the same in every run; the run seed only shuffles the training batches.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import os
@@ -220,21 +219,22 @@ def _load_idx_set(idx_set: IdxSet, spec: DataSpec, seed: int) -> DataSplits:
     def images(pixels: np.ndarray) -> Tensor:
         return _idx_images(pixels, idx_set)
 
-    splits = _splits(
+    training: tuple[Tensor, Tensor] | Loader
+    if options.shift:  # uint8 images, normalised (and shifted) per batch
+        kept = train[: spec.limit_train]
+        training = ImageLoader(torch.from_numpy(train_x[kept]).unsqueeze(1), _labels(train_y[kept]),
+                               batch_size=spec.batch_size, shuffle=True, seed=seed, mean=(idx_set.mean,),
+                               std=(idx_set.std,), augment=True, pad=options.shift, flip=False)
+    else:
+        training = (images(train_x[train]), _labels(train_y[train]))
+    return _splits(
         spec,
         seed=seed,
-        train=(images(train_x[train]), _labels(train_y[train])),
+        train=training,
         val=(images(train_x[val]), _labels(train_y[val])),
         test=(images(test_x), _labels(test_y)),
         num_classes=10,
     )
-    if options.shift == 0:
-        return splits
-    kept = train[: spec.limit_train]
-    shifted = ImageLoader(torch.from_numpy(train_x[kept]).unsqueeze(1), _labels(train_y[kept]),
-                          batch_size=spec.batch_size, shuffle=True, seed=seed, mean=(idx_set.mean,),
-                          std=(idx_set.std,), augment=True, pad=options.shift, flip=False)
-    return dataclasses.replace(splits, train=shifted)
 
 
 def _load_digits(spec: DataSpec, seed: int) -> DataSplits:
@@ -533,7 +533,7 @@ def _splits(
     spec: DataSpec,
     *,
     seed: int,
-    train: tuple[Tensor, Tensor],
+    train: tuple[Tensor, Tensor] | Loader,
     val: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     num_classes: int,
@@ -545,16 +545,19 @@ def _splits(
     ``limit_train`` keeps a prefix of the training tensors, which `_carve_val` left in a
     fixed random order, so the prefix is a spread-out subset. It is applied only here so
     that it changes nothing else (digits statistics, validation, test). ``lengths`` (of the
-    training examples) groups training batches by length (see `TensorLoader`).
+    training examples) groups training batches by length (see `TensorLoader`). A ready
+    training loader (e.g. an augmenting `ImageLoader`, already limited) is used as it is.
     """
-    train_x, train_y = (t[: spec.limit_train] for t in train)
-    lengths = lengths[: spec.limit_train] if lengths is not None else None
+    if isinstance(train, tuple):
+        train_x, train_y = (t[: spec.limit_train] for t in train)
+        lengths = lengths[: spec.limit_train] if lengths is not None else None
+        train = TensorLoader(train_x, train_y, batch_size=spec.batch_size, shuffle=True, seed=seed, lengths=lengths)
     return DataSplits(
         name=spec.name,
-        train=TensorLoader(train_x, train_y, batch_size=spec.batch_size, shuffle=True, seed=seed, lengths=lengths),
+        train=train,
         val=TensorLoader(*val, batch_size=spec.eval_batch_size, shuffle=False),
         test=TensorLoader(*test, batch_size=spec.eval_batch_size, shuffle=False),
-        input_shape=tuple(train[0].shape[1:]),
+        input_shape=tuple(val[0].shape[1:]),
         num_classes=num_classes,
         class_names=class_names,
     )

@@ -222,14 +222,8 @@ class OrtInt8Runtime(OrtRuntime):
 
     def prepare(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Callable[[], object]:
         """The int8 block graph, or the model quantized on ``example``, in a session; the input converted once."""
-        if (proto := block_int8_onnx(model)) is not None:
-            path = scratch / "model.onnx"
-            path.write_bytes(proto.SerializeToString())
-            session = ort_session(path, threads=threads)
-            feed = {INPUT_NAME: _as_uint8(example)}
-            return lambda: session.run(None, feed)
-        session = ort_session(self._quantized(model, example, scratch, threads).path, threads=threads)
-        feed = {INPUT_NAME: _numpy(example)}
+        path, x = self._int8_file(model, example, scratch, threads)
+        session, feed = ort_session(path, threads=threads), {INPUT_NAME: x}
         return lambda: session.run(None, feed)
 
     def from_module(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Compiled:
@@ -244,6 +238,14 @@ class OrtInt8Runtime(OrtRuntime):
         """
         _require_int8(path, self.name, fallback="ort")
         return OrtModel(path, threads=threads)
+
+    def _int8_file(self, model: nn.Module, example: Tensor, scratch: Path, threads: int) -> tuple[Path, np.ndarray]:
+        """The file a timing runs and its input: a block's int8 graph (uint8 in), else the quantized model (float in)."""
+        if (proto := block_int8_onnx(model)) is not None:
+            path = scratch / "model.onnx"
+            path.write_bytes(proto.SerializeToString())
+            return path, _as_uint8(example)
+        return self._quantized(model, example, scratch, threads).path, _numpy(example)
 
     @staticmethod
     def _quantized(model: nn.Module, example: Tensor, scratch: Path, threads: int) -> QuantizedModel:
@@ -309,12 +311,8 @@ class OpenVinoInt8Runtime(OrtInt8Runtime):
 
     def prepare(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Callable[[], object]:
         """The int8 block graph, or the model quantized on ``example``, compiled; the input converted once."""
-        if (proto := block_int8_onnx(model)) is not None:
-            path, feed = scratch / "model.onnx", {0: _as_uint8(example)}
-            path.write_bytes(proto.SerializeToString())
-        else:
-            path, feed = self._quantized(model, example, scratch, threads).path, {0: _numpy(example)}
-        request = _openvino_request(path, example, threads, precision=OpenVinoRuntime.precision)
+        path, x = self._int8_file(model, example, scratch, threads)
+        request, feed = _openvino_request(path, example, threads, precision=OpenVinoRuntime.precision), {0: x}
         return lambda: request.infer(feed)
 
     def from_module(self, model: nn.Module, example: Tensor, *, threads: int, scratch: Path) -> Compiled:

@@ -114,6 +114,13 @@ def test_a_runtime_that_is_not_installed_is_an_error_saying_how_to_install_it(mo
     assert code == 2 and "runtime 'openvino' is not installed (pip install 'spiralkit[openvino]')" in output
 
 
+def test_a_plan_on_a_runtime_that_is_not_installed_is_an_error_saying_how_to_install_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hide_openvino(monkeypatch)
+    code, output = invoke("--peers", "lenet5", "--plan", "latency_openvino_int8", *FAST)
+    assert code == 2 and "runtime 'openvino_int8' is not installed (pip install 'spiralkit[openvino]')" in output, output
+
+
 def test_a_directory_that_is_not_a_run_is_an_error(tmp_path: Path) -> None:
     code, output = invoke(str(tmp_path), *FAST)
     assert code == 2 and f"{tmp_path} is not a run directory: it holds no recipe.yaml" in " ".join(output.split())
