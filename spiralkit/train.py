@@ -63,6 +63,11 @@ class TrainConfig(BaseModel):
             ``encoder.embeddings.word_embeddings.*``: they get no gradient and no optimizer
             step, which also saves their cost (a 30k-word embedding table is two thirds of
             a 3-layer MiniLM's parameters). A pattern matching no parameter is an error.
+        precision: ``fp32``, or ``bf16`` mixed precision: each step's forward passes (the
+            model's and a distillation teacher's) run under ``torch.autocast`` in bfloat16,
+            so convolutions and matrix products use the CPU's bf16 instructions (about 2x
+            faster per step on an AVX-512-BF16 core for a CIFAR ResNet), while weights,
+            gradients, optimizer state and the loss stay float32.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +76,13 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     max_batches: int | None = Field(default=None, gt=0)
     freeze: tuple[str, ...] = ()
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+def autocast(model: nn.Module, precision: Literal["fp32", "bf16"]) -> torch.autocast:
+    """The mixed-precision context of ``precision`` on ``model``'s device (inactive for ``fp32``)."""
+    device = next(model.parameters(), torch.empty(0)).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @dataclass(frozen=True)
@@ -336,6 +348,7 @@ def _train(
         disable=not progress or not console.is_terminal, console=console,
     )
     log_epochs = progress and not console.is_terminal
+    mixed = autocast(model, config.precision)
     model.train()
     with enforcer, bar:
         job = bar.add_task(description, total=per_epoch * config.epochs, completed=steps, loss=math.nan)
@@ -348,7 +361,8 @@ def _train(
                     break
                 if set_progress is not None:
                     set_progress(steps / max(1, total - 1))
-                loss = objective(model, x, y)
+                with mixed:
+                    loss = objective(model, x, y).float()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 loss_value = world.average_gradients(params, loss)  # the global batch's loss, on every rank

@@ -126,3 +126,48 @@ def test_an_unreadable_epoch_checkpoint_is_named_and_training_starts_afresh(tmp_
           checkpoint=EpochCheckpoint(path=path, label="baseline"))
     assert objective.calls == 4
     assert "baseline: ignoring epoch.pt, not a readable epoch checkpoint" in " ".join(capsys.readouterr().out.split())
+
+
+def _conv_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def _image_loader() -> TensorLoader:
+    generator = torch.Generator().manual_seed(1)
+    return TensorLoader(torch.randn(32, 1, 6, 6, generator=generator), torch.randint(0, 3, (32,), generator=generator),
+                        batch_size=8, shuffle=True, seed=0)
+
+
+def _train_recording_dtypes(precision: str) -> tuple[nn.Module, list[torch.dtype], list[torch.dtype]]:
+    model, outputs, losses = _conv_model(), [], []
+    loss_fn = supervised(nn.functional.cross_entropy)
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        outputs.append(model(x).dtype)
+        loss = loss_fn(model, x, y)
+        losses.append(loss.dtype)
+        return loss
+
+    config = TrainConfig(epochs=2, optimizer=OptimizerConfig(lr=0.1), precision=precision)
+    train(model, _image_loader(), config=config, objective=objective, seed=0)
+    return model, outputs, losses
+
+
+def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_float32_weights() -> None:
+    mixed, outputs, losses = _train_recording_dtypes("bf16")
+    assert set(outputs) == {torch.bfloat16} and set(losses) == {torch.float32} and len(outputs) == 8
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    plain, outputs32, _ = _train_recording_dtypes("fp32")
+    assert set(outputs32) == {torch.float32}
+    moved = [not torch.equal(a, b) for a, b in zip(mixed.parameters(), _conv_model().parameters(), strict=True)]
+    assert all(moved)  # it trained
+    gap = max((a - b).abs().max().item() for a, b in zip(mixed.parameters(), plain.parameters(), strict=True))
+    assert 0 < gap < 0.05  # bf16 rounding changes the result, a little
+    with torch.no_grad():  # and outside training the model runs in float32 again
+        assert mixed(torch.randn(1, 1, 6, 6)).dtype == torch.float32
+
+
+def test_an_unknown_precision_is_named() -> None:
+    with pytest.raises(ValueError, match=r"precision\n  Input should be 'fp32' or 'bf16'"):
+        TrainConfig(precision="fp16")

@@ -83,8 +83,8 @@ def kd_loss(
         raise ValueError(f"kd_loss: targets {tuple(targets.shape)} do not fit logits {tuple(student_logits.shape)}: "
                          f"need logits (..., classes) and targets of the logits' shape without the last dimension")
     classes = student_logits.shape[-1]
-    student_flat = student_logits.reshape(-1, classes)
-    teacher_flat = teacher_logits.detach().reshape(-1, classes)
+    student_flat = student_logits.reshape(-1, classes).float()  # bf16 logits (mixed precision): softmax in fp32
+    teacher_flat = teacher_logits.detach().reshape(-1, classes).float()
     targets_flat = targets.reshape(-1)
     scored = (targets_flat != ignore_index).to(student_flat.dtype)
     log_p_student = F.log_softmax(student_flat / temperature, dim=-1)

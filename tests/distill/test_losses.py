@@ -229,3 +229,11 @@ def test_weighted_sum() -> None:
     assert weighted_sum([torch.tensor(2.0), torch.tensor(3.0)], [0.5, 2.0]).item() == pytest.approx(7.0)
     with pytest.raises(ValueError, match="as many weights as losses"):
         weighted_sum([torch.tensor(1.0)], [1.0, 2.0])
+
+
+def test_kd_loss_of_bfloat16_logits_is_computed_in_float32() -> None:
+    torch.manual_seed(0)
+    student, teacher, targets = torch.randn(6, 5).bfloat16(), torch.randn(6, 5).bfloat16(), torch.randint(0, 5, (6,))
+    loss = kd_loss(student, teacher, targets, alpha=0.9, temperature=4.0)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(kd_loss(student.float(), teacher.float(), targets, alpha=0.9, temperature=4.0).item(), abs=0)

@@ -124,3 +124,10 @@ def test_hybrid_recipe_is_a_list_of_stages_structured_first() -> None:
 def test_bad_stages_are_named(text: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         parse_recipe(text)
+
+
+def test_recovery_precision_is_read_and_a_wrong_one_is_named() -> None:
+    recipe = parse_recipe(HYBRID + "recover: {kind: distill, train: {epochs: 1, precision: bf16}}\n")
+    assert recipe.recover.train.precision == "bf16"
+    with pytest.raises(RecipeError, match=r"line 6: key 'recover.train.precision': Input should be 'fp32' or 'bf16'"):
+        parse_recipe(HYBRID + "recover: {kind: distill, train: {epochs: 1, precision: fp16}}\n")
