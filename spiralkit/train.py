@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
-def autocast(model: nn.Module, precision: Literal["fp32", "bf16"]) -> torch.autocast:
+def _mixed_precision(model: nn.Module, precision: Literal["fp32", "bf16"]) -> torch.autocast:
     """The mixed-precision context of ``precision`` on ``model``'s device (inactive for ``fp32``)."""
     device = next(model.parameters(), torch.empty(0)).device.type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -348,7 +348,7 @@ def _train(
         disable=not progress or not console.is_terminal, console=console,
     )
     log_epochs = progress and not console.is_terminal
-    mixed = autocast(model, config.precision)
+    mixed = _mixed_precision(model, config.precision)
     model.train()
     with enforcer, bar:
         job = bar.add_task(description, total=per_epoch * config.epochs, completed=steps, loss=math.nan)
