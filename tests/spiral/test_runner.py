@@ -419,3 +419,16 @@ def test_a_target_whole_weights_cannot_hit_exactly_counts_as_reached() -> None:
     assert step(goal - 1.2e-6) == (None, f"target sparsity {goal:.3f} reached")
     target, why = step(goal - 10 * REACHED)
     assert why is None and target == pytest.approx(goal), "a real gap still gets its round"
+
+
+def test_a_bf16_recovery_distils_from_its_teacher_and_ends_near_the_fp32_one(tmp_path: Path) -> None:
+    distill = "{kind: distill, train: {epochs: 3, optimizer: {name: sgd, lr: 0.05}, precision: %s}}"
+    plain = Spiral(recipe(recover=distill % "fp32")).run(tmp_path / "fp32", console=quiet())
+    mixed = Spiral(recipe(recover=distill % "bf16")).run(tmp_path / "bf16", console=quiet())
+    assert mixed.final is not None and plain.final is not None
+    assert mixed.baseline.metric == plain.baseline.metric  # the baseline trains in fp32 either way
+    assert [r.accepted for r in mixed.rounds] == [True, True]
+    assert abs(mixed.final.metric - plain.final.metric) <= 3.0
+    fp32, bf16 = (load_state(tmp_path / name / "model.safetensors") for name in ("fp32", "bf16"))
+    assert any(not torch.equal(fp32[key], bf16[key]) for key in fp32)  # the recovery did run in bf16
+    assert all(tensor.dtype == torch.float32 for tensor in bf16.values())
