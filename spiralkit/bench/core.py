@@ -15,6 +15,7 @@ from rich.table import Table
 from spiralkit.bench.runtimes import BenchError, runtime
 from spiralkit.bench.targets import Candidate
 from spiralkit.bench.timing import Timing, time_interleaved
+from spiralkit.cpu import cpu_flags
 from spiralkit.latency.runtimes import Compiled, runtime_status
 from spiralkit.measure import count_macs
 from spiralkit.modules import torch_threads
@@ -84,16 +85,8 @@ class BenchRow:
 
 def machine() -> dict[str, object]:
     """The machine a benchmark ran on: CPU, cores, load, instruction sets, runtime versions."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),

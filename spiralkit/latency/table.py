@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from spiralkit.cpu import cpu_flags
 from spiralkit.data.arraycache import cache_dir
 from spiralkit.export.weights import atomic_write_text
 from spiralkit.graph.layers import is_depthwise
@@ -161,12 +162,7 @@ def width_grid(size: int, step: int) -> tuple[int, ...]:
 
 def cpu_signature() -> str:
     """A short hash of the CPU's instruction set (``flags`` of ``/proc/cpuinfo``; else ``platform.processor()``)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-        flags = next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    source = " ".join(sorted(flags.split())) or f"{platform.machine()} {platform.processor()}"
+    source = " ".join(sorted(cpu_flags())) or f"{platform.machine()} {platform.processor()}"
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 

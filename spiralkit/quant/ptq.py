@@ -12,7 +12,8 @@ config's type:
   int8 with an asymmetric range. On x86 this "U8S8" pairing is the one ONNX Runtime's fused
   kernels are built for: on ResNet-18 it ran 2.7x faster than signed activations (which
   leave most convolutions as float ops between Q/DQ pairs). On x86 CPUs *without* VNNI,
-  U8S8 can saturate in ``VPMADDUBSW``; ONNX Runtime's docs suggest ``reduce_range`` then.
+  U8S8 saturates in ``VPMADDUBSW``, so ``reduce_range: auto`` (the default) puts the weights
+  on 7 bits exactly there (`spiralkit.cpu`).
 * `DynamicInt8` — weights in int8, activations quantized on the fly per batch; only
   ``Linear`` (ONNX ``MatMul``/``Gemm``) and ``LSTM`` layers, never convolutions (ONNX
   Runtime's dynamic ``ConvInteger`` is slower than float convolution). GRU layers have no
@@ -42,6 +43,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from spiralkit.cpu import ReduceRange, resolve_reduce_range
 from spiralkit.export.onnx import OrtModel, export_onnx
 from spiralkit.patterns import first_unmatched
 from spiralkit.quant.affine import QuantError
@@ -81,6 +83,11 @@ class StaticInt8(BaseModel):
             between float and quantized histograms).
         keep_float: PyTorch module name patterns (``fnmatch``, e.g. ``"fc2"``,
             ``"layer1.*"``) whose ops stay float. A pattern matching no module is an error.
+        reduce_range: Weights on 7 bits (codes within ±64) so that ONNX Runtime's U8S8
+            kernels cannot saturate on x86 CPUs without VNNI; ``"auto"`` does it exactly on
+            such a CPU (`spiralkit.cpu.int8_saturates`), where full-range weights give wrong
+            outputs. The file is built for the CPU it is built on: one built with False runs
+            correctly only on VNNI CPUs.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -89,6 +96,7 @@ class StaticInt8(BaseModel):
     per_channel: bool = True
     activation_observer: Literal["minmax", "percentile", "entropy"] = "minmax"
     keep_float: tuple[str, ...] = ()
+    reduce_range: ReduceRange = "auto"
 
 
 class DynamicInt8(BaseModel):
@@ -101,12 +109,14 @@ class DynamicInt8(BaseModel):
         per_channel: One weight scale per output feature (else one per tensor).
         keep_float: PyTorch module name patterns (``fnmatch``) whose ops stay float. A
             pattern matching no module is an error.
+        reduce_range: 7-bit weights where the U8S8 kernels saturate; as `StaticInt8`'s.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["dynamic-int8"] = "dynamic-int8"
     per_channel: bool = False
     keep_float: tuple[str, ...] = ()
+    reduce_range: ReduceRange = "auto"
 
 
 QuantConfig = Annotated[StaticInt8 | DynamicInt8, Field(discriminator="kind")]
@@ -196,6 +206,7 @@ def _(config: StaticInt8, model: nn.Module, data: Any, *, example: Tensor, workd
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=excluded,
                 calibrate_method=_OBSERVERS[config.activation_observer],
+                reduce_range=resolve_reduce_range(config.reduce_range),
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
             ),
         )
@@ -227,6 +238,7 @@ def _(config: DynamicInt8, model: nn.Module, data: Any, *, example: Tensor, work
                 per_channel=config.per_channel,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=excluded,
+                reduce_range=resolve_reduce_range(config.reduce_range),
             ),
         )
         return _finish(staged, workdir, float_path, threads)

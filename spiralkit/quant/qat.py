@@ -59,9 +59,13 @@ QAT is two steps here, as torchao's ``QATConfig(step="prepare" | "convert")``: `
 the QDQ export). Training the prepared model is the caller's: `spiralkit.spiral.qat.qat`
 is the spiral's recovery by logit distillation.
 
+On x86 CPUs without VNNI ONNX Runtime's U8S8 kernels saturate on full-range int8 weights
+(`spiralkit.cpu`), so ``reduce_range`` (``"auto"`` by default: exactly on such a CPU) trains
+8-bit models with 7-bit weights, codes in ``[−64, 63]``; the export writes them as int8
+(`freeze_qat` clamps each weight to its codes' range), which every CPU runs exactly.
+
 Limitations: BatchNorm after a convolution stays a float op (it is not folded into the
-quantized weights; fold it before QAT for integer-only inference); ONNX Runtime's U8S8
-kernels may saturate on x86 CPUs without VNNI (see `spiralkit.quant.ptq`).
+quantized weights; fold it before QAT for integer-only inference).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 
+from spiralkit.cpu import ReduceRange, resolve_reduce_range
 from spiralkit.export.onnx import export_onnx
 from spiralkit.patterns import first_unmatched, matches_any
 from spiralkit.quant.affine import (
@@ -130,6 +135,9 @@ class QATConfig(BaseModel):
             gives weight-only QAT (which does not export to integer kernels).
         keep_float: ``fnmatch`` patterns of layer names left in float (``"fc2"``,
             ``"layer1.*"``); each must match a Conv2d/Linear layer.
+        reduce_range: At 8 bits, weights on 7 (codes in ``[−64, 63]``) so that ONNX
+            Runtime's U8S8 kernels cannot saturate; ``"auto"``: exactly on x86 CPUs without
+            VNNI (`spiralkit.cpu.int8_saturates`). Lower bit widths are not changed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -140,6 +148,7 @@ class QATConfig(BaseModel):
     learn_scales: bool = False
     quantize_activations: bool = True
     keep_float: tuple[str, ...] = ()
+    reduce_range: ReduceRange = "auto"
 
     @field_validator("bits", "activation_bits")
     @classmethod
@@ -155,6 +164,11 @@ class QATConfig(BaseModel):
     def act_bits(self) -> int:
         """The activations' bit width (``activation_bits``, else ``bits``)."""
         return self.bits if self.activation_bits is None else self.activation_bits
+
+    @property
+    def weight_bits(self) -> int:
+        """The weights' code width: ``bits``, or 7 for a reduced-range 8-bit model."""
+        return EXPORT_BITS - 1 if self.bits == EXPORT_BITS and resolve_reduce_range(self.reduce_range) else self.bits
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -583,7 +597,7 @@ def _activation_quant(observer: Observer, *, bits: int, learn: bool) -> FakeQuan
 
 
 def _weight_quant(weight: Tensor, config: QATConfig) -> WeightQuant:
-    minmax = MinMaxWeightQuant(bits=config.bits, per_channel=config.per_channel)
+    minmax = MinMaxWeightQuant(bits=config.weight_bits, per_channel=config.per_channel)
     if not config.learn_scales:
         return minmax
     frozen = minmax.frozen(weight)
@@ -642,12 +656,12 @@ def _frozen_weight_quant(quant: nn.Module, weight: Tensor) -> nn.Module:
 
 @_frozen_weight_quant.register
 def _(quant: MinMaxWeightQuant, weight: Tensor) -> nn.Module:
-    return _frozen(quant.frozen(weight))
+    return quant.frozen(weight)
 
 
 @_frozen_weight_quant.register
 def _(quant: FakeQuant, weight: Tensor) -> nn.Module:
-    return _frozen(quant)
+    return quant
 
 
 @_frozen_weight_quant.register(ExportFakeQuant)
@@ -668,6 +682,20 @@ def _frozen(quant: FakeQuant | ExportFakeQuant | ExportChannelFakeQuant | None) 
     return ExportChannelFakeQuant(quant.scale, quant.zero_point, qmin=quant.qmin, qmax=quant.qmax, axis=quant.axis)
 
 
+def _in_int8(layer: _QATLayer, quant: FakeQuant) -> FakeQuant:
+    """A reduced-range weight quantizer as int8 ONNX holds it: ``layer``'s weight clamped to its codes' range.
+
+    ``round(clamp(w, −64·s, 63·s) / s)`` gives the 7-bit codes, so the int8 quantizer that
+    replaces ``quant`` (same scale, ``[−128, 127]``) computes the same values, and
+    ``QuantizeLinear`` writes them into int8 initializers.
+    """
+    scale = quant.scale.detach().reshape(-1, *([1] * (layer.weight.dim() - 1))) if quant.axis is not None else quant.scale
+    low, high = quant.qmin * scale, quant.qmax * scale
+    layer.weight = nn.Parameter(torch.minimum(torch.maximum(layer.weight.detach(), low), high), requires_grad=False)
+    qmin, qmax = _signed_range(EXPORT_BITS)
+    return FakeQuant(quant.scale.detach(), quant.zero_point, qmin=qmin, qmax=qmax, axis=quant.axis)
+
+
 def freeze_qat(model: nn.Module) -> nn.Module:
     """An export-ready copy of an 8-bit QAT model: every quantizer with constant qparams.
 
@@ -675,6 +703,9 @@ def freeze_qat(model: nn.Module) -> nn.Module:
     weight scales are taken from the current weights, LSQ scales are copied; up to the
     ``1 / s`` rounding noted in the module docstring), but only with ops torch's dynamo ONNX
     exporter turns into ``QuantizeLinear → DequantizeLinear``; nothing in it is trained any more.
+
+    A reduced-range model's 7-bit weight quantizers become int8 ones over weights clamped to
+    the 7-bit codes' range (the same values; `_in_int8`).
 
     Raises:
         QuantError: A per-tensor quantizer is not 8-bit.
@@ -686,7 +717,10 @@ def freeze_qat(model: nn.Module) -> nn.Module:
             if bias is not None:
                 module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
             module.quantize_bias = False
-            module.weight_quant = _frozen_weight_quant(module.weight_quant, module.weight)
+            weight_quant = _frozen_weight_quant(module.weight_quant, module.weight)
+            if isinstance(weight_quant, FakeQuant) and (weight_quant.qmin, weight_quant.qmax) == _signed_range(EXPORT_BITS - 1):
+                weight_quant = _in_int8(module, weight_quant)
+            module.weight_quant = _frozen(weight_quant)
             module.input_quant = _frozen(module.input_quant)
             module.output_quant = _frozen(module.output_quant)
     return frozen
@@ -698,10 +732,10 @@ def _check_exportable(model: nn.Module) -> None:
     if not wrapped:
         raise QuantError(f"{type(model).__name__} has no QAT layer; prepare it with prepare_qat")
     for name, layer in wrapped:
-        if layer.weight_quant.bits != EXPORT_BITS:
+        if layer.weight_quant.bits not in (EXPORT_BITS, EXPORT_BITS - 1):
             raise QuantError(
-                f"layer {name!r} has {layer.weight_quant.bits}-bit weights; only 8-bit QAT models export to ONNX "
-                "(QuantizeLinear is int8/uint8). Evaluate lower bit widths in PyTorch"
+                f"layer {name!r} has {layer.weight_quant.bits}-bit weights; only 8-bit QAT models (or 7-bit weights, "
+                "reduce_range) export to ONNX (QuantizeLinear is int8/uint8). Evaluate lower bit widths in PyTorch"
             )
         for quant in (layer.input_quant, layer.output_quant):
             if quant is not None and quant.bits != EXPORT_BITS:

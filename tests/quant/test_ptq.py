@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,7 +236,32 @@ def test_unknown_config_type_is_an_error(tmp_path: Path) -> None:
         quantize(lenet300(), {"kind": "static-int8"}, None, example=torch.randn(2, 784), workdir=tmp_path)  # type: ignore[arg-type]
 
 
+def _largest_weight_code(path: Path) -> int:
+    """The largest |code| of the file's int8 weight initializers."""
+    codes = [numpy_helper.to_array(init) for init in onnx.load(str(path)).graph.initializer
+             if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1]
+    assert codes, "no int8 weight in the file"
+    return max(int(abs(c.astype("int32")).max()) for c in codes)
+
+
+@pytest.mark.parametrize("config", [StaticInt8(calibration_batches=2), DynamicInt8()])
+def test_reduce_range_puts_the_weights_on_7_bits_and_still_matches(config: StaticInt8 | DynamicInt8, trained: nn.Module,
+                                                                  digits: DataSplits, tmp_path: Path) -> None:
+    x = next(iter(digits.train))[0]
+    with torch.no_grad():
+        expected = trained(x)
+    full = quantize(trained, config.model_copy(update={"reduce_range": False}), digits.train,
+                    example=torch.zeros(1, 1, 8, 8), workdir=tmp_path / "full")
+    reduced = quantize(trained, config.model_copy(update={"reduce_range": True}), digits.train,
+                       example=torch.zeros(1, 1, 8, 8), workdir=tmp_path / "reduced")
+    assert _largest_weight_code(full.path) == 127  # symmetric: each scale's largest weight is ±127
+    assert _largest_weight_code(reduced.path) <= 64  # 255 · 64 · 2 fits VPMADDUBSW's 16-bit lane
+    assert compare_outputs(expected, reduced.model(x)).cosine > 0.999  # on every CPU, VNNI or not
+
+
 def test_bad_config_values_are_rejected() -> None:
+    with pytest.raises(ValidationError, match="reduce_range"):
+        StaticInt8(reduce_range="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="calibration_batches"):
         StaticInt8(calibration_batches=0)
     with pytest.raises(ValidationError, match="activation_observer"):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import numpy_helper
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
@@ -109,6 +111,26 @@ def test_prepared_8bit_model_exports_to_integer_kernels_matching_pytorch(
     model = prepare_qat(trained, QATConfig(), calibration_batches=_batches(digits))
     path = export_qat_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "prepared.onnx")
     assert_runs_on_integer_kernels_like_pytorch(model, path, digits)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_reduced_range_trains_7_bit_weights_and_exports_them_as_int8(trained: nn.Module, digits: DataSplits,
+                                                                     tmp_path: Path, per_channel: bool) -> None:
+    config = QATConfig(reduce_range=True, per_channel=per_channel)
+    assert config.weight_bits == 7 and QATConfig(reduce_range=False).weight_bits == 8
+    assert QATConfig(bits=4, reduce_range=True).weight_bits == 4
+    model = prepare_qat(trained, config, calibration_batches=_batches(digits))
+    assert (model.conv1.weight_quant.qmin, model.conv1.weight_quant.qmax) == (-64, 63)
+    x = _batches(digits, 1)[0][0]
+    with torch.no_grad():
+        assert torch.equal(freeze_qat(model).eval()(x), model.eval()(x))  # clamped weights, int8 quantizer: same values
+    path = export_qat_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "reduced.onnx")
+    assert_runs_on_integer_kernels_like_pytorch(model, path, digits)
+    # The file holds the (clamped) float weight and its QuantizeLinear, which ONNX Runtime folds into int8 codes.
+    weight = next(numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer if i.name == "conv1.weight")
+    scale = model.conv1.weight_quant.scale_of(model.conv1.weight).reshape(-1, 1, 1, 1)
+    codes = torch.round(torch.from_numpy(weight.copy()) / scale)
+    assert int(codes.abs().max()) <= 64
 
 
 # --------------------------------------------------------------------------- prepare

@@ -55,7 +55,8 @@ def test_4bit_qat_trains_and_evaluates_in_pytorch(
 
 
 def test_recovery_config_keeps_the_recipe_keys_and_quantization_config_has_only_quantization() -> None:
-    keys = {"kind", "bits", "activation_bits", "per_channel", "learn_scales", "quantize_activations", "keep_float"}
+    keys = {"kind", "bits", "activation_bits", "per_channel", "learn_scales", "quantize_activations", "keep_float",
+            "reduce_range"}
     assert set(QATConfig.model_fields) == keys
     assert set(QATRecovery.model_fields) == keys | {"calibration_batches", "alpha", "temperature", "train"}
     config = QATRecovery.model_validate({"bits": 8, "alpha": 0.5, "train": {"epochs": 1}})
