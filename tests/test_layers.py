@@ -19,7 +19,7 @@ PACKAGE_ROOT = Path(spiralkit.__file__).parent
 # Bottom to top. A package may import packages of its own layer or below, never above.
 LAYERS: dict[str, int] = {
     # small shared helpers
-    "errors": 0, "configs": 0, "patterns": 0, "modules": 0, "parallel": 0,
+    "errors": 0, "configs": 0, "patterns": 0, "modules": 0, "parallel": 0, "cpu": 0,
     # models, data, counting and timing, weights and ONNX I/O
     "models": 1, "data": 1, "measure": 1, "export": 1,
     # the layer-by-layer calibration scheme that prune/ (Wanda, SparseGPT) and quant/ (GPTQ) share
