@@ -16,10 +16,13 @@ import platform
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["ReduceRange", "VNNI_FLAGS", "cpu_flags", "int8_saturates", "resolve_reduce_range"]
+__all__ = ["BF16_FLAGS", "ReduceRange", "VNNI_FLAGS", "cpu_flags", "int8_saturates", "native_bf16", "resolve_reduce_range"]
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 """``/proc/cpuinfo`` flags of x86 instruction sets that accumulate ``u8 · s8`` products in 32 bits."""
+
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+"""Flags of bfloat16 arithmetic in hardware: AVX-512-BF16 and AMX on x86, ``bf16`` on ARM (``Features``)."""
 
 ReduceRange = bool | Literal["auto"]
 """A config's ``reduce_range``: 7-bit weights (True), full int8 (False), or ``"auto"``: 7-bit
@@ -50,6 +53,16 @@ def int8_saturates(flags: frozenset[str] | None = None, machine: str | None = No
     if (machine or platform.machine()).lower() not in _X86:
         return False
     return not (VNNI_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes in bfloat16 natively (`BF16_FLAGS`); else PyTorch emulates it, slowly.
+
+    Measured on a Zen 3 core (AVX2, no bf16): a ResNet-20 distillation step under bf16
+    autocast took 18.8 s against 1.05 s in float32 (``bench/train_precision.py``); on a Zen 4
+    core with AVX-512-BF16 it was 2.05x faster than float32.
+    """
+    return bool(BF16_FLAGS & (cpu_flags() if flags is None else flags))
 
 
 def resolve_reduce_range(setting: ReduceRange) -> bool:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import spiralkit.train
+from spiralkit.cpu import native_bf16
 from spiralkit.data import TensorLoader
 from spiralkit.errors import SpiralError
 from spiralkit.train import EpochCheckpoint, OptimizerConfig, TrainConfig, supervised, train
@@ -166,6 +169,23 @@ def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_float32_weights()
     assert 0 < gap < 0.05  # bf16 rounding changes the result, a little
     with torch.no_grad():  # and outside training the model runs in float32 again
         assert mixed(torch.randn(1, 1, 6, 6)).dtype == torch.float32
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"precision bf16 on a CPU without bfloat16 instructions .* set "
+                                            r"train.precision: fp32 on this machine"):
+        _train_recording_dtypes("bf16")
+    monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _train_recording_dtypes("bf16")
+        _train_recording_dtypes("fp32")
+
+
+def test_native_bf16_reads_the_flags() -> None:
+    assert native_bf16(frozenset({"avx2", "avx512_bf16"})) and native_bf16(frozenset({"asimd", "bf16"}))
+    assert not native_bf16(frozenset({"avx2", "fma"})) and not native_bf16(frozenset())
 
 
 def test_an_unknown_precision_is_named() -> None:
