@@ -86,8 +86,8 @@ class StaticInt8(BaseModel):
         reduce_range: Weights on 7 bits (codes within ±64) so that ONNX Runtime's U8S8
             kernels cannot saturate on x86 CPUs without VNNI; ``"auto"`` does it exactly on
             such a CPU (`spiralkit.cpu.int8_saturates`), where full-range weights give wrong
-            outputs. The file is built for the CPU it is built on: one built with False runs
-            correctly only on VNNI CPUs.
+            outputs. A file with full-range weights (False, or ``"auto"`` on a VNNI CPU)
+            runs correctly only on VNNI CPUs; True is correct on every CPU.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
