@@ -12,6 +12,7 @@ float model, where the test asks 0.999, which VNNI cores meet). ONNX Runtime's r
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 from typing import Literal
@@ -31,8 +32,13 @@ exactly where the int8 kernels would saturate (`int8_saturates`)."""
 _X86 = frozenset({"x86_64", "amd64", "i386", "i686"})
 
 
+@functools.cache
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU's instruction-set flags (``flags`` on x86, ``Features`` on ARM); empty when unreadable."""
+    """The CPU's instruction-set flags (``flags`` on x86, ``Features`` on ARM); empty when unreadable.
+
+    Read once per file and process (the CPU does not change under a running process; every
+    quantization call, QAT layer and training run asks).
+    """
     try:
         text = cpuinfo.read_text(encoding="utf-8")
     except OSError:

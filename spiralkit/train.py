@@ -94,7 +94,7 @@ def _mixed_precision(model: nn.Module, precision: Literal["fp32", "bf16"]) -> to
         warnings.warn("precision bf16 on a CPU without bfloat16 instructions (no avx512_bf16, amx_bf16 or bf16 flag): "
                       "PyTorch emulates them, so training runs many times slower than in fp32 (18x for a CIFAR "
                       "ResNet-20 step on a Zen 3 core); set train.precision: fp32 on this machine",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)  # _mixed_precision < _train < train < its caller
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

@@ -174,8 +174,9 @@ def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_float32_weights()
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match=r"precision bf16 on a CPU without bfloat16 instructions .* set "
-                                            r"train.precision: fp32 on this machine"):
+                                            r"train.precision: fp32 on this machine") as record:
         _train_recording_dtypes("bf16")
+    assert record[0].filename == __file__  # it points at the code that called train(), not inside it
     monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
