@@ -25,7 +25,7 @@ stages are dropped: the comparison is of pruning and recovery.
 ```
 OUT/baseline/                  the baseline's run (no pruning): trains the model once
 OUT/seedI/METHOD/              one run directory per seed and method (resumed when killed)
-OUT/compare.json               the results (`Comparison`)
+OUT/compare.json               the results (`Comparison`), with the spiral's lead over each one-shot method
 OUT/compare.png, compare.svg   metric against sparsity (unstructured) or MACs kept (structured)
 ```
 
@@ -67,6 +67,7 @@ __all__ = [
     "ONE_SHOT",
     "CompareConfig",
     "Comparison",
+    "Lead",
     "MethodResult",
     "MethodRun",
     "compare",
@@ -170,6 +171,32 @@ class MethodResult(BaseModel):
     runs: list[MethodRun]
 
 
+class Lead(BaseModel):
+    """How far the spiral is ahead of one one-shot method, in the metric's better direction.
+
+    Attributes:
+        difference: the spiral's mean metric minus the method's; positive when the spiral is
+            better (for a lower-is-better metric, the method's minus the spiral's).
+        per_seed: the same difference for each seed's pair of runs, in seed order.
+        separated: the spiral's mean − std is beyond the method's mean + std, i.e. the
+            difference exceeds the sum of the two standard deviations.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    difference: float
+    per_seed: list[float]
+    separated: bool
+
+
+def lead(spiral: MethodResult, other: MethodResult, *, higher_is_better: bool) -> Lead:
+    """The spiral's `Lead` over ``other``."""
+    sign = 1.0 if higher_is_better else -1.0
+    difference = sign * (spiral.metric_mean - other.metric_mean)
+    return Lead(difference=difference,
+                per_seed=[sign * (a - b) for a, b in zip(spiral.metrics, other.metrics, strict=True)],
+                separated=difference > spiral.metric_std + other.metric_std)
+
+
 class Comparison(BaseModel):
     """What ``spiral compare`` measured; written as ``compare.json``.
 
@@ -183,6 +210,7 @@ class Comparison(BaseModel):
         seeds: the recipe seeds run.
         dropped: the recipe's stages left out of the comparison (``quantize``).
         methods: the results by method name (`METHODS`).
+        leads: the spiral's lead over each one-shot method, by its name (`ONE_SHOT`).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -195,6 +223,7 @@ class Comparison(BaseModel):
     seeds: list[int]
     dropped: list[str]
     methods: dict[str, MethodResult]
+    leads: dict[str, Lead] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the methods' recipes
@@ -328,12 +357,15 @@ def compare(recipe: Recipe, out: Path, config: CompareConfig, *, console: Consol
         seeded = from_baseline(runnable, checkpoint, seed=recipe.seed + index)
         for method, run in _seed_runs(seeded, out / f"seed{index}", out, config, console).items():
             runs[method].append(run)
+    results = {method: _summarise(method_runs) for method, method_runs in runs.items()}
+    higher = recipe.task.higher_is_better
     comparison = Comparison(
-        recipe=recipe.name, metric=recipe.task.metric_name, higher_is_better=recipe.task.higher_is_better,
+        recipe=recipe.name, metric=recipe.task.metric_name, higher_is_better=higher,
         axis="macs_ratio" if any(stage.removes_structure for stage in recipe.prune) else "sparsity",
         baseline_metric=baseline.baseline.metric, seeds=[recipe.seed + i for i in range(config.seeds)],
         dropped=["quantize"] if recipe.quantize is not None else [],
-        methods={method: _summarise(method_runs) for method, method_runs in runs.items()},
+        methods=results,
+        leads={method: lead(results["spiral"], results[method], higher_is_better=higher) for method in ONE_SHOT},
     )
     write_comparison(comparison, out)
     console.print(comparison_table(comparison))
@@ -367,10 +399,14 @@ def comparison_table(comparison: Comparison) -> Table:
     if comparison.dropped:
         notes.append(f"left out of the comparison: {', '.join(comparison.dropped)}")
     table = Table(box=box.SIMPLE_HEAD, title=f"spiral compare — {comparison.recipe}", caption="\n".join(notes))
-    for column in ("method", comparison.metric, "MACs kept", "sparsity", "epochs"):
+    notes.append("spiral's lead: its mean minus the method's (+ is the spiral better); "
+                 "'apart' when it exceeds both stds together")
+    for column in ("method", comparison.metric, "MACs kept", "sparsity", "epochs", "spiral's lead"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for method, r in comparison.methods.items():
+        ahead = comparison.leads.get(method)
         table.add_row(method, f"{r.metric_mean:.2f} ± {r.metric_std:.2f}",
                       f"{r.macs_ratio:.3f} ± {r.macs_ratio_std:.3f}",
-                      f"{100 * r.sparsity:.1f}% ± {100 * r.sparsity_std:.1f}", f"{r.epochs:g}")
+                      f"{100 * r.sparsity:.1f}% ± {100 * r.sparsity_std:.1f}", f"{r.epochs:g}",
+                      "" if ahead is None else f"{ahead.difference:+.2f}{' apart' if ahead.separated else ''}")
     return table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,10 @@ from spiralkit.errors import RecipeError, SpiralError
 from spiralkit.export import load_state
 from spiralkit.prune.schedules import OneShot
 from spiralkit.report import Report
-from spiralkit.spiral.compare import METHODS, NO_ROLLBACK, CompareConfig, Comparison, compare, one_shot_recipe, spiral_epochs
+from spiralkit.spiral.compare import (
+    METHODS, NO_ROLLBACK, ONE_SHOT, CompareConfig, Comparison, MethodResult, compare, comparison_table, lead, one_shot_recipe,
+    spiral_epochs,
+)
 from spiralkit.spiral.recipe import parse_recipe
 from spiralkit.spiral.recovery import Distill, Finetune
 from tests.spiral.tiny import TINY
@@ -102,6 +106,50 @@ def test_json_has_every_method_and_its_fields(compared: Compared) -> None:
     assert data["seeds"] == [1, 2] and data["axis"] == "sparsity"
     assert data["dropped"] == ["quantize"]
     assert Comparison.model_validate(data) == compared.result
+
+
+def test_json_has_the_spirals_lead_over_each_one_shot_method(compared: Compared) -> None:
+    data = json.loads((compared.out / "compare.json").read_text())
+    assert set(data["leads"]) == set(ONE_SHOT)
+    spiral = data["methods"]["spiral"]
+    for method, ahead in data["leads"].items():
+        other = data["methods"][method]
+        assert ahead["difference"] == pytest.approx(spiral["metric_mean"] - other["metric_mean"])
+        assert ahead["per_seed"] == pytest.approx([a - b for a, b in zip(spiral["metrics"], other["metrics"], strict=True)])
+        assert ahead["separated"] == (ahead["difference"] > spiral["metric_std"] + other["metric_std"])
+
+
+def _result(metrics: list[float]) -> MethodResult:
+    mean, std = statistics.fmean(metrics), statistics.stdev(metrics)
+    return MethodResult(metric_mean=mean, metric_std=std, macs_ratio=1.0, macs_ratio_std=0.0, sparsity=0.9,
+                        sparsity_std=0.0, epochs=10, metrics=metrics, runs=[])
+
+
+def test_lead_is_apart_only_beyond_both_stds_and_follows_the_metrics_direction() -> None:
+    spiral, close, far = _result([88.2, 88.3, 88.4]), _result([87.9, 88.0, 88.1]), _result([87.0, 87.1, 87.2])
+    assert lead(spiral, far, higher_is_better=True).separated
+    near = lead(spiral, close, higher_is_better=True)  # 0.3 apart, stds 0.1 + 0.1: apart
+    assert near.difference == pytest.approx(0.3) and near.separated
+    assert not lead(spiral, _result([88.05, 88.15, 88.25]), higher_is_better=True).separated  # 0.15 < 0.1 + 0.1
+    lower = lead(spiral, far, higher_is_better=False)  # e.g. perplexity: the spiral's higher value is worse
+    assert lower.difference == pytest.approx(-1.2) and lower.per_seed == pytest.approx([-1.2] * 3)
+    assert not lower.separated
+
+
+def test_table_shows_the_leads(compared: Compared) -> None:
+    console = Console(width=200, record=True)
+    console.print(comparison_table(compared.result))
+    text = console.export_text()
+    assert "spiral's lead" in text
+    for method, ahead in compared.result.leads.items():
+        row = next(line for line in text.splitlines() if line.strip().startswith(method))
+        assert f"{ahead.difference:+.2f}" in row
+
+
+def test_a_compare_json_without_leads_still_reads(compared: Compared) -> None:
+    data = json.loads((compared.out / "compare.json").read_text())
+    del data["leads"]  # written before leads were added
+    assert Comparison.model_validate(data).leads == {}
 
 
 def test_one_shot_methods_get_the_spirals_epochs(compared: Compared) -> None:
