@@ -23,7 +23,7 @@ budget, data and optimizer (``recover.train`` of ``recipes/depgraph_resnet56_cif
   nets; the stem, each block's second convolution and the classifier are left whole.
 
 For each model: test and validation accuracy, MACs, parameters, and ONNX Runtime latency at
-batch 1 and 64 (one thread, interleaved, medians). With the recipe's 16 bf16 epochs,
+batch 1 and 64 (one thread, interleaved, medians). With the recipe's 16 epochs (bf16 on a bf16 CPU),
 Torch-Pruning's row takes ~1 h on one core of this 2-core machine (the fine-tune dominates;
 the spiral ~2 h on the other). A script, not a test.
 """

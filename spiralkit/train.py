@@ -72,7 +72,9 @@ class TrainConfig(BaseModel):
             step of a CIFAR ResNet-56 ran 1.94x faster on an AVX-512-BF16 core: see
             ``bench/train_precision.py``). On a CPU without bf16 instructions PyTorch
             emulates them and a step is many times *slower* (18x for a ResNet-20 on a Zen 3
-            core); training then warns (`spiralkit.cpu.native_bf16`).
+            core); training then warns (`spiralkit.cpu.native_bf16`). ``auto`` is ``bf16`` on a
+            CPU with bf16 instructions and ``fp32`` otherwise (and on other devices), so one
+            recipe trains fast on either kind of CPU; the two give slightly different models.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -81,19 +83,27 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     max_batches: int | None = Field(default=None, gt=0)
     freeze: tuple[str, ...] = ()
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
-def _mixed_precision(model: nn.Module, precision: Literal["fp32", "bf16"]) -> torch.autocast:
-    """The mixed-precision context of ``precision`` on ``model``'s device (inactive for ``fp32``).
+def resolve_precision(precision: Literal["fp32", "bf16", "auto"], device: str) -> Literal["fp32", "bf16"]:
+    """The precision a `TrainConfig.precision` trains in on ``device`` (``auto``: bf16 where the CPU has it)."""
+    if precision == "auto":
+        return "bf16" if device == "cpu" and native_bf16() else "fp32"
+    return precision
+
+
+def _mixed_precision(model: nn.Module, setting: Literal["fp32", "bf16", "auto"]) -> torch.autocast:
+    """The mixed-precision context of ``setting`` on ``model``'s device (inactive for ``fp32``).
 
     Warns when bf16 is asked on a CPU that has no bf16 instructions (emulated: slower, not faster).
     """
     device = next(model.parameters(), torch.empty(0)).device.type
+    precision = resolve_precision(setting, device)
     if precision == "bf16" and device == "cpu" and not native_bf16():
         warnings.warn("precision bf16 on a CPU without bfloat16 instructions (no avx512_bf16, amx_bf16 or bf16 flag): "
                       "PyTorch emulates them, so training runs many times slower than in fp32 (18x for a CIFAR "
-                      "ResNet-20 step on a Zen 3 core); set train.precision: fp32 on this machine",
+                      "ResNet-20 step on a Zen 3 core); set train.precision: fp32 or auto on this machine",
                       RuntimeWarning, stacklevel=4)  # _mixed_precision < _train < train < its caller
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 

@@ -13,7 +13,7 @@ import spiralkit.train
 from spiralkit.cpu import native_bf16
 from spiralkit.data import TensorLoader
 from spiralkit.errors import SpiralError
-from spiralkit.train import EpochCheckpoint, OptimizerConfig, TrainConfig, supervised, train
+from spiralkit.train import EpochCheckpoint, OptimizerConfig, TrainConfig, resolve_precision, supervised, train
 
 
 def _model() -> nn.Sequential:
@@ -174,7 +174,7 @@ def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_float32_weights()
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match=r"precision bf16 on a CPU without bfloat16 instructions .* set "
-                                            r"train.precision: fp32 on this machine") as record:
+                                            r"train.precision: fp32 or auto on this machine") as record:
         _train_recording_dtypes("bf16")
     assert record[0].filename == __file__  # it points at the code that called train(), not inside it
     monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: True)
@@ -184,11 +184,23 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch: pytest.Monke
         _train_recording_dtypes("fp32")
 
 
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: True)
+    _, outputs, _ = _train_recording_dtypes("auto")
+    assert set(outputs) == {torch.bfloat16}
+    monkeypatch.setattr(spiralkit.train, "native_bf16", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no emulated-bf16 warning: it trains in fp32
+        _, outputs, _ = _train_recording_dtypes("auto")
+    assert set(outputs) == {torch.float32}
+    assert resolve_precision("auto", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
 def test_native_bf16_reads_the_flags() -> None:
     assert native_bf16(frozenset({"avx2", "avx512_bf16"})) and native_bf16(frozenset({"asimd", "bf16"}))
     assert not native_bf16(frozenset({"avx2", "fma"})) and not native_bf16(frozenset())
 
 
 def test_an_unknown_precision_is_named() -> None:
-    with pytest.raises(ValueError, match=r"precision\n  Input should be 'fp32' or 'bf16'"):
+    with pytest.raises(ValueError, match=r"precision\n  Input should be 'fp32', 'bf16' or 'auto'"):
         TrainConfig(precision="fp16")

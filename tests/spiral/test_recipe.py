@@ -129,5 +129,5 @@ def test_bad_stages_are_named(text: str, message: str) -> None:
 def test_recovery_precision_is_read_and_a_wrong_one_is_named() -> None:
     recipe = parse_recipe(HYBRID + "recover: {kind: distill, train: {epochs: 1, precision: bf16}}\n")
     assert recipe.recover.train.precision == "bf16"
-    with pytest.raises(RecipeError, match=r"line 6: key 'recover.train.precision': Input should be 'fp32' or 'bf16'"):
+    with pytest.raises(RecipeError, match=r"line 6: key 'recover.train.precision': Input should be 'fp32', 'bf16' or 'auto'"):
         parse_recipe(HYBRID + "recover: {kind: distill, train: {epochs: 1, precision: fp16}}\n")
