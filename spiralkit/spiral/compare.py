@@ -393,20 +393,20 @@ def write_comparison(comparison: Comparison, out: Path) -> None:
 
 
 def comparison_table(comparison: Comparison) -> Table:
-    """The comparison as a rich table: mean ± standard deviation of each method."""
+    """The comparison as a rich table: mean ± standard deviation of each method, the spiral's leads below."""
     notes = [f"baseline {comparison.metric}: {comparison.baseline_metric:.2f}; seeds {comparison.seeds}",
              "epochs: recovery epochs per run; the one-shot methods get the spiral's (all its rounds)"]
     if comparison.dropped:
         notes.append(f"left out of the comparison: {', '.join(comparison.dropped)}")
+    if comparison.leads:
+        notes.append("spiral's lead (its mean minus the method's, + when better; apart: beyond both stds): " + ", ".join(
+            f"{ahead.difference:+.2f} over {method}{' (apart)' if ahead.separated else ''}"
+            for method, ahead in comparison.leads.items()))
     table = Table(box=box.SIMPLE_HEAD, title=f"spiral compare — {comparison.recipe}", caption="\n".join(notes))
-    notes.append("spiral's lead: its mean minus the method's (+ is the spiral better); "
-                 "'apart' when it exceeds both stds together")
-    for column in ("method", comparison.metric, "MACs kept", "sparsity", "epochs", "spiral's lead"):
+    for column in ("method", comparison.metric, "MACs kept", "sparsity", "epochs"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for method, r in comparison.methods.items():
-        ahead = comparison.leads.get(method)
         table.add_row(method, f"{r.metric_mean:.2f} ± {r.metric_std:.2f}",
                       f"{r.macs_ratio:.3f} ± {r.macs_ratio_std:.3f}",
-                      f"{100 * r.sparsity:.1f}% ± {100 * r.sparsity_std:.1f}", f"{r.epochs:g}",
-                      "" if ahead is None else f"{ahead.difference:+.2f}{' apart' if ahead.separated else ''}")
+                      f"{100 * r.sparsity:.1f}% ± {100 * r.sparsity_std:.1f}", f"{r.epochs:g}")
     return table
