@@ -129,6 +129,19 @@ channels cannot hit a fraction exactly (0.945 of 430,500 weights is 1.2e-6 short
 one-weight round with the last round's full recovery is worth nothing."""
 
 
+NON_FINITE = "non-finite loss"
+"""A round's `RoundRecord.reason` when its recovery's loss turned NaN or inf."""
+
+
+def _diverged(state: RunState) -> str:
+    """Why the spiral stopping now may not be the schedule's doing: the last round's recovery
+    diverged (its loss turned NaN/inf), which a smaller step rarely cures; else nothing."""
+    if state.rounds and state.rounds[-1].reason == NON_FINITE:
+        return (" (the last round's recovery diverged: non-finite loss; lower recipe key "
+                "'recover.train.optimizer.lr')")
+    return ""
+
+
 def _stage_step(state: RunState, ctx: RunContext) -> tuple[float | None, str | None]:
     """The current stage's progress target for the next round, or why the stage ends."""
     stage, targets = ctx.recipe.prune[state.stage], ctx.recipe.targets
@@ -139,7 +152,7 @@ def _stage_step(state: RunState, ctx: RunContext) -> tuple[float | None, str | N
     step = (proposal - state.progress) * state.scale
     final_full_step = state.scale == 1.0 and proposal >= target
     if step < targets.min_step and not final_full_step:
-        return None, f"next step {step:.4f} below min_step {targets.min_step}"
+        return None, f"next step {step:.4f} below min_step {targets.min_step}{_diverged(state)}"
     return min(state.progress + step, target), None
 
 
@@ -160,7 +173,7 @@ def _next_target(state: RunState, pruned: Pruned, ctx: RunContext) -> float | No
         if target is None:
             _end_stage(state, why or "", pruned, ctx)
         elif len(state.rounds) >= ctx.recipe.targets.max_rounds:
-            state.stopped = "; ".join([*state.stage_stops, f"max_rounds {ctx.recipe.targets.max_rounds} reached"])
+            state.stopped = "; ".join([*state.stage_stops, f"max_rounds {ctx.recipe.targets.max_rounds} reached{_diverged(state)}"])
             return None
         else:
             return target
@@ -191,7 +204,7 @@ def _run_round(
                        checkpoint=epoch_checkpoint(ctx.run_dir, f"round {index} recover")).epoch_losses
     except NonFiniteLoss as exc:
         ctx.console.print(f"round {index}: {exc}")
-        reason = "non-finite loss"
+        reason = NON_FINITE
     metrics = measure_model(candidate, ctx)
     if not reason:
         drop = metric_drop(recipe.task, baseline=state.baseline.val_metric, value=metrics.val_metric)

@@ -91,9 +91,29 @@ def test_nan_loss_rolls_back(tmp_path: Path) -> None:
     report = Spiral(r).run(tmp_path / "run", console=quiet())
     assert [x.accepted for x in report.rounds] == [False, False]
     assert all(x.reason.startswith("non-finite loss") for x in report.rounds)
+    assert report.stopped == ("max_rounds 2 reached (the last round's recovery diverged: non-finite loss; "
+                              "lower recipe key 'recover.train.optimizer.lr')")
     assert report.final is not None and report.final.nonzero_params == report.baseline.nonzero_params
     state = load_run_state(tmp_path / "run")
     assert state.scale == 0.25 and state.checkpoint is None
+
+
+def test_a_stop_below_min_step_after_a_diverged_round_names_the_learning_rate(tmp_path: Path) -> None:
+    r = recipe(
+        recover="{kind: finetune, train: {epochs: 1, optimizer: {name: sgd, lr: 1.0e+30}}}",
+        targets="{max_metric_drop: 100.0, min_step: 0.4, max_rounds: 5}",  # 0.7, then 0.35: below it
+    )
+    report = Spiral(r).run(tmp_path / "run", console=quiet())
+    assert len(report.rounds) == 1 and report.rounds[0].reason == "non-finite loss"
+    assert report.stopped is not None and report.stopped.startswith("next step")
+    assert report.stopped.endswith("(the last round's recovery diverged: non-finite loss; "
+                                   "lower recipe key 'recover.train.optimizer.lr')")
+
+
+def test_a_stop_after_a_kept_round_names_no_learning_rate(tmp_path: Path) -> None:
+    report = Spiral(recipe(targets="{max_metric_drop: 100.0, min_step: 0.05, max_rounds: 1}")).run(
+        tmp_path / "run", console=quiet())
+    assert report.rounds[-1].accepted and report.stopped is not None and "diverged" not in report.stopped
 
 
 def test_resume_after_interruption_gives_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
