@@ -53,6 +53,10 @@ class OptimizerConfig(BaseModel):
     nesterov: bool = False
 
 
+Precision = Literal["fp32", "bf16", "auto"]
+"""`TrainConfig.precision`: ``auto`` is ``bf16`` where the CPU has bf16 instructions, else ``fp32``."""
+
+
 class TrainConfig(BaseModel):
     """How long and how to train.
 
@@ -83,17 +87,17 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     max_batches: int | None = Field(default=None, gt=0)
     freeze: tuple[str, ...] = ()
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    precision: Precision = "fp32"
 
 
-def resolve_precision(precision: Literal["fp32", "bf16", "auto"], device: str) -> Literal["fp32", "bf16"]:
+def resolve_precision(precision: Precision, device: str) -> Literal["fp32", "bf16"]:
     """The precision a `TrainConfig.precision` trains in on ``device`` (``auto``: bf16 where the CPU has it)."""
     if precision == "auto":
         return "bf16" if device == "cpu" and native_bf16() else "fp32"
     return precision
 
 
-def _mixed_precision(model: nn.Module, setting: Literal["fp32", "bf16", "auto"]) -> torch.autocast:
+def _mixed_precision(model: nn.Module, setting: Precision) -> torch.autocast:
     """The mixed-precision context of ``setting`` on ``model``'s device (inactive for ``fp32``).
 
     Warns when bf16 is asked on a CPU that has no bf16 instructions (emulated: slower, not faster).
