@@ -72,6 +72,7 @@ __all__ = [
     "MethodRun",
     "compare",
     "comparison_table",
+    "lead",
     "one_shot_recipe",
     "spiral_epochs",
 ]
